@@ -1,0 +1,27 @@
+"""CoMP: continual multimodal pre-training of vision foundation models.
+
+Public names are imported lazily so that ``import comp`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "CompImageProcessor": "comp.data.image",
+    "ImageLoadError": "comp.data.image",
+    "CompVisionConfig": "comp.models.vision.model",
+    "CompVisionModel": "comp.models.vision.model",
+    "CompProcessor": "comp.data.processor",
+    "CompConfig": "comp.models.mllm",
+    "CompForConditionalGeneration": "comp.models.mllm",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'comp' has no attribute {name!r}")

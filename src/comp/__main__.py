@@ -1,0 +1,5 @@
+import sys
+
+from comp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""Tiny random checkpoints in genuine Hugging Face layout.
+
+Tests and the demo load these through the ordinary ``from_pretrained`` code, exactly as a
+user loads ``google/siglip-so400m-patch14-384`` or ``Qwen/Qwen2.5-0.5B-Instruct``: a
+``config.json`` with the real ``model_type``, ``model.safetensors`` written by transformers'
+own ``save_pretrained``, the family's ``preprocessor_config.json`` and, for Qwen2, a
+byte-level BPE tokenizer built offline with the Qwen chat and vision special tokens.
+
+Everything is deterministic for a seed (weights, tokenizer, configs).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+KINDS = ("siglip", "dinov2", "aimv2", "qwen2")
+
+# Normalisation constants of the real checkpoints' preprocessor configs.
+SIGLIP_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+IMAGENET_MEAN_STD = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+
+# Qwen2.5 specials in their real order (ids 151643.. in the real vocabulary).
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+# Same pre-tokenisation regex as the real Qwen2 tokenizer.
+QWEN_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "chat_template.jinja"
+
+
+def _vision_dims(seed_image_size: int = 56) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, image_size=seed_image_size, patch_size=14)
+
+
+def _image_preprocessor(kind: str, size: int) -> dict:
+    mean, std = {"siglip": SIGLIP_MEAN_STD, "dinov2": IMAGENET_MEAN_STD,
+                 "aimv2": CLIP_MEAN_STD}[kind]
+    cls = {"siglip": "SiglipImageProcessor", "dinov2": "BitImageProcessor",
+           "aimv2": "CLIPImageProcessor"}[kind]
+    cfg = {"image_processor_type": cls, "do_normalize": True, "do_rescale": True,
+           "rescale_factor": 1 / 255, "image_mean": mean, "image_std": std,
+           "resample": 3, "do_convert_rgb": True}
+    if kind == "siglip":
+        cfg.update(do_resize=True, size={"height": size, "width": size}, resample=2)
+    else:
+        cfg.update(do_resize=True, size={"shortest_edge": size}, do_center_crop=True,
+                   crop_size={"height": size, "width": size})
+    return cfg
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_tiny_vision(out: str | Path, kind: str, seed: int = 0, image_size: int = 56) -> Path:
+    """Write a tiny SigLIP (full two-tower ``SiglipModel``, as the real So400M repo),
+    DINOv2 (``Dinov2Model``) or AIMv2 (``Aimv2VisionModel``) checkpoint."""
+    import transformers as tf
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    dims = _vision_dims(image_size)
+    if kind == "siglip":
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=2, vocab_size=128, max_position_embeddings=16,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = tf.SiglipModel(tf.SiglipConfig(vision_config=dims, text_config=text))
+    elif kind == "dinov2":
+        model = tf.Dinov2Model(tf.Dinov2Config(**dims, layerscale_value=0.5))
+    elif kind == "aimv2":
+        model = tf.Aimv2VisionModel(tf.Aimv2VisionConfig(**dims))
+    else:
+        raise ValueError(f"unknown vision kind {kind!r}; expected siglip, dinov2 or aimv2")
+    _randomise_(model, seed)
+    model.save_pretrained(out)
+    _write_json(out / "preprocessor_config.json", _image_preprocessor(kind, image_size))
+    return out
+
+
+def _randomise_(model: torch.nn.Module, seed: int) -> None:
+    """Give every parameter (norm gains, biases, layer scales included) non-trivial random
+    values, so that parity tests would notice a parameter that is loaded but unused."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("weight") and param.dim() == 1:  # norm gains around 1
+                param.copy_(1.0 + 0.1 * noise)
+            else:
+                param.copy_(0.05 * noise if param.dim() > 1 else 0.02 * noise)
+
+
+def _tokenizer_corpus() -> list[str]:
+    words = (
+        "the a an of and in on to is are with image picture photo shows there this that "
+        "red green blue yellow orange purple black white gray pink brown cyan "
+        "circle square triangle star cross ring dot line shape shapes text word number "
+        "left right top bottom center middle upper lower corner small large big tiny "
+        "what where how many which color colour describe caption answer question read "
+        "zero one two three four five six seven eight nine ten "
+        "user assistant system you are helpful "
+    ).split()
+    lines = []
+    for i, w in enumerate(words):
+        lines.append(" ".join(words[(i * 7 + k) % len(words)] for k in range(12)))
+    lines += [str(n) for n in range(100)]
+    lines += ["Hello, world! How are you? I'm fine: 3.14 + 2 = 5.14\n"] * 3
+    return lines
+
+
+def build_tiny_tokenizer(vocab_size: int = 512):
+    """A Qwen2-style byte-level BPE tokenizer trained offline on a fixed corpus."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", unk_token=None, model_max_length=32768,
+        clean_up_tokenization_spaces=False, split_special_tokens=False)
+    fast.chat_template = CHAT_TEMPLATE_PATH.read_text()
+    return fast
+
+
+def mrope_section_for(head_dim: int) -> list[int]:
+    """Qwen2-VL's [16, 24, 24] (head_dim 128) scaled to another head dim (sum = head_dim/2)."""
+    scale = head_dim / 128
+    section = [int(16 * scale), int(24 * scale), int(24 * scale)]
+    section[0] += head_dim // 2 - sum(section)
+    return section
+
+
+def write_tiny_qwen2(out: str | Path, seed: int = 0) -> Path:
+    """A tiny Qwen2 causal LM (tied embeddings like Qwen2.5-0.5B, padded embedding table)."""
+    import transformers as tf
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tiny_tokenizer()
+    n_tok = len(tokenizer)
+    padded_vocab = ((n_tok + 63) // 64) * 64  # Qwen pads its table (151,936 rows for 151,665 tokens)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+    config = tf.Qwen2Config(
+        vocab_size=padded_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"], use_sliding_window=False)
+    torch.manual_seed(seed)
+    model = tf.Qwen2ForCausalLM(config)
+    _randomise_(model, seed)
+    model.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_tiny(out: str | Path, kind: str, seed: int = 0) -> Path:
+    if kind == "qwen2":
+        return write_tiny_qwen2(out, seed)
+    if kind in ("siglip", "dinov2", "aimv2"):
+        return write_tiny_vision(out, kind, seed)
+    raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="comp tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--kind", required=True, choices=KINDS)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = write_tiny(args.out, args.kind, args.seed)
+    print(f"wrote tiny {args.kind} checkpoint to {path}")
+    return 0
