@@ -1,0 +1,123 @@
+"""CompProcessor: the LLM tokenizer + CompImageProcessor + the Qwen2-VL-style chat template.
+
+A prompt holds one ``<|vision_start|><|image_pad|><|vision_end|>`` per image; the processor
+expands each ``<|image_pad|>`` to the image's merged token count (h/2 * w/2 of its patch grid),
+so the model can drop the merged features into those positions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BatchFeature
+
+from comp.data.image import CompImageProcessor
+
+IMAGE_PAD = "<|image_pad|>"
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", IMAGE_PAD, "<|video_pad|>")
+CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "chat_template.jinja"
+
+
+def ensure_vision_tokens(tokenizer) -> list[str]:
+    """Append the Qwen vision special tokens a tokenizer lacks, after its existing ids.
+    Returns the tokens added (the model must resize its embeddings to ``len(tokenizer)``)."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in VISION_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return missing
+
+
+class CompProcessor:
+    """Tokenizer + image processor for CoMP-MM prompts.
+
+    The tokenizer always gets the CoMP chat template (the format of comp-method.md section 4,
+    no default system prompt): an LLM's own template (e.g. Qwen2.5-Instruct's) knows no image
+    items, and training and inference must render prompts identically.
+    """
+
+    def __init__(self, tokenizer, image_processor: CompImageProcessor):
+        ensure_vision_tokens(tokenizer)
+        tokenizer.chat_template = CHAT_TEMPLATE_PATH.read_text()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+
+    @classmethod
+    def from_components(cls, llm_dir: str | Path, vision_dir: str | Path, **image_kwargs) -> "CompProcessor":
+        """Tokenizer of a Qwen2/Qwen2.5 checkpoint + the encoder's image preprocessing."""
+        return cls(AutoTokenizer.from_pretrained(llm_dir),
+                   CompImageProcessor.from_pretrained(vision_dir, **image_kwargs))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **image_kwargs) -> "CompProcessor":
+        return cls.from_components(directory, directory, **image_kwargs)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
+    @property
+    def merge_size(self) -> int:
+        return self.image_processor.merge_size
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
+                            tokenize: bool = False):
+        """Render messages whose content is a string or a list of ``{"type": "image"}`` /
+        ``{"type": "text", "text": ...}`` items (one image pad per image, unexpanded)."""
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize)
+
+    def expand_image_pads(self, text: str, tokens_per_image: list[int]) -> str:
+        """Replace the i-th ``<|image_pad|>`` by ``tokens_per_image[i]`` pads."""
+        parts = text.split(IMAGE_PAD)
+        if len(parts) - 1 != len(tokens_per_image):
+            raise ValueError(f"the prompt has {len(parts) - 1} {IMAGE_PAD} placeholders but "
+                             f"{len(tokens_per_image)} images were given; use one per image")
+        out = [parts[0]]
+        for n, rest in zip(tokens_per_image, parts[1:]):
+            out += [IMAGE_PAD * n, rest]
+        return "".join(out)
+
+    def __call__(self, text: str | list[str], images=None, *, padding_side: str = "left",
+                 return_tensors: str = "pt") -> BatchFeature:
+        """Tokenise prompts (images in prompt order across the batch), expanding image pads.
+        Left padding by default, as generation needs."""
+        texts = [text] if isinstance(text, str) else list(text)
+        data: dict = {}
+        tokens_per_image: list[int] = []
+        if images is not None and not (isinstance(images, list) and not images):
+            vision = self.image_processor(images, return_tensors="pt")
+            data.update(vision)
+            m2 = self.merge_size ** 2
+            tokens_per_image = (vision["image_grid_thw"].prod(-1) // m2).tolist()
+        expanded, start = [], 0
+        for t in texts:
+            count = t.count(IMAGE_PAD)
+            expanded.append(self.expand_image_pads(t, tokens_per_image[start:start + count]))
+            start += count
+        if start != len(tokens_per_image):
+            raise ValueError(f"{len(tokens_per_image)} images were given but the prompts hold "
+                             f"{start} {IMAGE_PAD} placeholders")
+        enc = self.tokenizer(expanded, add_special_tokens=False)
+        data.update(_pad(enc["input_ids"], self.tokenizer.pad_token_id, padding_side))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def batch_decode(self, ids, **kwargs) -> list[str]:
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+    def decode(self, ids, **kwargs) -> str:
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def _pad(rows: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return {"input_ids": ids, "attention_mask": mask}

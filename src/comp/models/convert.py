@@ -1,0 +1,74 @@
+"""Key maps between CoMP-MM and foreign checkpoint layouts (one module for all of them).
+
+The reference implementation's released CoMP-MM checkpoints store
+- the SigLIP / AIMv2 trunk under ``visual.vision_model.*`` (ours: ``visual.*``, the names of
+  the original checkpoint); its unused ``post_layernorm`` / ``head`` are dropped,
+- the DINOv2 trunk under ``visual.embeddings|encoder|layernorm.*`` (same as ours),
+- the merger as ``visual.merger.ln_q|mlp.0|mlp.2`` and the LLM as ``model.*`` / ``lm_head.*``
+  (same as ours).
+The reference also added the interpolated position table in raster order to tokens in
+merge-window order; its weights were trained that way, so they load with ``pos_order="raster"``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from comp.models.weights import load_state_dict
+
+REFERENCE_TRUNK_PREFIX = "visual.vision_model."
+_REFERENCE_UNUSED = ("visual.vision_model.post_layernorm.", "visual.vision_model.head.")
+_OURS_OUTSIDE_TRUNK = ("visual.merger.",)
+
+
+def reference_to_comp(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Reference layout -> ours. Returns (mapped state, names dropped as unused)."""
+    mapped, dropped = {}, []
+    for name, tensor in state.items():
+        if name.startswith(_REFERENCE_UNUSED):
+            dropped.append(name)
+        elif name.startswith(REFERENCE_TRUNK_PREFIX):
+            mapped["visual." + name[len(REFERENCE_TRUNK_PREFIX):]] = tensor
+        else:
+            mapped[name] = tensor
+    return mapped, dropped
+
+
+def comp_to_reference(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """Ours -> the reference layout (SigLIP / AIMv2 trunks move under ``visual.vision_model.``)."""
+    if family == "dinov2":
+        return dict(state)
+    out = {}
+    for name, tensor in state.items():
+        in_trunk = name.startswith("visual.") and not name.startswith(_OURS_OUTSIDE_TRUNK)
+        out[REFERENCE_TRUNK_PREFIX + name[len("visual."):] if in_trunk else name] = tensor
+    return out
+
+
+def load_reference_checkpoint(ckpt_dir: str | Path, *, llm_dir: str | Path, vision_dir: str | Path,
+                              pos_order: str = "raster", **config_overrides):
+    """A CoMP-MM from a reference-layout checkpoint. ``llm_dir`` / ``vision_dir`` supply the
+    architecture (configs and tokenizer: e.g. Qwen2.5-0.5B-Instruct and SigLIP-So400M); every
+    weight comes from ``ckpt_dir``."""
+    from comp.models.mllm import CompForConditionalGeneration
+
+    model = CompForConditionalGeneration.from_components(llm_dir, vision_dir, use_rope=True,
+                                                         **config_overrides)
+    model.config.vision_config.pos_order = pos_order
+    state, _ = reference_to_comp(load_state_dict(ckpt_dir))
+    if model.config.tie_word_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    rows = state["model.embed_tokens.weight"].shape[0]
+    if rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"{ckpt_dir}: not a reference CoMP-MM layout for this architecture; "
+                       f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict(state, strict=True)
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model

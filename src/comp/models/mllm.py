@@ -1,0 +1,364 @@
+"""CoMP-MM: vision encoder -> 2x2 merger -> Qwen2.5 with multimodal RoPE.
+
+The LLM is transformers' Qwen2-VL text model (the same decoder as Qwen2/Qwen2.5, with
+M-RoPE), so a Qwen2.5 checkpoint's ``model.*`` / ``lm_head.*`` tensors load unchanged and,
+on text alone, logits equal ``Qwen2ForCausalLM``'s. The encoder (with its merger) lives under
+``visual.``; its parameter names are those of the original SigLIP / DINOv2 / AIMv2 checkpoint.
+
+Training returns two losses: next-token prediction over the supervised tokens (chunked, the
+[tokens, vocab] logits are never built) and the alignment loss of comp-method.md section 5.
+
+Shape legend: B rows, L tokens per row, D LLM width, V vocabulary rows, T encoder patches,
+M merged visual tokens of the batch, N images, S samples (= B unless rows are packed).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, Qwen2VLTextConfig
+from transformers.cache_utils import DynamicCache
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
+from transformers.utils import ModelOutput
+
+from comp.models.alignment import (alignment_loss, load_word_counts, log_word_prior,
+                                   masked_mean_pool, pool_image_features)
+from comp.models.losses import chunked_causal_lm_loss
+from comp.models.positions import get_mrope_position_ids
+from comp.models.tiny import mrope_section_for
+from comp.models.vision.model import CompVisionConfig, CompVisionModel
+from comp.models.weights import load_state_dict
+
+logger = logging.getLogger(__name__)
+
+# Fields of a Qwen2 config that carry over to the M-RoPE text config.
+_QWEN2_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
+    "rms_norm_eps", "use_sliding_window", "sliding_window", "max_window_layers",
+    "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
+)
+
+
+@strict
+class CompConfig(PreTrainedConfig):
+    """CoMP-MM: encoder + merger settings (``vision_config``), the M-RoPE LLM
+    (``text_config``), special-token ids and the alignment-loss settings of the reference."""
+
+    model_type = "comp"
+    sub_configs_defaults = {"vision_config": CompVisionConfig, "text_config": Qwen2VLTextConfig}
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 151655
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    spatial_merge_size: int = 2
+    use_alignment_loss: bool = False
+    loss_weight: float = 0.05
+    embed_temp: float = 0.005
+    word_temp: float = 0.05
+    word_eps: float = 0.005
+    sinkhorn_iters: int = 3
+    prior_mode: str = "reference"
+    lm_loss_chunk_size: int = 4096
+    tie_word_embeddings: bool = True
+
+
+def text_config_from_qwen2(qwen2_config) -> Qwen2VLTextConfig:
+    """The M-RoPE text config for a Qwen2/Qwen2.5 LLM (mrope_section scaled to its head dim)."""
+    fields = {k: getattr(qwen2_config, k) for k in _QWEN2_FIELDS if hasattr(qwen2_config, k)}
+    head_dim = qwen2_config.hidden_size // qwen2_config.num_attention_heads
+    rope = dict(getattr(qwen2_config, "rope_parameters", None) or {})
+    theta = rope.get("rope_theta", getattr(qwen2_config, "rope_theta", 1_000_000.0))
+    fields["rope_parameters"] = {"rope_type": "default", "rope_theta": theta,
+                                 "mrope_section": mrope_section_for(head_dim)}
+    return Qwen2VLTextConfig(**fields)
+
+
+@dataclass
+class CompOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    align_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: object | None = None
+    rope_deltas: torch.Tensor | None = None
+
+
+class CompPreTrainedModel(PreTrainedModel):
+    config_class = CompConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["Qwen2VLDecoderLayer"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+class CompForConditionalGeneration(CompPreTrainedModel):
+    """The CoMP multimodal LLM. Build it from parts with :meth:`from_components`, or load a
+    saved one with ``from_pretrained``."""
+
+    def __init__(self, config: CompConfig):
+        super().__init__(config)
+        self.visual = CompVisionModel(config.vision_config)
+        self.model = Qwen2VLTextModel(config.text_config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.log_word_prior_K: torch.Tensor | None = None
+        self.post_init()
+
+    # ----------------------------------------------------------------------------- building
+    @classmethod
+    def from_components(cls, llm_dir: str | Path, vision_dir: str | Path, *, tokenizer=None,
+                        use_rope: bool = True, torch_dtype: torch.dtype | None = None,
+                        **config_overrides) -> "CompForConditionalGeneration":
+        """A CoMP-MM from a Qwen2/Qwen2.5 checkpoint and any directory ``CompVisionModel``
+        loads (original SigLIP / DINOv2 / AIMv2 or a CoMP-VFM). The merger starts random.
+        The LLM tokenizer gets any missing vision tokens appended (embeddings resized)."""
+        from comp.data.processor import ensure_vision_tokens
+
+        from transformers import AutoTokenizer
+
+        llm_dir = Path(llm_dir)
+        qwen2_config = AutoConfig.from_pretrained(llm_dir)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+        ensure_vision_tokens(tokenizer)
+        visual = CompVisionModel.from_pretrained(vision_dir, use_rope=use_rope,
+                                                 w_merger=qwen2_config.hidden_size)
+        config = CompConfig(
+            vision_config=visual.config, text_config=text_config_from_qwen2(qwen2_config),
+            tie_word_embeddings=bool(getattr(qwen2_config, "tie_word_embeddings", False)),
+            **special_token_ids(tokenizer), **config_overrides)
+        model = cls(config)
+        model.visual.load_state_dict(visual.state_dict())
+        model._load_llm_weights(llm_dir)
+        if len(tokenizer) > config.text_config.vocab_size:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+        return model
+
+    def _load_llm_weights(self, llm_dir: Path) -> None:
+        state = load_state_dict(llm_dir)
+        wanted = {k: v for k, v in state.items() if k.startswith(("model.", "lm_head."))}
+        if "lm_head.weight" not in wanted and self.config.tie_word_embeddings:
+            wanted["lm_head.weight"] = wanted["model.embed_tokens.weight"]
+        own = {k for k in self.state_dict() if not k.startswith("visual.")}
+        missing = sorted(own - set(wanted))
+        if missing:
+            raise ValueError(f"{llm_dir}: the LLM checkpoint lacks {len(missing)} tensors, e.g. "
+                             f"{missing[:5]}; is it a Qwen2/Qwen2.5 causal LM?")
+        self.load_state_dict(wanted, strict=False)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def set_word_prior(self, source: str | Path | torch.Tensor | list | None, *, pad: bool = False) -> None:
+        """The word-frequency prior u of the alignment target (a counts file or counts)."""
+        counts = load_word_counts(source) if isinstance(source, (str, Path)) else source
+        rows = self.lm_head.weight.shape[0]
+        self.log_word_prior_K = log_word_prior(counts, rows, self.config.word_temp, pad=pad)
+
+    # ------------------------------------------------------------------------------ forward
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Merged visual tokens ``[M, D]`` in the order of the image pads."""
+        return self.visual(pixel_values.to(self.visual.dtype), image_grid_thw)
+
+    def _dummy_image_features(self) -> torch.Tensor:
+        """Run the encoder on one 2x2-merge-window image so that ranks whose batch has no
+        image still call every vision parameter (ZeRO-3 gathers stay in step)."""
+        vc = self.config.vision_config
+        m = self.config.spatial_merge_size
+        pixels = torch.zeros(m * m, vc.num_channels * vc.patch_size ** 2,
+                             device=self.lm_head.weight.device, dtype=self.visual.dtype)
+        grid = torch.tensor([[1, m, m]], device=pixels.device)
+        return self.visual(pixels, grid)
+
+    def _insert_image_features(self, input_ids_BL, embeds_BLD, feats_MD, sample_ids=None):
+        mask_BL = input_ids_BL == self.config.image_token_id
+        per_row = mask_BL.sum(1)
+        if int(per_row.sum()) != feats_MD.shape[0]:
+            raise ValueError(_mismatch_message(per_row, feats_MD.shape[0], sample_ids))
+        embeds_BLD = embeds_BLD.masked_scatter(mask_BL.unsqueeze(-1), feats_MD.to(embeds_BLD.dtype))
+        return embeds_BLD
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                align_input_ids: torch.Tensor | None = None,
+                align_attention_mask: torch.Tensor | None = None,
+                image_sample_index: torch.Tensor | None = None, sample_ids: list | None = None,
+                cache=None, use_cache: bool | None = None, rope_deltas: torch.Tensor | None = None,
+                logits_to_keep: int = 0, **_unused) -> CompOutput:
+        """Training (``labels`` given): returns ``loss`` = lm_loss + loss_weight * align_loss and
+        the parts, no logits. Inference: logits of the last ``logits_to_keep`` positions (all if 0).
+
+        ``align_input_ids`` / ``align_attention_mask`` [S, L_t]: each sample's answers, shuffled
+        and joined (the F_t text of the alignment loss). ``image_sample_index`` [N]: sample of
+        each image, needed only when several samples are packed into one row.
+        """
+        embeds_BLD = self.model.embed_tokens(input_ids)
+        feats_MD = None
+        has_pixels = pixel_values is not None and image_grid_thw is not None and image_grid_thw.numel()
+        if has_pixels:
+            feats_MD = self.image_features(pixel_values, image_grid_thw)
+            embeds_BLD = self._insert_image_features(input_ids, embeds_BLD, feats_MD, sample_ids)
+        elif self.training and labels is not None:
+            embeds_BLD = embeds_BLD + 0.0 * self._dummy_image_features().sum()
+
+        if position_ids is None:
+            position_ids, rope_deltas = self.position_ids(input_ids, image_grid_thw, attention_mask)
+        out = self.model(inputs_embeds=embeds_BLD, attention_mask=attention_mask,
+                         position_ids=position_ids, cache=cache, use_cache=use_cache)
+        hidden_BLD = out.last_hidden_state
+
+        if labels is None:
+            keep = hidden_BLD[:, -logits_to_keep:] if logits_to_keep else hidden_BLD
+            return CompOutput(logits=self.lm_head(keep), cache=out.cache, rope_deltas=rope_deltas)
+
+        lm_loss = chunked_causal_lm_loss(hidden_BLD, self.lm_head.weight, labels,
+                                         chunk_size=self.config.lm_loss_chunk_size)
+        loss, align = lm_loss, None
+        if self.config.use_alignment_loss and align_input_ids is not None:
+            align = self._alignment_term(feats_MD, image_grid_thw, input_ids, image_sample_index,
+                                         align_input_ids, align_attention_mask)
+            loss = lm_loss + self.config.loss_weight * align
+        return CompOutput(loss=loss, lm_loss=lm_loss.detach(),
+                          align_loss=None if align is None else align.detach())
+
+    def position_ids(self, input_ids_BL, image_grid_thw_N3=None, attention_mask_BL=None):
+        """M-RoPE ids ``[3, B, L]`` and per-row deltas ``[B, 1]`` (Qwen2-VL rules)."""
+        return get_mrope_position_ids(
+            input_ids_BL, image_grid_thw_N3, attention_mask_BL,
+            image_token_id=self.config.image_token_id,
+            vision_start_token_id=self.config.vision_start_token_id,
+            spatial_merge_size=self.config.spatial_merge_size)
+
+    def _alignment_term(self, feats_MD, grid_N3, input_ids_BL, image_sample_index_N,
+                        align_ids_SL, align_mask_SL) -> torch.Tensor:
+        num_samples = align_ids_SL.shape[0]
+        if feats_MD is None:  # no image in the batch: a zero that still touches the encoder
+            return 0.0 * self._dummy_image_features().sum()
+        if image_sample_index_N is None:
+            images_per_row = (input_ids_BL == self.config.vision_start_token_id).sum(1)
+            image_sample_index_N = torch.repeat_interleave(
+                torch.arange(input_ids_BL.shape[0], device=input_ids_BL.device), images_per_row)
+        tokens_per_image = grid_N3.prod(-1) // self.config.spatial_merge_size ** 2
+        sample_index_M = torch.repeat_interleave(image_sample_index_N.to(grid_N3.device), tokens_per_image)
+        f_v_SD, has_image_S = pool_image_features(feats_MD, sample_index_M, num_samples)
+        with torch.no_grad():
+            text_SLD = self.model(input_ids=align_ids_SL, attention_mask=align_mask_SL).last_hidden_state
+            f_t_SD = masked_mean_pool(text_SLD.float(), align_mask_SL)
+        has_text_S = align_mask_SL.sum(1) > 0
+        return alignment_loss(
+            f_v_SD.float(), f_t_SD, self.lm_head.weight, self._log_prior(), has_image_S & has_text_S,
+            embed_temp=self.config.embed_temp, word_eps=self.config.word_eps,
+            iters=self.config.sinkhorn_iters, mode=self.config.prior_mode)
+
+    def _log_prior(self) -> torch.Tensor:
+        if self.log_word_prior_K is None:
+            logger.warning("no word prior set (set_word_prior / --word_dist_path): using a uniform prior")
+            self.set_word_prior(None)
+        return self.log_word_prior_K.to(self.lm_head.weight.device)
+
+    # ---------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                 *, max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 pad_token_id: int | None = None, use_cache: bool = True, streamer=None,
+                 generator: torch.Generator | None = None, **_unused) -> torch.Tensor:
+        """Greedy or nucleus decoding with a KV cache. Batched prompts must be left-padded.
+
+        New tokens are text: their M-RoPE position is the row's running length plus the row's
+        ``rope_delta`` (the shrinkage of its image spans), carried across steps.
+        Returns ``[B, L + new]`` ids; finished rows are filled with ``pad_token_id``.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if (attention_mask[:, -1] == 0).any():
+            raise ValueError("generate() needs left-padded prompts (the last column is padding)")
+        eos = _as_id_set(eos_token_id if eos_token_id is not None else self.config.text_config.eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else (self.config.text_config.pad_token_id or 0)
+        was_training = self.training
+        self.eval()
+        ids, mask = input_ids, attention_mask
+        cache = DynamicCache(config=self.config.text_config) if use_cache else None
+        out = self(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
+                   image_grid_thw=image_grid_thw, cache=cache, use_cache=use_cache, logits_to_keep=1)
+        deltas_B1 = out.rope_deltas
+        done_B = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for _ in range(max_new_tokens):
+            next_B = _pick(out.logits[:, -1].float(), do_sample, temperature, top_p, generator)
+            next_B = torch.where(done_B, torch.full_like(next_B, pad), next_B)
+            if streamer is not None:
+                streamer.put(next_B.cpu())
+            ids = torch.cat([ids, next_B[:, None]], 1)
+            mask = torch.cat([mask, (~done_B).long()[:, None]], 1)
+            done_B |= torch.isin(next_B, torch.tensor(sorted(eos), device=ids.device))
+            if done_B.all():
+                break
+            if use_cache:
+                pos_B1 = mask[:, :-1].sum(1, keepdim=True) + deltas_B1
+                pos_3B1 = pos_B1.unsqueeze(0).expand(3, -1, -1)
+                out = self(input_ids=ids[:, -1:], attention_mask=mask, position_ids=pos_3B1,
+                           cache=out.cache, use_cache=True, logits_to_keep=1)
+                out.rope_deltas = deltas_B1
+            else:
+                out = self(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
+                           image_grid_thw=image_grid_thw, logits_to_keep=1)
+        if streamer is not None:
+            streamer.end()
+        self.train(was_training)
+        return ids
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    """The vision special-token ids of a tokenizer, as CompConfig fields."""
+    names = {"image_token_id": "<|image_pad|>", "vision_start_token_id": "<|vision_start|>",
+             "vision_end_token_id": "<|vision_end|>"}
+    return {field: tokenizer.convert_tokens_to_ids(tok) for field, tok in names.items()}
+
+
+def _mismatch_message(tokens_per_row, num_features: int, sample_ids) -> str:
+    rows = ", ".join(
+        f"{sample_ids[i] if sample_ids else f'row {i}'}: {int(n)} image tokens"
+        for i, n in enumerate(tokens_per_row.tolist()))
+    return (f"the batch has {int(tokens_per_row.sum())} <|image_pad|> tokens but the encoder "
+            f"produced {num_features} merged features ({rows}); each image needs exactly "
+            "(h/2)*(w/2) pads - build prompts with CompProcessor, which expands them per image")
+
+
+def _as_id_set(ids) -> set[int]:
+    if ids is None:
+        return set()
+    return {int(i) for i in (ids if isinstance(ids, (list, tuple, set)) else [ids])}
+
+
+def _pick(logits_BV: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+          generator: torch.Generator | None) -> torch.Tensor:
+    if not do_sample:
+        return logits_BV.argmax(-1)
+    probs_BV = torch.softmax(logits_BV / max(temperature, 1e-5), -1)
+    if top_p < 1.0:
+        sorted_p, order = probs_BV.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
