@@ -13,6 +13,7 @@ M merged visual tokens of the batch, N images, S samples (= B unless rows are pa
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +26,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 from transformers.utils import ModelOutput
 
-from comp.models.alignment import (alignment_loss, load_word_counts, log_word_prior,
-                                   masked_mean_pool, pool_image_features)
+from comp.models.alignment import (alignment_loss, log_word_prior, masked_mean_pool,
+                                   pool_image_features)
 from comp.models.losses import chunked_causal_lm_loss
 from comp.models.positions import get_mrope_position_ids
 from comp.models.tiny import mrope_section_for
@@ -90,8 +91,32 @@ class CompOutput(ModelOutput):
     rope_deltas: torch.Tensor | None = None
 
 
+class CompLMHead(nn.Linear):
+    """The LM head; with labels it returns the chunked next-token loss instead of logits.
+
+    The loss runs inside this module's forward so that ZeRO-3 gathers ``weight`` for it (and
+    again for its backward) like for any other layer; ``lm_head.weight`` keeps its name."""
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, *,
+                chunk_size: int = 4096, reduction: str = "mean") -> torch.Tensor:
+        if labels is None:
+            return super().forward(hidden)
+        return chunked_causal_lm_loss(hidden, self.weight, labels, chunk_size=chunk_size,
+                                      reduction=reduction, lm_head_bias_V=self.bias)
+
+
+def gathered(param: torch.Tensor):
+    """Context that makes a ZeRO-3-partitioned parameter whole for a read (no-op otherwise)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+    return contextlib.nullcontext()
+
+
 class CompPreTrainedModel(PreTrainedModel):
     config_class = CompConfig
+    accepts_loss_kwargs = True  # Trainer passes step-global token counts (see forward)
     base_model_prefix = ""
     supports_gradient_checkpointing = True
     _supports_sdpa = True
@@ -107,7 +132,7 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         super().__init__(config)
         self.visual = CompVisionModel(config.vision_config)
         self.model = Qwen2VLTextModel(config.text_config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = CompLMHead(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.log_word_prior_K: torch.Tensor | None = None
         self.post_init()
 
@@ -171,9 +196,8 @@ class CompForConditionalGeneration(CompPreTrainedModel):
 
     def set_word_prior(self, source: str | Path | torch.Tensor | list | None, *, pad: bool = False) -> None:
         """The word-frequency prior u of the alignment target (a counts file or counts)."""
-        counts = load_word_counts(source) if isinstance(source, (str, Path)) else source
-        rows = self.lm_head.weight.shape[0]
-        self.log_word_prior_K = log_word_prior(counts, rows, self.config.word_temp, pad=pad)
+        rows = self.config.text_config.vocab_size
+        self.log_word_prior_K = log_word_prior(source, rows, self.config.word_temp, pad=pad)
 
     # ------------------------------------------------------------------------------ forward
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
@@ -205,13 +229,17 @@ class CompForConditionalGeneration(CompPreTrainedModel):
                 align_attention_mask: torch.Tensor | None = None,
                 image_sample_index: torch.Tensor | None = None, sample_ids: list | None = None,
                 cache=None, use_cache: bool | None = None, rope_deltas: torch.Tensor | None = None,
-                logits_to_keep: int = 0, **_unused) -> CompOutput:
+                logits_to_keep: int = 0, lm_loss_normalizer: torch.Tensor | float | None = None,
+                align_normalizer: torch.Tensor | float | None = None, **_unused) -> CompOutput:
         """Training (``labels`` given): returns ``loss`` = lm_loss + loss_weight * align_loss and
         the parts, no logits. Inference: logits of the last ``logits_to_keep`` positions (all if 0).
 
         ``align_input_ids`` / ``align_attention_mask`` [S, L_t]: each sample's answers, shuffled
         and joined (the F_t text of the alignment loss). ``image_sample_index`` [N]: sample of
         each image, needed only when several samples are packed into one row.
+        ``lm_loss_normalizer`` / ``align_normalizer``: divide the summed LM loss / alignment
+        loss by these global counts (supervised tokens / image samples of the whole optimizer
+        step, see comp.train.trainer) instead of averaging over this batch.
         """
         embeds_BLD = self.model.embed_tokens(input_ids)
         feats_MD = None
@@ -232,12 +260,14 @@ class CompForConditionalGeneration(CompPreTrainedModel):
             keep = hidden_BLD[:, -logits_to_keep:] if logits_to_keep else hidden_BLD
             return CompOutput(logits=self.lm_head(keep), cache=out.cache, rope_deltas=rope_deltas)
 
-        lm_loss = chunked_causal_lm_loss(hidden_BLD, self.lm_head.weight, labels,
-                                         chunk_size=self.config.lm_loss_chunk_size)
+        lm_loss = self.lm_head(hidden_BLD, labels, chunk_size=self.config.lm_loss_chunk_size,
+                               reduction="mean" if lm_loss_normalizer is None else "sum")
+        if lm_loss_normalizer is not None:
+            lm_loss = lm_loss / lm_loss_normalizer
         loss, align = lm_loss, None
         if self.config.use_alignment_loss and align_input_ids is not None:
             align = self._alignment_term(feats_MD, image_grid_thw, input_ids, image_sample_index,
-                                         align_input_ids, align_attention_mask)
+                                         align_input_ids, align_attention_mask, align_normalizer)
             loss = lm_loss + self.config.loss_weight * align
         return CompOutput(loss=loss, lm_loss=lm_loss.detach(),
                           align_loss=None if align is None else align.detach())
@@ -251,7 +281,7 @@ class CompForConditionalGeneration(CompPreTrainedModel):
             spatial_merge_size=self.config.spatial_merge_size)
 
     def _alignment_term(self, feats_MD, grid_N3, input_ids_BL, image_sample_index_N,
-                        align_ids_SL, align_mask_SL) -> torch.Tensor:
+                        align_ids_SL, align_mask_SL, normalizer=None) -> torch.Tensor:
         num_samples = align_ids_SL.shape[0]
         if feats_MD is None:  # no image in the batch: a zero that still touches the encoder
             return 0.0 * self._dummy_image_features().sum()
@@ -265,15 +295,16 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         with torch.no_grad():
             text_SLD = self.model(input_ids=align_ids_SL, attention_mask=align_mask_SL).last_hidden_state
             f_t_SD = masked_mean_pool(text_SLD.float(), align_mask_SL)
-        has_text_S = align_mask_SL.sum(1) > 0
-        return alignment_loss(
-            f_v_SD.float(), f_t_SD, self.lm_head.weight, self._log_prior(), has_image_S & has_text_S,
-            embed_temp=self.config.embed_temp, word_eps=self.config.word_eps,
-            iters=self.config.sinkhorn_iters, mode=self.config.prior_mode)
+        keep_S = has_image_S & (align_mask_SL.sum(1) > 0).to(has_image_S.device)
+        with gathered(self.lm_head.weight):
+            mean = alignment_loss(
+                f_v_SD.float(), f_t_SD, self.lm_head.weight, self._log_prior(), keep_S,
+                embed_temp=self.config.embed_temp, word_eps=self.config.word_eps,
+                iters=self.config.sinkhorn_iters, mode=self.config.prior_mode)
+        return mean if normalizer is None else mean * keep_S.sum() / normalizer
 
     def _log_prior(self) -> torch.Tensor:
-        if self.log_word_prior_K is None:
-            logger.warning("no word prior set (set_word_prior / --word_dist_path): using a uniform prior")
+        if self.log_word_prior_K is None:  # log_word_prior warns: uniform prior
             self.set_word_prior(None)
         return self.log_word_prior_K.to(self.lm_head.weight.device)
 

@@ -1,0 +1,5 @@
+import sys
+
+from comp.train.run import main
+
+sys.exit(main())

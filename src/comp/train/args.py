@@ -1,0 +1,73 @@
+"""Command-line arguments of ``comp train``: the flag names of the reference scripts.
+
+Model and data flags are CoMP's own dataclasses; everything else is transformers'
+``TrainingArguments`` (learning_rate, per_device_train_batch_size, deepspeed, bf16, ...), so
+the seed scripts' command lines run unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, TrainingArguments
+
+TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model", "mm_lm_head")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "a Qwen2/Qwen2.5 LLM directory (a new CoMP-MM is "
+                                              "built around it) or a CoMP-MM directory (the previous step)"})
+    custom_visual_model: str | None = field(default=None, metadata={
+        "help": "encoder directory (original SigLIP/DINOv2/AIMv2 or a CoMP-VFM); only used when "
+                "model_name_or_path is an LLM"})
+    mm_tunable_parts: str = field(default="mm_mlp_adapter", metadata={
+        "help": f"comma-separated subset of {','.join(TUNABLE_PARTS)}"})
+    use_rope: int = field(default=1, metadata={"help": "C-RoPE: 2D RoPE in every encoder layer (0/1)"})
+    pos_interp_mode: str = field(default="bicubic", metadata={"help": "resizing of the absolute table"})
+    use_alignment_loss: int = field(default=0, metadata={"help": "add the alignment loss (0/1)"})
+    loss_weight: float = field(default=0.05, metadata={"help": "weight of the alignment loss"})
+    embed_temp: float = 0.005
+    word_temp: float = 0.05
+    word_eps: float = 0.005
+    sinkhorn_iters: int = 3
+    prior_mode: str = field(default="reference", metadata={"help": "reference | sinkhorn"})
+    word_dist_path: str | None = field(default=None, metadata={
+        "help": "word-frequency counts over the vocabulary (comp data prior); uniform when absent"})
+    word_dist_pad: bool = field(default=False, metadata={
+        "help": "allow a counts file shorter than the embedding table (missing rows count 1)"})
+    lm_loss_chunk_size: int = 4096
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "a mixture YAML (datasets: [{json_path, sampling_strategy}]) "
+                                     "or one LLaVA JSON/JSONL file"})
+    image_folder: str | None = field(default=None, metadata={"help": "root of relative image paths"})
+    data_root: str | None = field(default=None, metadata={
+        "help": "root of relative json_path entries (default: the YAML's directory)"})
+    max_num_vistoken: int = field(default=1024, metadata={"help": "max visual tokens per image after the 2x2 merge"})
+    min_num_vistoken: int = 4
+    force_resize: int | None = field(default=None, metadata={"help": "resize to N x N before smart_resize"})
+    model_max_length: int = 4096
+    max_skip_fraction: float = field(default=0.01, metadata={"help": "stop when more samples are skipped"})
+    pack_length: int | None = field(default=None, metadata={"help": "pack samples into rows of N tokens"})
+
+
+@dataclass
+class CompTrainingArguments(TrainingArguments):
+    mm_vision_tower_lr: float | None = field(default=None, metadata={"help": "lr of the encoder (not the merger)"})
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "lr of the merger"})
+    group_by_modality_length: bool = field(default=False, metadata={
+        "help": "batch multimodal and text-only samples separately, grouped by length (LLaVA)"})
+    remove_unused_columns: bool = False
+    save_safetensors: bool = True
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CompTrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, CompTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parts = [p.strip() for p in model_args.mm_tunable_parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(TUNABLE_PARTS))
+    if unknown:
+        parser.error(f"--mm_tunable_parts: unknown part(s) {unknown}; choose from {list(TUNABLE_PARTS)}")
+    return model_args, data_args, training_args

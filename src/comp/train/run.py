@@ -1,0 +1,131 @@
+"""``comp train`` / ``python -m comp.train``: parse -> build -> run one training step.
+
+A step's ``output_dir`` holds a CoMP-MM checkpoint (model + processor) that the next step
+names as ``--model_name_or_path``; the trained encoder travels inside it. When
+``model_name_or_path`` is an LLM instead, a new CoMP-MM is built around it with the encoder
+of ``--custom_visual_model``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+from comp.data.collator import DataCollator
+from comp.data.dataset import MixtureDataset
+from comp.data.image import CompImageProcessor
+from comp.data.processor import CompProcessor
+from comp.data.sampler import ModalityLengthGroupedSampler
+from comp.models.mllm import CompForConditionalGeneration
+from comp.train.args import DataArguments, ModelArguments, CompTrainingArguments, parse_args
+from comp.train.trainer import CompTrainer, last_complete_checkpoint, set_tunable_parts
+
+logger = logging.getLogger("comp.train")
+
+_ALIGNMENT_FIELDS = ("loss_weight", "embed_temp", "word_temp", "word_eps", "sinkhorn_iters",
+                     "prior_mode", "lm_loss_chunk_size")
+
+
+def is_comp_checkpoint(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.exists() and json.loads(config.read_text()).get("model_type") == "comp"
+
+
+def image_settings(data_args: DataArguments) -> dict:
+    """Processor settings of this step; they override what a previous step saved."""
+    return {"max_num_vistoken": data_args.max_num_vistoken,
+            "min_num_vistoken": data_args.min_num_vistoken,
+            "force_resize": data_args.force_resize}
+
+
+def build_model(model_args: ModelArguments, data_args: DataArguments,
+                dtype: torch.dtype | None = None) -> tuple[CompForConditionalGeneration, CompProcessor]:
+    source = model_args.model_name_or_path
+    if is_comp_checkpoint(source):
+        if model_args.custom_visual_model:
+            logger.warning("--custom_visual_model is ignored: %s is a CoMP-MM checkpoint whose "
+                           "encoder continues training", source)
+        model = CompForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        processor = CompProcessor.from_pretrained(source, **image_settings(data_args))
+    else:
+        if not model_args.custom_visual_model:
+            raise SystemExit(f"{source} is not a CoMP-MM checkpoint: name the encoder with "
+                             "--custom_visual_model (a SigLIP/DINOv2/AIMv2 or CoMP-VFM directory)")
+        processor = CompProcessor.from_components(source, model_args.custom_visual_model,
+                                                  **image_settings(data_args))
+        model = CompForConditionalGeneration.from_components(
+            source, model_args.custom_visual_model, tokenizer=processor.tokenizer,
+            use_rope=bool(model_args.use_rope), torch_dtype=dtype)
+    configure(model, model_args)
+    return model, processor
+
+
+def configure(model: CompForConditionalGeneration, model_args: ModelArguments) -> None:
+    """This step's switches: rope, position interpolation, alignment loss and prior, tunable parts."""
+    model.config.vision_config.use_rope = bool(model_args.use_rope)
+    model.config.vision_config.pos_interp_mode = model_args.pos_interp_mode
+    model.config.use_alignment_loss = bool(model_args.use_alignment_loss)
+    for name in _ALIGNMENT_FIELDS:
+        setattr(model.config, name, getattr(model_args, name))
+    if model.config.use_alignment_loss:
+        model.set_word_prior(model_args.word_dist_path, pad=model_args.word_dist_pad)
+    parts = [p.strip() for p in model_args.mm_tunable_parts.split(",") if p.strip()]
+    set_tunable_parts(model, parts)
+
+
+def build_data(data_args: DataArguments, processor: CompProcessor, training_args: CompTrainingArguments):
+    dataset = MixtureDataset.from_yaml(
+        data_args.data_path, processor.tokenizer, processor.image_processor,
+        data_root=data_args.data_root, image_folder=data_args.image_folder,
+        model_max_length=data_args.model_max_length, seed=training_args.seed)
+    collator = DataCollator(pad_token_id=processor.tokenizer.pad_token_id, pack_length=data_args.pack_length)
+    sampler = None
+    if training_args.group_by_modality_length:
+        sampler = ModalityLengthGroupedSampler(
+            dataset.modality_lengths,
+            batch_size=training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps,
+            world_size=training_args.world_size, seed=training_args.seed)
+    return dataset, collator, sampler
+
+
+def resume_point(training_args: CompTrainingArguments) -> str | None:
+    """``--resume_from_checkpoint auto`` (or ``True``) = the newest complete checkpoint, if any."""
+    wanted = training_args.resume_from_checkpoint
+    if wanted in (None, "", "False", "false", "0"):
+        return None
+    if wanted in ("auto", "True", "true", "1"):
+        found = last_complete_checkpoint(training_args.output_dir)
+        return str(found) if found else None
+    return wanted
+
+
+def train(model_args: ModelArguments, data_args: DataArguments,
+          training_args: CompTrainingArguments) -> CompTrainer:
+    transformers.set_seed(training_args.seed)
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    dtype = torch.bfloat16 if training_args.bf16 else None
+    model, processor = build_model(model_args, data_args, dtype)
+    dataset, collator, sampler = build_data(data_args, processor, training_args)
+    trainer = CompTrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=collator,
+        processing_class=processor, tunable_parts=model_args.mm_tunable_parts.split(","),
+        vision_lr=training_args.mm_vision_tower_lr, projector_lr=training_args.mm_projector_lr,
+        max_skip_fraction=data_args.max_skip_fraction, train_sampler=sampler)
+    trainer.train(resume_from_checkpoint=resume_point(training_args))
+    logger.info("data: %s", trainer.skip_stats.summary())
+    trainer.save_model(training_args.output_dir)
+    if trainer.args.should_save:
+        processor.save_pretrained(training_args.output_dir)
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    train(*parse_args(argv))
+    return 0

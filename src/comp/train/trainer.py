@@ -1,0 +1,263 @@
+"""CompTrainer: transformers' Trainer with CoMP's parameter groups, loss bookkeeping and
+crash-safe checkpoints. DeepSpeed ZeRO-2/3, FSDP, mixed precision, schedulers and logging
+integrations come from transformers / accelerate unchanged.
+
+Loss normalisation: each optimizer step's loss is the LM loss summed over the step's
+supervised tokens on all ranks and micro-batches, divided by their global count, plus
+``loss_weight`` x the alignment loss summed over the step's image samples, divided by their
+global count. So the curve does not depend on how a global batch is split across processes or
+accumulation steps.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from comp.data.dataset import SkipStats
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "COMPLETE"
+CHECKPOINT_PREFIX = "checkpoint-"
+# Batch entries that are bookkeeping, not model inputs.
+_NON_MODEL_KEYS = ("skipped", "has_image", "cu_seqlens", "images_per_row")
+
+
+@dataclass
+class StepCounts:
+    """Global (all ranks, all micro-batches) denominators of one optimizer step."""
+    supervised_tokens: torch.Tensor
+    align_samples: torch.Tensor
+
+
+def part_of(name: str) -> str:
+    """The reference's tunable part a parameter belongs to."""
+    if name.startswith("visual.merger."):
+        return "mm_mlp_adapter"
+    if name.startswith("visual."):
+        return "mm_vision_tower"
+    if name.startswith("lm_head."):
+        return "mm_lm_head"
+    return "mm_language_model"
+
+
+def set_tunable_parts(model: torch.nn.Module, parts: list[str]) -> None:
+    """Freeze everything outside ``parts``. A tied embedding/lm_head matrix (registered once,
+    as ``model.embed_tokens.weight``) trains when either mm_language_model or mm_lm_head does."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name, param in model.named_parameters():
+        part = part_of(name)
+        wanted = part in parts
+        if tied and name == "model.embed_tokens.weight":
+            wanted = bool({"mm_language_model", "mm_lm_head"} & set(parts))
+        param.requires_grad_(wanted)
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    return param.dim() < 2 or "norm" in name or name.endswith(".bias")
+
+
+def param_groups(model: torch.nn.Module, *, lr: float, vision_lr: float | None,
+                 projector_lr: float | None, weight_decay: float) -> list[dict]:
+    """Optimizer groups as the reference: the vision lr covers the encoder but not the
+    merger; the projector lr covers the merger; biases and norms get no weight decay."""
+    lrs = {"mm_vision_tower": vision_lr or lr, "mm_mlp_adapter": projector_lr or lr}
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = part_of(name)
+        decay = not _no_decay(name, param)
+        key = (part, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "lr": lrs.get(part, lr),
+                           "weight_decay": weight_decay if decay else 0.0, "part": part}
+        groups[key]["params"].append(param)
+        groups[key]["names"].append(name)
+    return list(groups.values())
+
+
+def module_table(model: torch.nn.Module, groups: list[dict]) -> str:
+    """Parameters per tunable part: count, trainable or frozen, lr and weight decay."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, param in model.named_parameters():
+        counts[part_of(name)][0] += param.numel()
+        counts[part_of(name)][1] += param.numel() if param.requires_grad else 0
+    lr_of = defaultdict(set)
+    wd_of = defaultdict(set)
+    for g in groups:
+        lr_of[g["part"]].add(g["lr"])
+        wd_of[g["part"]].add(g["weight_decay"])
+    lines = [f"{'part':<20}{'params':>14}{'trainable':>14}  {'lr':<12}{'weight decay':<12}"]
+    for part in ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model", "mm_lm_head"):
+        total, trainable = counts.get(part, [0, 0])
+        lr = ",".join(f"{v:g}" for v in sorted(lr_of[part])) or "frozen"
+        wd = ",".join(f"{v:g}" for v in sorted(wd_of[part])) or "-"
+        if part == "mm_lm_head" and getattr(model.config, "tie_word_embeddings", False):
+            lr, wd = "tied to model.embed_tokens", ""
+        lines.append(f"{part:<20}{total:>14,}{trainable:>14,}  {lr:<12}{wd:<12}")
+    return "\n".join(lines)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE_MARKER).exists()
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose writing finished (half-written ones are ignored)."""
+    candidates = []
+    for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit() and is_complete(path):
+            candidates.append((int(suffix), path))
+    return max(candidates)[1] if candidates else None
+
+
+class CompTrainer(Trainer):
+    def __init__(self, *args, tunable_parts: list[str], vision_lr: float | None = None,
+                 projector_lr: float | None = None, max_skip_fraction: float = 0.01,
+                 train_sampler=None, **kwargs):
+        self.tunable_parts = tunable_parts
+        self.vision_lr, self.projector_lr = vision_lr, projector_lr
+        self.max_skip_fraction = max_skip_fraction
+        self.skip_stats = SkipStats()
+        self._custom_sampler = train_sampler
+        self._parts_sum: dict[str, float] = defaultdict(float)
+        self._parts_steps = 0
+        super().__init__(*args, **kwargs)
+        self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
+
+    # ---------------------------------------------------------------- data
+    def _get_train_sampler(self, train_dataset=None):
+        if self._custom_sampler is not None:
+            return self._custom_sampler
+        return super()._get_train_sampler(train_dataset)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches, counts = super().get_batch_samples(epoch_iterator, num_batches, device)
+        for batch in batches:
+            self.skip_stats.update(len(batch["has_image"]), batch["skipped"])
+        self.skip_stats.check(self.max_skip_fraction)
+        return batches, counts
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        tokens = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batch_samples)
+        align = sum(int(_align_mask(b).sum()) for b in batch_samples)
+        both = torch.tensor([tokens, align], dtype=torch.float64, device=device)
+        if self.args.world_size > 1:
+            both = self.accelerator.gather(both.view(1, 2)).sum(0)
+        self._step_visual_tokens = sum(
+            int(b["image_grid_thw"].prod(-1).sum()) if b.get("image_grid_thw") is not None else 0
+            for b in batch_samples)
+        return StepCounts(supervised_tokens=both[0].clamp(min=1), align_samples=both[1].clamp(min=1))
+
+    # ---------------------------------------------------------------- optimisation
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = param_groups(self.model, lr=self.args.learning_rate, vision_lr=self.vision_lr,
+                                  projector_lr=self.projector_lr, weight_decay=self.args.weight_decay)
+            if self.args.should_log:
+                logger.info("modules:\n%s", module_table(self.model, groups))
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            kwargs.pop("lr", None)
+            for g in groups:
+                g.pop("names")
+            self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counts: StepCounts | None = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
+        has_align = _align_mask(inputs)
+        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        if counts is not None:
+            model_inputs["lm_loss_normalizer"] = counts.supervised_tokens
+            model_inputs["align_normalizer"] = counts.align_samples
+        outputs = model(**model_inputs)
+        scale = self.accelerator.num_processes if counts is not None else 1
+        loss = outputs.loss * scale
+        self._parts_sum["lm_loss"] += float(outputs.lm_loss) * scale
+        if outputs.align_loss is not None:
+            self._parts_sum["align_loss"] += float(outputs.align_loss) * scale
+        self._parts_sum["text_tokens"] += float(inputs["attention_mask"].sum())
+        self._parts_sum["align_samples"] += float(has_align.sum())
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time=None) -> None:
+        if "loss" in logs and self.state.global_step:
+            steps = max(1, self.state.global_step - getattr(self, "_last_parts_step", 0))
+            self._last_parts_step = self.state.global_step
+            local = torch.tensor([self._parts_sum[k] for k in ("lm_loss", "align_loss", "text_tokens")],
+                                 dtype=torch.float64, device=self.args.device)
+            if self.args.world_size > 1:
+                gathered = self.accelerator.gather(local.view(1, -1))
+                local = torch.cat([gathered[:, :2].mean(0), gathered[:, 2:].sum(0)])
+            logs["lm_loss"] = round(float(local[0]) / steps, 6)
+            if self.model.config.use_alignment_loss:
+                logs["align_loss"] = round(float(local[1]) / steps, 6)
+            logs["text_tokens"] = float(local[2]) / steps
+            logs["visual_tokens"] = getattr(self, "_step_visual_tokens", 0)
+            logs["samples_skipped"] = self.skip_stats.skipped
+            if "learning_rate" in logs and self.optimizer is not None:
+                factor = logs["learning_rate"] / self.args.learning_rate if self.args.learning_rate else 0.0
+                for g in self.optimizer.param_groups:
+                    logs[f"lr/{g.get('part', 'all')}"] = g.get("initial_lr", g["lr"]) * factor
+            self._parts_sum.clear()
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint, then mark it complete, then rotate: a crash at any point
+        leaves either no marker (ignored by resume) or a whole checkpoint."""
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            checkpoint = run_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            _write_marker(checkpoint, {"global_step": self.state.global_step})
+            _rotate(run_dir, limit)
+        self.accelerator.wait_for_everyone()
+
+
+def _align_mask(batch: dict) -> torch.Tensor:
+    """Samples that contribute an alignment term: with an image and with answer text."""
+    has_image = batch["has_image"].bool()
+    if batch.get("align_attention_mask") is None:
+        return torch.zeros_like(has_image)
+    return has_image & (batch["align_attention_mask"].sum(1) > 0).to(has_image.device)
+
+
+def _write_marker(checkpoint: Path, info: dict) -> None:
+    tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+
+
+def _rotate(run_dir: Path, limit: int | None) -> None:
+    """Keep the newest ``limit`` complete checkpoints; drop incomplete leftovers."""
+    complete, partial = [], []
+    for path in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if suffix.isdigit():
+            (complete if is_complete(path) else partial).append((int(suffix), path))
+    newest = max(complete)[0] if complete else -1
+    stale = [p for step, p in partial if step < newest]
+    if limit:
+        stale += [p for _, p in sorted(complete)[:-limit]]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)

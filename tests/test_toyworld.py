@@ -1,0 +1,292 @@
+"""Toyworld: deterministic, well-formed, and its labels agree with its pixels.
+
+Pixel oracle: shapes are drawn without anti-aliasing in exact palette colours and text in
+near-black, so the colours present in an image, where they are, and where dark ink is can
+be read back from the PNG and compared with the stored scene (``meta``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from comp.data import toyworld as tw
+
+STAGE_YAMLS = ("stage1.yaml", "stage2.yaml", "stage3.yaml")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return tw.write_toyworld(tmp_path_factory.mktemp("toyworld") / "out", seed=0, size="small")
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def load_records(json_path: Path) -> list[dict]:
+    if json_path.suffix == ".jsonl":
+        return [json.loads(line) for line in json_path.read_text().splitlines()]
+    return json.loads(json_path.read_text())
+
+
+def stage_datasets(world: Path, name: str) -> list[tuple[Path, Path]]:
+    """(json_path, image_folder) per entry of a Stage YAML, resolved against its directory."""
+    doc = yaml.safe_load((world / name).read_text())
+    return [(world / d["json_path"], world / d["image_folder"]) for d in doc["datasets"]]
+
+
+def palette_pixels(rgb_HW3: np.ndarray) -> dict[str, np.ndarray]:
+    """Colour name -> boolean mask of the pixels exactly of that palette colour (non-empty only)."""
+    masks = {name: np.all(rgb_HW3 == np.array(c, dtype=np.uint8), axis=-1)
+             for name, c in tw.COLOURS.items()}
+    return {name: m for name, m in masks.items() if m.any()}
+
+
+def dominant_colour(rgb_HW3: np.ndarray) -> str:
+    return max(palette_pixels(rgb_HW3).items(), key=lambda kv: kv[1].sum())[0]
+
+
+def inside(mask_HW: np.ndarray, bbox, pad: int = 0) -> bool:
+    ys, xs = np.nonzero(mask_HW)
+    return bool(xs.min() >= bbox[0] - pad and xs.max() < bbox[2] + pad
+                and ys.min() >= bbox[1] - pad and ys.max() < bbox[3] + pad)
+
+
+# ---------------------------------------------------------------- pure functions
+
+@pytest.mark.parametrize("xy, word", [((10, 10), "top left"), ((150, 10), "top"),
+                                      ((290, 10), "top right"), ((10, 50), "left"),
+                                      ((150, 50), "center"), ((299, 99), "bottom right"),
+                                      ((150, 90), "bottom")])
+def test_position_word_is_the_3x3_cell(xy, word):
+    assert tw.position_word(*xy, 300, 100) == word
+
+
+def test_sample_size_covers_sides_and_aspects():
+    sizes = np.array([tw.sample_size(tw.rng_for(0, "sizes", i)) for i in range(400)])
+    aspect = sizes[:, 0] / sizes[:, 1]
+    assert sizes.min() >= tw.SIDE_MIN and sizes.max() <= tw.SIDE_MAX
+    assert aspect.min() >= 1 / 4 - 0.01 and aspect.max() <= 4 + 0.01
+    assert aspect.min() < 0.4 and aspect.max() > 2.5 and ((aspect > 0.8) & (aspect < 1.25)).any()
+
+
+def test_reading_order_is_rows_then_left_to_right():
+    def text(s, xy):
+        return tw.Text(s, "word", "", tw.text_bbox(s, xy, 10), xy, 10)
+    scene = tw.Scene(300, 90, "white", (), (text("c", (20, 70)), text("b", (200, 5)),
+                                            text("a", (20, 5))))
+    assert tw.transcript(scene) == "a b\nc"
+
+
+def test_scale_scene_doubles_geometry_and_fonts():
+    scene = tw.pool_scene(tw.rng_for(3, "pool", 0))
+    big = tw.scale_scene(scene, 2)
+    assert (big.width, big.height) == (2 * scene.width, 2 * scene.height)
+    assert [o.bbox for o in big.objects] == [tuple(2 * v for v in o.bbox) for o in scene.objects]
+    assert [t.font_size for t in big.texts] == [2 * t.font_size for t in scene.texts]
+    assert tw.render(big).size == (big.width, big.height)
+
+
+# ---------------------------------------------------------------- the written dataset
+
+def test_same_seed_same_bytes_and_earlier_output_replaced(world, tmp_path, capsys):
+    earlier = tmp_path / "earlier"
+    (earlier / "images" / "pool").mkdir(parents=True)
+    (earlier / "images" / "pool" / "999999.png").write_bytes(b"stale")
+    (earlier / "manifest.json").write_text(json.dumps({"name": "toyworld", "seed": 7}))
+    assert tw.main([str(earlier), "--seed", "0", "--size", "small"]) == 0
+    assert "images" in capsys.readouterr().out
+    assert tree_digest(earlier) == tree_digest(world)
+
+
+def test_different_seeds_give_different_scenes_and_bytes():
+    def pngs(seed: int) -> list[bytes]:
+        return [tw.png_bytes(tw.render(tw.pool_scene(tw.rng_for(seed, "pool", i))))
+                for i in range(20)]
+    first, second = pngs(0), pngs(1)
+    assert pngs(0) == first
+    assert sum(a != b for a, b in zip(first, second)) == 20
+    scene = tw.probe_scene(tw.rng_for(0, "probe-digit-val", 3), "digit", "3")
+    assert tw.probe_scene(tw.rng_for(0, "probe-digit-val", 3), "digit", "3") == scene
+    assert tw.probe_scene(tw.rng_for(1, "probe-digit-val", 3), "digit", "3") != scene
+
+
+def test_refuses_a_foreign_non_empty_folder(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and not a toyworld output"):
+        tw.write_toyworld(tmp_path)
+    assert tw.main([str(tmp_path)]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="size 'huge'"):
+        tw.write_toyworld(tmp_path / "new", size="huge")
+
+
+def test_module_runs_as_a_script():
+    done = subprocess.run([sys.executable, "-m", "comp.data.toyworld", "--help"],
+                          capture_output=True, text=True, check=True)
+    assert "--size" in done.stdout
+
+
+def test_stage_yamls_point_to_existing_files(world):
+    for name in STAGE_YAMLS:
+        doc = yaml.safe_load((world / name).read_text())
+        assert doc["datasets"] and all(d["sampling_strategy"] == "all" for d in doc["datasets"])
+        for json_path, image_folder in stage_datasets(world, name):
+            assert json_path.is_file() and image_folder.is_dir()
+    assert [p.name for p, _ in stage_datasets(world, "stage2.yaml")] == [
+        "stage2_dense.json", "stage2_ocr.jsonl"]
+
+
+def test_records_are_valid_llava_conversations(world):
+    ids = set()
+    for name in STAGE_YAMLS:
+        for json_path, image_folder in stage_datasets(world, name):
+            records = load_records(json_path)
+            assert records, json_path
+            for r in records:
+                assert r["id"] not in ids
+                ids.add(r["id"])
+                images = r.get("image", [])
+                images = [images] if isinstance(images, str) else images
+                turns = r["conversations"]
+                assert len(turns) >= 2 and len(turns) % 2 == 0, r["id"]
+                assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+                assert all(isinstance(t["value"], str) and t["value"].strip() for t in turns)
+                human = "".join(t["value"] for t in turns if t["from"] == "human")
+                assert human.count("<image>") == len(images), r["id"]
+                assert not any("<image>" in t["value"] for t in turns if t["from"] == "gpt")
+                assert all((image_folder / p).is_file() for p in images), r["id"]
+                assert len(r["meta"]["scenes"]) == len(images)
+
+
+def test_stage3_mixes_single_multi_image_and_text_only(world):
+    records = load_records(world / "data" / "stage3_qa.json")
+    kinds = [r["meta"]["task"] for r in records]
+    assert kinds.count("multi_image_qa") == tw.SIZES["small"]["multi"]
+    assert kinds.count("text_qa") == tw.SIZES["small"]["text_only"]
+    assert all(isinstance(r["image"], list) and len(r["image"]) == 2
+               for r in records if r["meta"]["task"] == "multi_image_qa")
+    assert all("image" not in r for r in records if r["meta"]["task"] == "text_qa")
+    assert any(len(r["conversations"]) > 2 for r in records if r["meta"]["task"] == "qa")
+
+
+def test_images_have_recorded_sizes_and_varied_aspects(world):
+    records = load_records(world / "data" / "stage1_captions.json")
+    aspects = []
+    for r in records:
+        scene = r["meta"]["scenes"][0]
+        with Image.open(world / "images" / r["image"]) as im:
+            assert im.size == (scene["width"], scene["height"]), r["image"]
+        aspects.append(scene["width"] / scene["height"])
+    assert min(aspects) < 0.5 and max(aspects) > 2
+    assert len({(r["meta"]["scenes"][0]["width"], r["meta"]["scenes"][0]["height"])
+                for r in records}) > len(records) // 2
+
+
+def assert_pixels_match(rgb_HW3: np.ndarray, scene: dict, name: str) -> None:
+    """Palette colours present == object colours, each inside its bbox; ink only in text boxes."""
+    assert rgb_HW3.shape[:2] == (scene["height"], scene["width"]), name
+    masks = palette_pixels(rgb_HW3)
+    assert set(masks) == {o["colour"] for o in scene["objects"]}, name
+    for o in scene["objects"]:
+        assert inside(masks[o["colour"]], o["bbox"]), (name, o)
+    ink_HW = np.all(rgb_HW3 < 110, axis=-1)
+    covered_HW = np.zeros_like(ink_HW)
+    for t in scene["texts"]:
+        x0, y0, x1, y1 = t["bbox"]
+        assert ink_HW[y0:y1, x0:x1].any(), (name, t)
+        covered_HW[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1] = True
+    assert not (ink_HW & ~covered_HW).any(), name
+
+
+def test_pixels_agree_with_scene_meta(world):
+    for r in load_records(world / "data" / "stage1_captions.json")[:80]:
+        rgb_HW3 = np.asarray(Image.open(world / "images" / r["image"]).convert("RGB"))
+        assert_pixels_match(rgb_HW3, r["meta"]["scenes"][0], r["image"])
+
+
+def test_answers_agree_with_scene_meta(world):
+    records = load_records(world / "data" / "stage3_qa.json")
+    checked = 0
+    for r in (r for r in records if r["meta"]["task"] == "qa"):
+        scene = r["meta"]["scenes"][0]
+        colour_of = {o["shape"]: o["colour"] for o in scene["objects"]}
+        numbers = [t["text"] for t in scene["texts"] if t["kind"] == "number"]
+        turns = r["conversations"]
+        for q, a in zip(turns[::2], turns[1::2]):
+            q = q["value"].removeprefix("<image>\n")
+            if q == "How many shapes are there in the image?":
+                assert a["value"] == str(len(scene["objects"]))
+            elif q.startswith("What colour is the "):
+                assert a["value"] == colour_of[q.removeprefix("What colour is the ")[:-1]]
+            elif q == "What number is written in the image?":
+                assert [a["value"]] == numbers
+            else:
+                continue
+            checked += 1
+    assert checked > 100
+    ocr = load_records(world / "data" / "stage2_ocr.jsonl")
+    for r in ocr:
+        words = r["conversations"][1]["value"].split()
+        assert sorted(words) == sorted(t["text"] for t in r["meta"]["scenes"][0]["texts"])
+
+
+@pytest.mark.parametrize("attribute", list(tw.PROBES))
+def test_probe_splits_have_classes_and_labels_match_pixels(world, attribute):
+    root = world / "probe" / attribute
+    classes = set(tw.PROBES[attribute])
+    per_class = {"train": tw.SIZES["small"]["probe_train"], "val": tw.SIZES["small"]["probe_val"],
+                 "val_hires": tw.SIZES["small"]["probe_val"]}
+    entries = {}
+    for split, n in per_class.items():
+        assert {d.name for d in (root / split).iterdir()} == classes
+        assert all(len(list((root / split / c).glob("*.png"))) == n for c in classes)
+        entries[split] = json.loads((root / f"{split}.json").read_text())
+        for e in entries[split]:
+            assert e["image"].split("/")[1] == e["label"]
+            meta = e["meta"]
+            truth = {"shape": lambda: meta["objects"][0]["shape"],
+                     "colour": lambda: meta["objects"][0]["colour"],
+                     "digit": lambda: [t["text"] for t in meta["texts"]][0]}[attribute]()
+            assert truth == e["label"]
+    for e in entries["train"][:60] + entries["val_hires"][:30]:
+        rgb_HW3 = np.asarray(Image.open(root / e["image"]).convert("RGB"))
+        assert_pixels_match(rgb_HW3, e["meta"], e["image"])
+        if attribute != "digit":
+            assert dominant_colour(rgb_HW3) == e["meta"]["objects"][0]["colour"], e["image"]
+    for lo, hi in zip(entries["val"], entries["val_hires"]):
+        assert lo["label"] == hi["label"]
+        assert (hi["meta"]["width"], hi["meta"]["height"]) == (2 * lo["meta"]["width"],
+                                                               2 * lo["meta"]["height"])
+    if attribute == "digit":  # small enough that resolution matters, larger in val_hires
+        assert max(t["font_size"] for e in entries["train"] for t in e["meta"]["texts"]) <= 12
+
+
+def test_retrieval_captions_unique_and_images_exist(world):
+    entries = json.loads((world / "retrieval" / "captions.json").read_text())
+    assert len(entries) == tw.SIZES["small"]["retrieval"]
+    assert len({e["caption"] for e in entries}) == len(entries)
+    assert all((world / "retrieval" / e["image"]).is_file() for e in entries)
+
+
+def test_manifest_counts_match_files(world):
+    manifest = json.loads((world / "manifest.json").read_text())
+    assert (manifest["seed"], manifest["size"], manifest["name"]) == (0, "small", "toyworld")
+    for name, count in manifest["counts"].items():
+        path = world / name
+        if path.is_dir():
+            assert len(list(path.rglob("*.png"))) == count, name
+        else:
+            assert len(load_records(path)) == count, name
