@@ -1,0 +1,303 @@
+"""CompVisionModel: a SigLIP / DINOv2 / AIMv2 encoder reading packed native-resolution images.
+
+Shape legend: T tokens of all images packed (merge-window order), N images, K = C*P*P,
+D VFM width, E LLM width (merger output).
+
+Parameter names are those of the source checkpoint (transformers' vision model of the
+family), so ``from_pretrained`` of an original directory needs no conversion and
+``save_pretrained`` writes the same names (plus ``merger.*``) next to a ``comp_vision``
+config.json and the source preprocessor_config.json.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, PretrainedConfig
+
+from ..merger import PatchMerger
+from .attention import BACKENDS, PackedContext
+from .packing import cu_seqlens, insert_first, rowcol_ids
+from .rope2d import rope_cos_sin
+
+logger = logging.getLogger(__name__)
+
+FAMILIES = ("siglip", "dinov2", "aimv2")
+# config.json model_type -> family
+MODEL_TYPES = {"siglip": "siglip", "siglip_vision_model": "siglip", "dinov2": "dinov2",
+               "aimv2": "aimv2", "aimv2_vision_model": "aimv2"}
+WEIGHTS_NAME = "model.safetensors"
+PREPROCESSOR_NAME = "preprocessor_config.json"
+
+
+def _family(name: str):
+    if name not in FAMILIES:
+        raise ValueError(f"unknown vision family {name!r}; expected one of {FAMILIES}")
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+class CompVisionConfig(PretrainedConfig):
+    """Architecture of the source VFM (``family`` + its dimensions) and the CoMP settings.
+
+    use_rope: 2D RoPE on q, k in every layer (C-RoPE); False = the plain VFM with the
+        interpolated absolute table only.
+    pos_interp_mode / pos_interp_antialias: how the learned table is resized to an image grid.
+    pos_order: "merge" (correct) or "raster" (the reference code's permuted positions).
+    keep_cls: DINOv2 only; CoMP drops the CLS token.
+    w_merger: output width of the 2x2 merger, or None for per-token features.
+    attn_backend: one of attention.BACKENDS.
+    """
+
+    model_type = "comp_vision"
+
+    def __init__(self, family: str = "siglip", hidden_size: int = 32, intermediate_size: int = 64,
+                 num_hidden_layers: int = 2, num_attention_heads: int = 2, num_channels: int = 3,
+                 image_size: int = 56, patch_size: int = 14, hidden_act: str = "gelu_pytorch_tanh",
+                 norm_eps: float = 1e-6, qkv_bias: bool = True, mlp_bias: bool = True,
+                 use_rope: bool = False, rope_theta: float = 10000.0,
+                 pos_interp_mode: str = "bicubic", pos_interp_antialias: bool = False,
+                 pos_order: str = "merge", keep_cls: bool = False, merge_size: int = 2,
+                 w_merger: int | None = None, attn_backend: str = "auto", **kwargs):
+        self.family = family
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_channels = num_channels
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_act = hidden_act
+        self.norm_eps = norm_eps
+        self.qkv_bias = qkv_bias
+        self.mlp_bias = mlp_bias
+        self.use_rope = use_rope
+        self.rope_theta = rope_theta
+        self.pos_interp_mode = pos_interp_mode
+        self.pos_interp_antialias = pos_interp_antialias
+        self.pos_order = pos_order
+        self.keep_cls = keep_cls
+        self.merge_size = merge_size
+        self.w_merger = w_merger
+        self.attn_backend = attn_backend
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        _family(self.family)
+        if self.pos_order not in ("merge", "raster"):
+            raise ValueError(f"pos_order must be 'merge' or 'raster', got {self.pos_order!r}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
+        if self.keep_cls and self.family != "dinov2":
+            raise ValueError(f"keep_cls=True needs a CLS token; the {self.family} family has none")
+        if self.keep_cls and self.w_merger:
+            raise ValueError("keep_cls=True cannot be combined with a merger (CLS breaks the 2x2 windows)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"{self.num_attention_heads} heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class CompVisionModel(nn.Module):
+    """``model(pixel_values [T, K], grid_thw [N, 3])`` -> ``[T, D]`` (``[T/4, E]`` with a merger;
+    ``[T+N, D]`` with keep_cls, each image's CLS first)."""
+
+    def __init__(self, config: CompVisionConfig):
+        super().__init__()
+        self.config = config
+        fam = _family(config.family)
+        self.embeddings = fam.Embeddings(config)
+        self.encoder = fam.Encoder(config)
+        self._final_norm_name = fam.FINAL_NORM
+        if fam.FINAL_NORM:
+            self.add_module(fam.FINAL_NORM, fam.make_final_norm(config))
+        self.merger = (PatchMerger(config.hidden_size, config.w_merger, config.merge_size)
+                       if config.w_merger else None)
+        self.gradient_checkpointing = False
+        self.preprocessor_config: dict | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def _check_inputs(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> None:
+        c = self.config
+        k = c.num_channels * c.patch_size**2
+        if pixel_values.dim() != 2 or pixel_values.shape[1] != k:
+            raise ValueError(f"pixel_values must be [T, C*P*P] = [T, {k}], got {tuple(pixel_values.shape)}")
+        for i, (t, h, w) in enumerate(grids):
+            if t != 1:
+                raise ValueError(f"grid_thw[{i}] has t={t}; only images (t=1) are supported")
+            if h % c.merge_size or w % c.merge_size:
+                raise ValueError(f"grid_thw[{i}] = {h}x{w} patches is not divisible by the "
+                                 f"merge size {c.merge_size}")
+        total = sum(t * h * w for t, h, w in grids)
+        if total != pixel_values.shape[0]:
+            raise ValueError(f"grid_thw covers {total} patches but pixel_values has "
+                             f"{pixel_values.shape[0]} rows")
+
+    def _rope(self, grids_hw: list[tuple[int, int]], lengths: list[int], device: torch.device):
+        c = self.config
+        cache: dict[tuple[int, int], torch.Tensor] = {}
+        pos_T2 = torch.cat([cache.setdefault(hw, rowcol_ids(*hw, c.merge_size)) for hw in grids_hw])
+        cos, sin = rope_cos_sin(pos_T2.to(device), c.head_dim, c.rope_theta)
+        if c.keep_cls:  # CLS has no grid position: identity rotation
+            n = len(lengths)
+            cos = insert_first(cos, torch.ones(n, cos.shape[1], device=device), lengths)
+            sin = insert_first(sin, torch.zeros(n, sin.shape[1], device=device), lengths)
+        return cos, sin
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        self._check_inputs(pixel_values, grids)
+        grids_hw = [(h, w) for _, h, w in grids]
+        lengths = [h * w for h, w in grids_hw]
+        x_TD = self.embeddings(pixel_values, grids_hw, lengths)
+        rope = self._rope(grids_hw, lengths, x_TD.device) if c.use_rope else None
+        if c.keep_cls:
+            lengths = [n + 1 for n in lengths]
+        ctx = PackedContext(lengths, cu_seqlens(lengths, x_TD.device), rope, c.attn_backend)
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for layer in self.encoder.blocks:
+            x_TD = checkpoint(layer, x_TD, ctx, use_reentrant=False) if ckpt else layer(x_TD, ctx)
+        if self._final_norm_name:
+            x_TD = getattr(self, self._final_norm_name)(x_TD)
+        return self.merger(x_TD) if self.merger is not None else x_TD
+
+    # ---------------------------------------------------------------- loading / saving
+    @classmethod
+    def from_pretrained(cls, path: str | Path, use_rope: bool | None = None, w_merger: int | None = None,
+                        torch_dtype: torch.dtype | None = None, **overrides) -> "CompVisionModel":
+        """Load an HF SigLIP / DINOv2 / AIMv2 directory or a saved CoMP-VFM directory.
+
+        use_rope / w_merger None keep the directory's setting (a plain HF checkpoint: rope
+        off, no merger); ``w_merger=0`` drops a saved merger; a new merger is freshly
+        initialised. ``overrides`` set any other CompVisionConfig field.
+        """
+        path = Path(path)
+        config, saved_merger = _config_for(path, overrides)
+        if use_rope is not None:
+            config.use_rope = bool(use_rope)
+        if w_merger is not None:
+            if saved_merger and w_merger and w_merger != saved_merger:
+                raise ValueError(f"{path} holds a merger of width {saved_merger}; pass w_merger="
+                                 f"{saved_merger} (keep it) or 0 (drop it), not {w_merger}")
+            config.w_merger = w_merger or None
+        config.validate()
+        dtype = torch_dtype or torch.float32
+        with torch.device("meta"):
+            model = cls(config)
+        state = _read_weights(path, model, saved_merger if config.w_merger else None)
+        state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        preprocessor = path / PREPROCESSOR_NAME
+        if preprocessor.exists():
+            model.preprocessor_config = json.loads(preprocessor.read_text())
+        return model.eval()
+
+    def save_pretrained(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(out)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, out / WEIGHTS_NAME, metadata={"format": "pt"})
+        if self.preprocessor_config is not None:
+            (out / PREPROCESSOR_NAME).write_text(json.dumps(self.preprocessor_config, indent=2) + "\n")
+        return out
+
+
+def _config_for(path: Path, overrides: dict) -> tuple[CompVisionConfig, int | None]:
+    """-> (config, width of a merger stored in the directory or None)."""
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+    raw = json.loads(cfg_file.read_text())
+    model_type = raw.get("model_type")
+    if model_type == CompVisionConfig.model_type:
+        config = CompVisionConfig.from_pretrained(path)
+        for key, value in overrides.items():
+            _set_field(config, key, value, path)
+        return config, config.w_merger
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{cfg_file}: model_type {model_type!r} is not a supported vision encoder; "
+                         f"expected one of {sorted(MODEL_TYPES) + ['comp_vision']}")
+    family = MODEL_TYPES[model_type]
+    fields = _family(family).config_from_hf(AutoConfig.from_pretrained(path))
+    config = CompVisionConfig(family=family, **fields)
+    for key, value in overrides.items():
+        _set_field(config, key, value, path)
+    return config, None
+
+
+def _set_field(config: CompVisionConfig, key: str, value, path: Path) -> None:
+    if not hasattr(config, key):
+        raise TypeError(f"from_pretrained({path}): unknown setting {key!r} (not a CompVisionConfig field)")
+    setattr(config, key, value)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    single = path / WEIGHTS_NAME
+    if single.exists():
+        return [single]
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    raise FileNotFoundError(f"{path}: no model.safetensors (or sharded index); only safetensors "
+                            "checkpoints are supported")
+
+
+def _read_weights(path: Path, model: CompVisionModel, saved_merger: int | None) -> dict[str, torch.Tensor]:
+    """Read exactly the model's parameters, accepting the family's two-tower prefix
+    ``vision_model.``; unused checkpoint entries are reported once, missing ones raise."""
+    wanted = set(model.state_dict())
+    merger_fresh = {k for k in wanted if k.startswith("merger.")} if not saved_merger else set()
+    wanted -= merger_fresh
+    files = _weight_files(path)
+    on_disk: dict[str, Path] = {}
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            on_disk.update({k: f for k in sf.keys()})
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in on_disk) else ""
+    source = {k: prefix + k for k in wanted}
+    missing = sorted(k for k, s in source.items() if s not in on_disk)
+    if missing:
+        shown = ", ".join(prefix + k for k in missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise KeyError(f"{path}: checkpoint lacks {len(missing)} parameter(s) needed by the "
+                       f"{model.config.family} encoder: {shown}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(f, "pt") as sf:
+            for k, s in source.items():
+                if on_disk[s] == f:
+                    state[k] = sf.get_tensor(s)
+    ignored = sorted(set(on_disk) - set(source.values()))
+    if ignored:
+        groups = sorted({".".join(k.split(".")[:2]) for k in ignored})
+        logger.warning("%s: %d checkpoint tensors not used by CompVisionModel (%s)", path, len(ignored),
+                       ", ".join(groups))
+    if merger_fresh:  # a new merger: default nn init, materialised off the meta device
+        fresh = PatchMerger(model.config.hidden_size, model.config.w_merger, model.config.merge_size)
+        state.update({f"merger.{k}": v for k, v in fresh.state_dict().items()})
+    return state

@@ -1,0 +1,91 @@
+"""SigLIP vision tower (So400M included) with C-RoPE, in transformers' parameter names.
+
+Names follow ``SiglipVisionModel`` (``embeddings.*``, ``encoder.layers.N.*``); the two-tower
+``SiglipModel`` checkpoint (google/siglip-so400m-patch14-384) stores them under
+``vision_model.``. As in the CoMP reference there is no post-layernorm and no pooling head:
+features are the last encoder layer's output.
+
+Shape legend: T tokens packed, K = C*P*P, D width.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .attention import PackedContext, self_attention
+from .packing import patch_linear
+from .rope2d import packed_abs_positions
+
+FINAL_NORM = None
+
+
+def config_from_hf(hf) -> dict:
+    """transformers' SiglipConfig (two towers) or SiglipVisionConfig -> CompVisionConfig fields."""
+    v = getattr(hf, "vision_config", None) or hf
+    return dict(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                num_channels=v.num_channels, image_size=v.image_size, patch_size=v.patch_size,
+                hidden_act=v.hidden_act, norm_eps=v.layer_norm_eps)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+        self.position_embedding = nn.Embedding((cfg.image_size // cfg.patch_size) ** 2, cfg.hidden_size)
+
+    def forward(self, patches_TK: torch.Tensor, grids_hw: list[tuple[int, int]],
+                lengths: list[int]) -> torch.Tensor:
+        c = self.cfg
+        pos_TD = packed_abs_positions(self.position_embedding.weight, grids_hw, c.pos_interp_mode,
+                                      c.pos_interp_antialias, c.pos_order, c.merge_size)
+        return patch_linear(patches_TK, self.patch_embedding) + pos_TD
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x_TD: torch.Tensor, ctx: PackedContext) -> torch.Tensor:
+        o = self_attention(self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD), self.num_heads, ctx)
+        return self.out_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = ACT2FN[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x_TD: torch.Tensor, ctx: PackedContext) -> torch.Tensor:
+        x_TD = x_TD + self.self_attn(self.layer_norm1(x_TD), ctx)
+        return x_TD + self.mlp(self.layer_norm2(x_TD))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
+
