@@ -177,3 +177,32 @@ def test_reference_layout_checkpoint_loads(tiny_dir, tmp_path, family):
     assert loaded.config.vision_config.pos_order == "raster"
     theirs = loaded.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in source.state_dict().items())
+
+
+def test_packed_rows_give_the_same_logits_as_unpacked(model, processor, tiny_dir):
+    """Three samples (two with images of different sizes, one text-only) packed into one row
+    by the collator give, token for token, the logits of each sample in its own row."""
+    from comp.data.collator import DataCollator
+
+    images = _images()
+    texts = [(_prompt(processor, "What?"), images[:1]), (_prompt(processor, "Hi", 0), None),
+             (_prompt(processor, "Colour?"), images[1:])]
+    samples = []
+    for text, imgs in texts:
+        enc = processor(text + "An answer.<|im_end|>\n", images=imgs)
+        ids = enc["input_ids"][0]
+        samples.append({"input_ids": ids, "labels": ids.clone(), "has_image": imgs is not None,
+                        "pixel_values": enc.get("pixel_values"), "image_grid_thw": enc.get("image_grid_thw")})
+    pad = processor.tokenizer.pad_token_id
+    packed = DataCollator(pad_token_id=pad, pack_length=4096)(samples)
+    assert packed["input_ids"].shape[0] == 1
+    unpacked = DataCollator(pad_token_id=pad)(samples)
+    keep = ("input_ids", "pixel_values", "image_grid_thw")
+    with torch.no_grad():
+        logits_packed = model(**{k: packed[k] for k in keep}, cu_seqlens=packed["cu_seqlens"]).logits[0]
+        logits_rows = model(**{k: unpacked[k] for k in keep}, attention_mask=unpacked["attention_mask"]).logits
+    at = 0
+    for row, sample in enumerate(samples):
+        n = len(sample["input_ids"])
+        torch.testing.assert_close(logits_packed[at:at + n], logits_rows[row, :n], atol=1e-4, rtol=0)
+        at += n

@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 from comp.models.alignment import (alignment_loss, log_word_prior, masked_mean_pool,
                                    pool_image_features)
 from comp.models.losses import chunked_causal_lm_loss
-from comp.models.positions import get_mrope_position_ids
+from comp.models.positions import get_mrope_position_ids, packed_mrope_position_ids
 from comp.models.tiny import mrope_section_for
 from comp.models.vision.model import CompVisionConfig, CompVisionModel
 from comp.models.weights import load_state_dict
@@ -67,6 +67,7 @@ class CompConfig(PreTrainedConfig):
     sinkhorn_iters: int = 3
     prior_mode: str = "reference"
     lm_loss_chunk_size: int = 4096
+    num_prototypes: int | None = None  # vocabulary rows used as alignment prototypes (None: all)
     tie_word_embeddings: bool = True
 
 
@@ -158,7 +159,7 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         config = CompConfig(
             vision_config=visual.config, text_config=text_config_from_qwen2(qwen2_config),
             tie_word_embeddings=bool(getattr(qwen2_config, "tie_word_embeddings", False)),
-            **special_token_ids(tokenizer), **config_overrides)
+            num_prototypes=len(tokenizer), **special_token_ids(tokenizer), **config_overrides)
         model = cls(config)
         model.visual.load_state_dict(visual.state_dict())
         model._load_llm_weights(llm_dir)
@@ -194,10 +195,16 @@ class CompForConditionalGeneration(CompPreTrainedModel):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    @property
+    def num_prototypes(self) -> int:
+        """Alignment prototypes: the tokenizer's rows of the word embeddings. The padding rows
+        of Qwen's table (151,936 rows for 151,665 tokens) are no words and stay out."""
+        return self.config.num_prototypes or self.config.text_config.vocab_size
+
     def set_word_prior(self, source: str | Path | torch.Tensor | list | None, *, pad: bool = False) -> None:
-        """The word-frequency prior u of the alignment target (a counts file or counts)."""
-        rows = self.config.text_config.vocab_size
-        self.log_word_prior_K = log_word_prior(source, rows, self.config.word_temp, pad=pad)
+        """The word-frequency prior u of the alignment target: counts (or a counts file, see
+        ``comp data prior``) over the tokenizer's vocabulary, one per prototype."""
+        self.log_word_prior_K = log_word_prior(source, self.num_prototypes, self.config.word_temp, pad=pad)
 
     # ------------------------------------------------------------------------------ forward
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
@@ -228,6 +235,7 @@ class CompForConditionalGeneration(CompPreTrainedModel):
                 align_input_ids: torch.Tensor | None = None,
                 align_attention_mask: torch.Tensor | None = None,
                 image_sample_index: torch.Tensor | None = None, sample_ids: list | None = None,
+                cu_seqlens: list[torch.Tensor] | None = None,
                 cache=None, use_cache: bool | None = None, rope_deltas: torch.Tensor | None = None,
                 logits_to_keep: int = 0, lm_loss_normalizer: torch.Tensor | float | None = None,
                 align_normalizer: torch.Tensor | float | None = None, **_unused) -> CompOutput:
@@ -236,7 +244,9 @@ class CompForConditionalGeneration(CompPreTrainedModel):
 
         ``align_input_ids`` / ``align_attention_mask`` [S, L_t]: each sample's answers, shuffled
         and joined (the F_t text of the alignment loss). ``image_sample_index`` [N]: sample of
-        each image, needed only when several samples are packed into one row.
+        each image, needed only when several samples are packed into one row. ``cu_seqlens``:
+        per row, the sample boundaries of packed rows (see comp.data.collator); positions then
+        restart at each sample and attention stays inside it.
         ``lm_loss_normalizer`` / ``align_normalizer``: divide the summed LM loss / alignment
         loss by these global counts (supervised tokens / image samples of the whole optimizer
         step, see comp.train.trainer) instead of averaging over this batch.
@@ -250,10 +260,13 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         elif self.training and labels is not None:
             embeds_BLD = embeds_BLD + 0.0 * self._dummy_image_features().sum()
 
-        if position_ids is None:
+        if cu_seqlens is not None:
+            position_ids = self.packed_position_ids(input_ids, image_grid_thw, cu_seqlens)
+            attention_mask = None  # the decoder derives per-sample causal masks from row 0
+        elif position_ids is None:
             position_ids, rope_deltas = self.position_ids(input_ids, image_grid_thw, attention_mask)
         out = self.model(inputs_embeds=embeds_BLD, attention_mask=attention_mask,
-                         position_ids=position_ids, cache=cache, use_cache=use_cache)
+                         position_ids=position_ids, cache=cache, use_cache=bool(use_cache))
         hidden_BLD = out.last_hidden_state
 
         if labels is None:
@@ -280,6 +293,23 @@ class CompForConditionalGeneration(CompPreTrainedModel):
             vision_start_token_id=self.config.vision_start_token_id,
             spatial_merge_size=self.config.spatial_merge_size)
 
+    def packed_position_ids(self, input_ids_BL, image_grid_thw_N3, cu_seqlens) -> torch.Tensor:
+        """``[4, B, L]``: the per-sample text positions (from which the decoder builds its
+        block-causal mask) stacked on the M-RoPE ids; every packed sample starts at 0."""
+        images_per_row = (input_ids_BL == self.config.vision_start_token_id).sum(1).tolist()
+        grids = (torch.split(image_grid_thw_N3, images_per_row) if image_grid_thw_N3 is not None
+                 else [None] * len(images_per_row))
+        rows = []
+        for ids_L, grid_N3, cu_S1 in zip(input_ids_BL, grids, cu_seqlens):
+            mrope_3L = packed_mrope_position_ids(
+                ids_L, grid_N3 if grid_N3 is not None and len(grid_N3) else None, cu_S1,
+                image_token_id=self.config.image_token_id,
+                vision_start_token_id=self.config.vision_start_token_id,
+                spatial_merge_size=self.config.spatial_merge_size)
+            text_L = _restarting_arange(cu_S1.to(ids_L.device).long(), ids_L.numel())
+            rows.append(torch.cat([text_L[None], mrope_3L]))
+        return torch.stack(rows, dim=1)
+
     def _alignment_term(self, feats_MD, grid_N3, input_ids_BL, image_sample_index_N,
                         align_ids_SL, align_mask_SL, normalizer=None) -> torch.Tensor:
         num_samples = align_ids_SL.shape[0]
@@ -298,7 +328,7 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         keep_S = has_image_S & (align_mask_SL.sum(1) > 0).to(has_image_S.device)
         with gathered(self.lm_head.weight):
             mean = alignment_loss(
-                f_v_SD.float(), f_t_SD, self.lm_head.weight, self._log_prior(), keep_S,
+                f_v_SD.float(), f_t_SD, self.lm_head.weight[:self.num_prototypes], self._log_prior(), keep_S,
                 embed_temp=self.config.embed_temp, word_eps=self.config.word_eps,
                 iters=self.config.sinkhorn_iters, mode=self.config.prior_mode)
         return mean if normalizer is None else mean * keep_S.sum() / normalizer
@@ -375,6 +405,13 @@ def _mismatch_message(tokens_per_row, num_features: int, sample_ids) -> str:
     return (f"the batch has {int(tokens_per_row.sum())} <|image_pad|> tokens but the encoder "
             f"produced {num_features} merged features ({rows}); each image needs exactly "
             "(h/2)*(w/2) pads - build prompts with CompProcessor, which expands them per image")
+
+
+def _restarting_arange(cu_S1: torch.Tensor, length: int) -> torch.Tensor:
+    """0, 1, ... restarting at every boundary of ``cu_S1``; padding after the last is 0."""
+    index_L = torch.arange(length, device=cu_S1.device)
+    segment_L = (torch.searchsorted(cu_S1, index_L, right=True) - 1).clamp(0, len(cu_S1) - 1)
+    return torch.where(index_L < cu_S1[-1], index_L - cu_S1[segment_L], torch.zeros_like(index_L))
 
 
 def _as_id_set(ids) -> set[int]:

@@ -59,8 +59,17 @@ class CompTrainingArguments(TrainingArguments):
     mm_projector_lr: float | None = field(default=None, metadata={"help": "lr of the merger"})
     group_by_modality_length: bool = field(default=False, metadata={
         "help": "batch multimodal and text-only samples separately, grouped by length (LLaVA)"})
+    warmup_ratio: float | None = field(default=None, metadata={
+        "help": "warmup as a fraction of all steps (the reference's flag; transformers 5 spells "
+                "it --warmup_steps with a value below 1)"})
     remove_unused_columns: bool = False
-    save_safetensors: bool = True
+
+    def __post_init__(self):
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CompTrainingArguments]:

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = "COMPLETE"
 CHECKPOINT_PREFIX = "checkpoint-"
 # Batch entries that are bookkeeping, not model inputs.
-_NON_MODEL_KEYS = ("skipped", "has_image", "cu_seqlens", "images_per_row")
+_NON_MODEL_KEYS = ("skipped", "has_image", "images_per_row", "sample_ids")
 
 
 @dataclass

@@ -1,0 +1,114 @@
+"""Samples -> a training batch; optional packing of several samples into one row.
+
+Batch: ``input_ids [B, L]`` (pad id), ``labels [B, L]`` (-100 on padding),
+``attention_mask [B, L]``, ``pixel_values [T, D]`` and ``image_grid_thw [N, 3]`` of all images
+in token order (None without images), ``has_image [S]`` per sample and ``skipped``: the
+``Skipped`` markers of bad samples, removed from the batch and handed on so the main
+process can count them (``SkipStats.update``). Right padding by default (``padding_side``).
+
+Packing (``pack_length=N``): samples go, in order, into the first row with room for them
+(first fit, rows of at most N tokens; a sample longer than N gets a row of its own). Then
+``sample_ids [B, L]`` holds each token's sample index within its row (-1 on padding) and
+``cu_seqlens`` is a list with one int32 tensor ``[S_row + 1]`` per row (sample boundaries,
+the varlen-attention convention that ``packed_mrope_position_ids`` takes) and
+``images_per_row [B]`` splits ``image_grid_thw`` by row. Every sample
+starts with ``<|im_start|>`` (label -100), so no loss term crosses a sample boundary.
+Legend: B rows, L row length, S samples, T image patches, D values per patch, N images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from comp.data.conversation import IGNORE_INDEX
+from comp.data.dataset import Skipped
+
+
+def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sample indices per row: each sample in order into the first row it fits."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        row = next((r for r, free in enumerate(room) if free >= n), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= n
+    return rows
+
+
+def _num_images(sample: dict) -> int:
+    return 0 if sample["image_grid_thw"] is None else len(sample["image_grid_thw"])
+
+
+def _pad_rows(rows: list[torch.Tensor], pad_id: int, ids_key: str, mask_key: str) -> dict:
+    """Right-pad 1-D id tensors into ``[S, L]`` ids and mask."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for k, r in enumerate(rows):
+        ids[k, :len(r)] = r
+        mask[k, :len(r)] = 1
+    return {ids_key: ids, mask_key: mask}
+
+
+@dataclass
+class DataCollator:
+    pad_token_id: int
+    pack_length: int | None = None
+    padding_side: str = "right"
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        if self.pack_length and self.padding_side == "left":
+            raise ValueError("packed rows are right-padded (cu_seqlens start at 0); use padding_side='right'")
+
+    def __call__(self, items: list) -> dict:
+        skipped = [x for x in items if isinstance(x, Skipped)]
+        samples = [x for x in items if not isinstance(x, Skipped)]
+        lengths = [len(s["input_ids"]) for s in samples]
+        rows = first_fit(lengths, self.pack_length) if self.pack_length else [[i] for i in range(len(samples))]
+        order = [i for row in rows for i in row]  # samples in token order
+        width = max((sum(lengths[i] for i in row) for row in rows), default=0)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        sample_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+        cu_seqlens = []
+        for b, row in enumerate(rows):
+            at = width - sum(lengths[i] for i in row) if self.padding_side == "left" else 0
+            bounds = [at]
+            for k, i in enumerate(row):
+                n = lengths[i]
+                input_ids[b, at:at + n] = samples[i]["input_ids"]
+                labels[b, at:at + n] = samples[i]["labels"]
+                sample_ids[b, at:at + n] = k
+                at += n
+                bounds.append(at)
+            cu_seqlens.append(torch.tensor(bounds, dtype=torch.int32))
+        with_images = [samples[i] for i in order if samples[i]["pixel_values"] is not None]
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": (sample_ids >= 0).long(),
+            "pixel_values": torch.cat([s["pixel_values"] for s in with_images]) if with_images else None,
+            "image_grid_thw": torch.cat([s["image_grid_thw"] for s in with_images]) if with_images else None,
+            "has_image": torch.tensor([samples[i]["has_image"] for i in order], dtype=torch.bool),
+            "image_sample_index": torch.repeat_interleave(
+                torch.arange(len(order)),
+                torch.tensor([_num_images(samples[i]) for i in order], dtype=torch.long)),
+            "skipped": skipped,
+        }
+        if all("align_ids" in samples[i] for i in order):
+            batch.update(_pad_rows([samples[i]["align_ids"] for i in order], self.pad_token_id,
+                                   "align_input_ids", "align_attention_mask"))
+        if self.pack_length:
+            batch["sample_ids"] = sample_ids
+            batch["cu_seqlens"] = cu_seqlens
+            batch["images_per_row"] = torch.tensor(
+                [sum(len(samples[i]["image_grid_thw"]) for i in row if samples[i]["has_image"])
+                 for row in rows], dtype=torch.long)
+        return batch

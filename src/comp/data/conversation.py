@@ -1,0 +1,132 @@
+"""Chat messages -> ``input_ids`` and ``labels`` in the Qwen2 chat format of the chat template.
+
+Rendered text, per message: ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; an image item is
+``<|vision_start|><|image_pad|><|vision_end|>`` with the pad repeated once per LLM token of
+that image (after the 2x2 merge). No default system prompt.
+
+Tokenisation is per text run between special tokens, batched: that is exactly how a
+Hugging Face tokenizer splits the full rendered string (specials first, then each run), so
+the ids equal ``tokenizer(rendered_text)`` while the image pads are never tokenised as text.
+Labels: -100 everywhere except the assistant answers and their ``<|im_end|>``. A token is
+supervised when its first character belongs to an answer (a token straddling the
+``assistant\\n`` header and an answer that starts with a newline stays masked).
+
+Truncation rule: a sequence longer than ``max_length`` loses its trailing tokens, only if
+every image span ends within ``max_length``; otherwise the sample is skipped as ``too_long``.
+A sample left with no supervised token is skipped as ``no_supervised_tokens``.
+"""
+from __future__ import annotations
+
+import torch
+
+from comp.data.records import SkipSample
+
+IGNORE_INDEX = -100
+CHAT_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def load_tokenizer(directory):
+    """An LLM tokenizer with the Qwen vision specials appended when it lacks them (the data
+    tools only need the ids; a model using it must resize its embeddings likewise)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in VISION_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return tokenizer
+
+
+def special_ids(tokenizer) -> dict[str, int]:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHAT_SPECIALS}
+    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise ValueError(f"the tokenizer lacks {', '.join(missing)}: add them as special tokens "
+                         "(tokenizer.add_special_tokens) and resize the LLM embeddings")
+    return ids
+
+
+def render_text(messages: list[dict]) -> str:
+    """The chat-template string (one ``<|image_pad|>`` per image), for checks and logs."""
+    out = []
+    for m in messages:
+        body = "".join("<|vision_start|><|image_pad|><|vision_end|>" if p["type"] == "image"
+                       else p["text"] for p in m["content"])
+        out.append(f"<|im_start|>{m['role']}\n{body}<|im_end|>\n")
+    return "".join(out)
+
+
+def _pieces(messages: list[dict], image_token_counts: list[int], ids: dict[str, int]):
+    """Yield ("special", id, supervised), ("image", n) or ("text", str, supervised) in order."""
+    images = iter(image_token_counts)
+    for m in messages:
+        answer = m["role"] == "assistant"
+        yield "special", ids["<|im_start|>"], False
+        yield "text", f"{m['role']}\n", False
+        for p in m["content"]:
+            if p["type"] == "image":
+                yield "image", next(images)
+            else:
+                yield "text", p["text"], answer
+        yield "special", ids["<|im_end|>"], answer
+        yield "text", "\n", False
+
+
+def encode_conversation(tokenizer, messages: list[dict], image_token_counts: list[int], *,
+                        max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [L], labels [L]) int64; raises SkipSample (too_long, no_supervised_tokens)."""
+    ids = special_ids(tokenizer)
+    n_slots = sum(p["type"] == "image" for m in messages for p in m["content"])
+    if n_slots != len(image_token_counts):
+        raise ValueError(f"{n_slots} image items but {len(image_token_counts)} token counts")
+    # Group into runs: maximal text stretches between specials, as the tokenizer splits them.
+    layout: list[tuple] = []  # ("run", k) | ("ids", [id...], supervised)
+    runs: list[list[tuple[str, bool]]] = []
+    for piece in _pieces(messages, image_token_counts, ids):
+        if piece[0] == "text":
+            if not layout or layout[-1][0] != "run":
+                layout.append(("run", len(runs)))
+                runs.append([])
+            runs[layout[-1][1]].append(piece[1:])
+        elif piece[0] == "special":
+            layout.append(("ids", [piece[1]], piece[2]))
+        else:
+            n = piece[1]
+            layout.append(("ids", [ids["<|vision_start|>"]] + [ids["<|image_pad|>"]] * n
+                           + [ids["<|vision_end|>"]], False, "image"))
+    texts = ["".join(t for t, _ in run) for run in runs]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    image_end = 0  # position just after the last image span
+    for item in layout:
+        if item[0] == "ids":
+            input_ids += item[1]
+            labels += item[1] if item[2] else [IGNORE_INDEX] * len(item[1])
+            if len(item) == 4:
+                image_end = len(input_ids)
+            continue
+        k = item[1]
+        bounds, supervised, at = [], [], 0
+        for text, sup in runs[k]:
+            at += len(text)
+            bounds.append(at)
+            supervised.append(sup)
+        frag = 0
+        for tok, (start, _) in zip(enc["input_ids"][k], enc["offset_mapping"][k]):
+            while frag < len(bounds) - 1 and start >= bounds[frag]:
+                frag += 1
+            input_ids.append(tok)
+            labels.append(tok if supervised[frag] else IGNORE_INDEX)
+    truncated = len(input_ids) > max_length
+    if truncated:
+        if image_end > max_length:
+            raise SkipSample("too_long", f"{len(input_ids)} tokens, an image span ends at token "
+                             f"{image_end} > model_max_length {max_length}")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if all(t == IGNORE_INDEX for t in labels):
+        raise SkipSample("no_supervised_tokens", f"no assistant answer within the first {max_length} "
+                         "tokens" if truncated else "the record has no assistant answer")
+    return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)

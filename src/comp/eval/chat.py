@@ -1,0 +1,143 @@
+"""``comp chat MODEL --image PATH --prompt TEXT``: talk to a saved CoMP-MM about images.
+
+With ``--prompt`` one answer is streamed to stdout; without it a REPL reads prompts from
+stdin and keeps the conversation (``/image PATH`` attaches an image to the next prompt,
+``/reset`` starts over, ``/exit`` or end of input quits). The whole history is re-encoded
+each turn, images in the order they were attached, with the CoMP chat template.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from PIL import Image
+from transformers import TextStreamer
+
+from comp.data.image import ImageLoadError, load_image
+from comp.data.processor import CompProcessor
+from comp.models.mllm import CompForConditionalGeneration
+
+END_OF_TURN = "<|im_end|>"
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+    def kwargs(self) -> dict:
+        return dict(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
+                    temperature=self.temperature or 1.0, top_p=self.top_p)
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """End of an assistant turn: ``<|im_end|>``, and the tokenizer's end-of-text."""
+    ids = {tokenizer.convert_tokens_to_ids(END_OF_TURN)}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
+
+
+def load_chat_model(model_dir: str | Path, **image_kwargs) -> tuple[CompForConditionalGeneration, CompProcessor]:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir}: no config.json; expected a CoMP-MM directory "
+                                "(model.save_pretrained + processor.save_pretrained)")
+    model = CompForConditionalGeneration.from_pretrained(model_dir).eval()
+    return model, CompProcessor.from_pretrained(model_dir, **image_kwargs)
+
+
+@dataclass
+class Conversation:
+    """Messages in the processor's format plus the images they refer to, in order."""
+
+    messages: list[dict] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+
+    def add_user(self, text: str, images: list[Image.Image] = ()) -> None:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        self.messages.append({"role": "user", "content": content})
+        self.images += list(images)
+
+    def add_assistant(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+
+
+@torch.no_grad()
+def reply(model: CompForConditionalGeneration, processor: CompProcessor, conversation: Conversation,
+          settings: GenerationSettings, streamer=None, generator: torch.Generator | None = None) -> str:
+    """Generate the assistant's next turn (streamed to ``streamer`` as tokens arrive)."""
+    prompt = processor.apply_chat_template(conversation.messages, add_generation_prompt=True)
+    inputs = processor(prompt, images=conversation.images or None)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    ids = model.generate(**inputs, eos_token_id=stop_ids(processor.tokenizer), streamer=streamer,
+                         generator=generator, **settings.kwargs())
+    return processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def repl(model, processor, settings: GenerationSettings, images: list[Image.Image],
+         stdin: TextIO, stdout: TextIO, generator: torch.Generator | None = None) -> int:
+    """Read prompts until end of input; ``images`` go with the first prompt."""
+    conversation, pending = Conversation(), list(images)
+    while True:
+        print(">>> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            conversation, pending = Conversation(), []
+            continue
+        if text.startswith("/image "):
+            try:
+                pending.append(load_image(text[len("/image "):].strip()))
+            except ImageLoadError as err:
+                print(f"comp chat: {err}", file=sys.stderr)
+            continue
+        conversation.add_user(text, pending)
+        pending = []
+        answer = reply(model, processor, conversation, settings, TextStreamer(
+            processor.tokenizer, skip_special_tokens=True), generator)
+        conversation.add_assistant(answer)
+        stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="comp chat",
+        description="Chat with a saved CoMP-MM about images; streams the answer. Without "
+                    "--prompt: an interactive session reading prompts from stdin.")
+    parser.add_argument("model", type=Path, help="CoMP-MM directory (model + processor)")
+    parser.add_argument("--image", type=Path, action="append", default=[],
+                        help="image for the (first) prompt; repeat for several")
+    parser.add_argument("--prompt", default=None, help="one question; omit for interactive mode")
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_num_vistoken", type=int, default=None,
+                        help="pixel budget per image in merged tokens; default: the saved processor's")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    args = parser.parse_args(argv)
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+    image_kwargs = {} if args.max_num_vistoken is None else {"max_num_vistoken": args.max_num_vistoken}
+    try:
+        images = [load_image(p) for p in args.image]
+        model, processor = load_chat_model(args.model, **image_kwargs)
+    except (ImageLoadError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"comp chat: {err}", file=sys.stderr)
+        return 2
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    if args.prompt is None:
+        return repl(model, processor, settings, images, sys.stdin, sys.stdout, generator)
+    conversation = Conversation()
+    conversation.add_user(args.prompt, images)
+    reply(model, processor, conversation, settings,
+          TextStreamer(processor.tokenizer, skip_special_tokens=True), generator)
+    return 0

@@ -1,0 +1,72 @@
+"""``comp encode VFM IMAGES... --out FILE.safetensors``: native-resolution encoder features.
+
+Per image i (file stem s) the output holds ``{i}/{s}/tokens`` [h*w, D] in raster order (so
+``tokens.view(h, w, D)`` is the patch grid), ``{i}/{s}/pooled`` [D] (their mean) and
+``{i}/{s}/grid_thw`` [3]; the metadata names the files, the model and the settings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from comp.data.image import ImageLoadError
+from comp.eval.features import encode_files, load_encoder
+
+FORMAT = "comp-encode/1"
+
+
+def feature_tensors(paths: list[Path], tokens: list[torch.Tensor],
+                    grid_N3: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The output's tensors, keyed ``{index}/{stem}/{tokens|pooled|grid_thw}``."""
+    out: dict[str, torch.Tensor] = {}
+    for i, (path, tokens_TD) in enumerate(zip(paths, tokens)):
+        key = f"{i}/{path.stem}"
+        out[f"{key}/tokens"] = tokens_TD.contiguous()
+        out[f"{key}/pooled"] = tokens_TD.mean(0)
+        out[f"{key}/grid_thw"] = grid_N3[i].clone()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="comp encode",
+        description="Encode images at native resolution with a vision encoder (HF SigLIP / "
+                    "DINOv2 / AIMv2 or CoMP-VFM directory); write token and pooled features.")
+    parser.add_argument("vfm", type=Path, help="encoder checkpoint directory")
+    parser.add_argument("images", type=Path, nargs="+", help="image files")
+    parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    parser.add_argument("--max_num_vistoken", type=int, default=None,
+                        help="pixel budget per image in merged (2x2) tokens; default: the "
+                             "processor's (1280)")
+    parser.add_argument("--batch_tokens", type=int, default=16384,
+                        help="encoder tokens per forward pass (images are never split)")
+    parser.add_argument("--use_rope", type=int, choices=(0, 1), default=None,
+                        help="2D RoPE on/off; default: the checkpoint's setting")
+    args = parser.parse_args(argv)
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        print(f"comp encode: no such image file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    use_rope = None if args.use_rope is None else bool(args.use_rope)
+    start = time.perf_counter()
+    try:
+        encoder = load_encoder(args.vfm, use_rope=use_rope, max_num_vistoken=args.max_num_vistoken)
+        tokens, grid_N3 = encode_files(encoder, args.images, args.batch_tokens)
+    except (ImageLoadError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"comp encode: {err}", file=sys.stderr)
+        return 2
+    metadata = {"format": FORMAT, "model": str(args.vfm), "order": "raster",
+                "files": json.dumps([str(p) for p in args.images]),
+                "setting": json.dumps(encoder.setting, sort_keys=True)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(feature_tensors(args.images, tokens, grid_N3), args.out, metadata=metadata)
+    total = sum(len(t) for t in tokens)
+    print(f"comp encode: {len(tokens)} images, {total} tokens of width {tokens[0].shape[1]} in "
+          f"{time.perf_counter() - start:.1f} s -> {args.out}")
+    return 0

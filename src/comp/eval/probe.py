@@ -1,0 +1,278 @@
+"""``comp probe VFM --train DIR --val DIR``: frozen-encoder probes on ImageFolder data.
+
+One forward pass per image (cached, see ``features``) feeds three probes:
+- linear: a linear classifier on the mean-pooled features, standardised with train statistics;
+- attentive: the paper's protocol, a learned query cross-attending to the frozen tokens
+  (then LayerNorm + linear), AdamW lr 1e-4, wd 0.05, 10 epochs by default;
+- k-NN: cosine similarity of pooled features, the k (20, or fewer for small sets) nearest
+  training images vote, weighted by exp(sim / 0.07) as in DINO's protocol.
+Everything random draws from the seed, so a seed gives the same accuracies.
+
+Shape legend: N images, B a batch, L tokens (padded), D encoder width, C classes, K neighbours.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from comp.data.image import ImageLoadError
+from comp.eval.features import cached_features, load_encoder, mean_pool
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+PROBES = ("linear", "attentive", "knn")
+KNN_TEMPERATURE = 0.07
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_image_folder(root: str | Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """ImageFolder layout (``root/<class>/<image>``) -> (paths, labels, classes), sorted.
+
+    ``classes`` (the training split's) fixes the label order; a class folder outside it is
+    an error, a class without validation images is allowed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a directory (expected ImageFolder layout root/<class>/<image>)")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not found:
+        raise ValueError(f"{root}: no class folders (expected ImageFolder layout root/<class>/<image>)")
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{root}: class folder(s) {unknown} do not exist in the training split "
+                         f"{classes}; rename or remove them")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for name in found:
+        files = sorted(f for f in (root / name).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        paths += files
+        labels += [classes.index(name)] * len(files)
+    if not paths:
+        raise ValueError(f"{root}: the class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    return paths, labels, classes
+
+
+def pad_tokens(tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Variable-length token sets -> (x_BLD zero-padded, valid_BL)."""
+    length = max(len(t) for t in tokens)
+    x_BLD = tokens[0].new_zeros(len(tokens), length, tokens[0].shape[1])
+    valid_BL = torch.zeros(len(tokens), length, dtype=torch.bool)
+    for i, t in enumerate(tokens):
+        x_BLD[i, : len(t)] = t
+        valid_BL[i, : len(t)] = True
+    return x_BLD, valid_BL
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+class AttentiveProbe(nn.Module):
+    """A learned query cross-attends to the frozen tokens; the pooled vector is classified."""
+
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 8):
+        super().__init__()
+        heads = math.gcd(dim, num_heads)
+        self.norm_in = nn.LayerNorm(dim)
+        self.query_1D = nn.Parameter(torch.zeros(1, dim))
+        nn.init.trunc_normal_(self.query_1D, std=0.02)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_out = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
+        x_BLD = self.norm_in(x_BLD)
+        q_B1D = self.query_1D.expand(len(x_BLD), 1, -1)
+        pooled_B1D, _ = self.attn(q_B1D, x_BLD, x_BLD, key_padding_mask=~valid_BL, need_weights=False)
+        return self.head(self.norm_out(pooled_B1D[:, 0]))
+
+
+class LinearProbe(nn.Module):
+    """Standardisation (train statistics, frozen) + a linear classifier."""
+
+    def __init__(self, mean_D: torch.Tensor, std_D: torch.Tensor, num_classes: int):
+        super().__init__()
+        self.register_buffer("mean_D", mean_D)
+        self.register_buffer("std_D", std_D.clamp_min(1e-6))
+        self.head = nn.Linear(len(mean_D), num_classes)
+
+    def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
+        return self.head((x_BD - self.mean_D) / self.std_D)
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 10
+    lr: float = 1e-4
+    wd: float = 0.05
+    batch_size: int = 32
+    seed: int = 0
+
+
+def fit(model: nn.Module, inputs, labels_N: torch.Tensor, settings: TrainSettings, batch_fn) -> nn.Module:
+    """AdamW, cross-entropy, shuffled mini-batches from a seeded generator.
+    ``batch_fn(inputs, index_B)`` gives the model's positional arguments for a batch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.wd)
+    gen = torch.Generator().manual_seed(settings.seed)
+    model.train()
+    for _ in range(settings.epochs):
+        for index_B in torch.randperm(len(labels_N), generator=gen).split(settings.batch_size):
+            loss = nn.functional.cross_entropy(model(*batch_fn(inputs, index_B)), labels_N[index_B])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs, n: int, batch_fn, batch_size: int = 256) -> torch.Tensor:
+    index = torch.arange(n)
+    return torch.cat([model(*batch_fn(inputs, i)).argmax(-1) for i in index.split(batch_size)])
+
+
+def _pooled_batch(x_ND, index_B):
+    return (x_ND[index_B],)
+
+
+def _token_batch(tokens, index_B):
+    return pad_tokens([tokens[i] for i in index_B.tolist()])
+
+
+def linear_probe(train_ND, train_y, val_ND, num_classes: int, settings: TrainSettings) -> torch.Tensor:
+    torch.manual_seed(settings.seed)
+    model = LinearProbe(train_ND.mean(0), train_ND.std(0, unbiased=False), num_classes)
+    fit(model, train_ND, train_y, settings, _pooled_batch)
+    return predict(model, val_ND, len(val_ND), _pooled_batch)
+
+
+def attentive_probe(train_tokens, train_y, val_tokens, num_classes: int,
+                    settings: TrainSettings) -> torch.Tensor:
+    torch.manual_seed(settings.seed)
+    model = AttentiveProbe(train_tokens[0].shape[1], num_classes)
+    fit(model, train_tokens, train_y, settings, _token_batch)
+    return predict(model, val_tokens, len(val_tokens), _token_batch)
+
+
+def knn_predict(train_ND: torch.Tensor, train_y: torch.Tensor, val_ND: torch.Tensor,
+                num_classes: int, k: int = 20, temperature: float = KNN_TEMPERATURE) -> torch.Tensor:
+    """Cosine k-NN with exp(sim / T) weighted votes; ties go to the lower class index."""
+    k = min(k, len(train_ND))
+    sim_VN = nn.functional.normalize(val_ND, dim=-1) @ nn.functional.normalize(train_ND, dim=-1).T
+    sim_VK, idx_VK = sim_VN.topk(k, dim=-1)
+    votes_VC = torch.zeros(len(val_ND), num_classes, dtype=sim_VK.dtype)
+    votes_VC.scatter_add_(1, train_y[idx_VK], (sim_VK / temperature).exp())
+    return votes_VC.argmax(-1)
+
+
+def top1(pred_N: torch.Tensor, labels_N: torch.Tensor) -> float:
+    return float((pred_N == labels_N).float().mean())
+
+
+def run_probes(train_tokens: list[torch.Tensor], train_y: torch.Tensor, val_tokens: list[torch.Tensor],
+               val_y: torch.Tensor, num_classes: int, probes: list[str], settings: TrainSettings,
+               k: int = 20) -> dict[str, dict]:
+    """Top-1 of each probe in ``probes`` on the given frozen token features."""
+    train_ND, val_ND = mean_pool(train_tokens), mean_pool(val_tokens)
+    results: dict[str, dict] = {}
+    for name in probes:
+        if name == "linear":
+            pred = linear_probe(train_ND, train_y, val_ND, num_classes, settings)
+            results[name] = {"top1": top1(pred, val_y)}
+        elif name == "attentive":
+            pred = attentive_probe(train_tokens, train_y, val_tokens, num_classes, settings)
+            results[name] = {"top1": top1(pred, val_y)}
+        elif name == "knn":
+            pred = knn_predict(train_ND, train_y, val_ND, num_classes, k)
+            results[name] = {"top1": top1(pred, val_y), "k": min(k, len(train_ND))}
+        else:
+            raise ValueError(f"unknown probe {name!r}; choose from {PROBES}")
+    return results
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _resolution(value: str) -> int | None:
+    if value == "native":
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--resolution must be 'native' or a size in pixels, got {value!r}")
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"--resolution must be positive, got {size}")
+    return size
+
+
+def _probe_list(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [n for n in names if n not in PROBES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"--probes takes a comma list of {','.join(PROBES)}, got {value!r}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="comp probe",
+        description="Frozen-encoder probes (linear, attentive pooling, k-NN) on ImageFolder "
+                    "splits; prints top-1 per probe and writes a JSON result.")
+    p.add_argument("vfm", type=Path, help="encoder checkpoint directory (HF or CoMP-VFM)")
+    p.add_argument("--train", type=Path, required=True, help="ImageFolder root of the training split")
+    p.add_argument("--val", type=Path, required=True, help="ImageFolder root of the validation split")
+    p.add_argument("--resolution", type=_resolution, default=None,
+                   help="'native' (default) or N: every image resized to N x N first")
+    p.add_argument("--max_num_vistoken", type=int, default=None,
+                   help="pixel budget per image in merged tokens (native resolution)")
+    p.add_argument("--use_rope", type=int, choices=(0, 1), default=None,
+                   help="2D RoPE on/off; default: the checkpoint's setting")
+    p.add_argument("--probes", type=_probe_list, default=list(PROBES),
+                   help="comma list of linear,attentive,knn (default: all)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--wd", type=float, default=0.05)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--k", type=int, default=20, help="k-NN neighbours (capped at the train size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_tokens", type=int, default=16384, help="encoder tokens per forward pass")
+    p.add_argument("--cache", type=Path, default=None, help="feature cache directory (reused across runs)")
+    p.add_argument("--out", type=Path, default=None, help="JSON result file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = TrainSettings(args.epochs, args.lr, args.wd, args.batch_size, args.seed)
+    start = time.perf_counter()
+    try:
+        train_paths, train_labels, classes = read_image_folder(args.train)
+        val_paths, val_labels, _ = read_image_folder(args.val, classes)
+        encoder = load_encoder(args.vfm, use_rope=None if args.use_rope is None else bool(args.use_rope),
+                               resolution=args.resolution, max_num_vistoken=args.max_num_vistoken)
+        train_tokens, _ = cached_features(encoder, train_paths, args.cache, args.batch_tokens)
+        val_tokens, _ = cached_features(encoder, val_paths, args.cache, args.batch_tokens)
+    except (ImageLoadError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"comp probe: {err}", file=sys.stderr)
+        return 2
+    results = run_probes(train_tokens, torch.tensor(train_labels), val_tokens, torch.tensor(val_labels),
+                         len(classes), args.probes, settings, args.k)
+    for name, res in results.items():
+        print(f"{name:>9}  top-1 {100 * res['top1']:.2f}")
+    report = {"model": str(args.vfm), "train": str(args.train), "val": str(args.val),
+              "resolution": args.resolution or "native", "encoder": encoder.setting,
+              "classes": classes, "n_train": len(train_paths), "n_val": len(val_paths),
+              "chance": 1 / len(classes), "settings": asdict(settings), "results": results,
+              "seconds": round(time.perf_counter() - start, 2)}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
