@@ -121,6 +121,7 @@ def train(model_args: ModelArguments, data_args: DataArguments,
     trainer.save_model(training_args.output_dir)
     if trainer.args.should_save:
         processor.save_pretrained(training_args.output_dir)
+        trainer.state.save_to_json(str(Path(training_args.output_dir) / "trainer_state.json"))
     return trainer
 
 

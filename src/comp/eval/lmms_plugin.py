@@ -1,0 +1,234 @@
+"""lmms-eval model ``comp``: a saved CoMP-MM directory evaluated by lmms-eval (>= 0.7), unforked.
+
+lmms-eval finds external models through the entry-point group ``lmms_eval.models``; the
+project declares ``comp = "comp.eval.lmms_plugin:manifest"`` there (pyproject.toml), so after
+``pip install -e .[eval]``::
+
+    python -m lmms_eval --model comp --model_args pretrained=DIR --tasks ai2d,chartqa
+
+``import comp`` never imports this module (lmms-eval is an optional extra).
+
+Requests are answered with the CoMP chat template: the task's images first in the user turn
+(or at the context's ``<image>`` markers when they match the image count), then its text.
+generate_until is batched (left-padded prompts, grouped by generation settings, greedy
+unless the task's gen_kwargs ask for sampling, cut at the task's ``until`` strings);
+loglikelihood scores the continuation after the assistant prompt, one request at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from PIL import Image
+from tqdm import tqdm
+
+from comp.data.image import load_image, to_rgb
+from comp.data.processor import CompProcessor
+from comp.eval.chat import stop_ids
+from comp.models.mllm import CompForConditionalGeneration
+
+IMAGE_MARKER = "<image>"
+DEFAULT_MAX_NEW_TOKENS = 128
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def manifest():
+    """The entry point lmms-eval loads: model id ``comp`` -> ``CompLMMS``. (Imported here:
+    lmms_eval.models reads the entry points while it is itself being imported.)"""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="comp", simple_class_path=f"{__name__}.CompLMMS")
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def user_content(context: str, num_images: int) -> list[dict]:
+    """One user turn: images at the context's ``<image>`` markers when there is one marker
+    per image, else all images first; remaining markers are dropped."""
+    parts = context.split(IMAGE_MARKER)
+    if num_images and len(parts) - 1 == num_images:
+        content: list[dict] = []
+        for i, text in enumerate(parts):
+            if i:
+                content.append({"type": "image"})
+            if text.strip():
+                content.append({"type": "text", "text": text})
+        return content
+    return [{"type": "image"}] * num_images + [{"type": "text", "text": "".join(parts)}]
+
+
+def generation_settings(gen_kwargs: dict, default_until: list[str]) -> tuple[dict, list[str]]:
+    """A task's gen_kwargs -> (kwargs of CompForConditionalGeneration.generate, until strings).
+    Greedy unless ``do_sample`` or a positive ``temperature`` asks for sampling."""
+    kw = dict(gen_kwargs)
+    until = kw.pop("until", None)
+    if until is None:
+        until = list(default_until)
+    elif isinstance(until, str):
+        until = [until]
+    elif not isinstance(until, (list, tuple)):
+        raise ValueError(f"gen_kwargs['until'] must be a string or a list of strings, got {until!r}")
+    temperature = float(kw.get("temperature") or 0.0)
+    do_sample = bool(kw.get("do_sample", False)) or temperature > 0
+    top_p = kw.get("top_p")
+    settings = {"max_new_tokens": int(kw.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+                "do_sample": do_sample, "temperature": temperature if do_sample and temperature > 0 else 1.0,
+                "top_p": float(top_p) if top_p is not None else 1.0}
+    return settings, [u for u in until if u]
+
+
+def cut_at(text: str, until: list[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    end = min([text.index(u) for u in until if u in text], default=len(text))
+    return text[:end]
+
+
+def batches_by_settings(contexts: list[str], gen_kwargs: list[dict], batch_size: int) -> list[list[int]]:
+    """Request indices grouped by identical gen_kwargs, longest context first inside a
+    group (little padding; memory errors surface on the first batch), cut into batches."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, kw in enumerate(gen_kwargs):
+        groups[json.dumps(kw, sort_keys=True, default=str)].append(i)
+    out: list[list[int]] = []
+    for idx in groups.values():
+        idx.sort(key=lambda i: -len(contexts[i]))
+        out += [idx[s:s + batch_size] for s in range(0, len(idx), batch_size)]
+    return out
+
+
+def as_images(visuals) -> list[Image.Image]:
+    """A doc_to_visual result (None, an image, a path, or a possibly nested list of them)."""
+    if visuals is None:
+        return []
+    if isinstance(visuals, (list, tuple)):
+        return [im for v in visuals for im in as_images(v)]
+    if isinstance(visuals, Image.Image):
+        return [to_rgb(visuals)]
+    if isinstance(visuals, (str, os.PathLike)):
+        return [load_image(visuals)]
+    raise TypeError(f"the comp model reads images (PIL or file paths); the task gave a "
+                    f"{type(visuals).__name__}, e.g. video or audio, which CoMP-MM does not take")
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class CompLMMS(lmms):
+    """lmms-eval wrapper of a saved CoMP-MM directory (model + processor)."""
+
+    is_simple = True
+
+    def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1,
+                 dtype: str = "float32", max_num_vistoken: int | None = None,
+                 system_prompt: str | None = None, max_batch_size: int | None = None, **kwargs) -> None:
+        super().__init__()
+        if kwargs:
+            raise ValueError(f"comp model: unknown model_args {sorted(kwargs)}; known: pretrained, device, "
+                             "batch_size, dtype, max_num_vistoken, system_prompt")
+        if dtype not in DTYPES:
+            raise ValueError(f"comp model: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        path = Path(pretrained)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"comp model: {path} has no config.json; pretrained= must be a saved "
+                                    "CoMP-MM directory (model.save_pretrained + processor.save_pretrained)")
+        self._device = torch.device(device or _default_device())
+        image_kwargs = {} if max_num_vistoken is None else {"max_num_vistoken": int(max_num_vistoken)}
+        self.processor = CompProcessor.from_pretrained(path, **image_kwargs)
+        self.model = CompForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype]).to(self._device).eval()
+        self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 1
+        self.system_prompt = system_prompt
+        self.stop_ids = stop_ids(self.processor.tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _messages(self, context: str, num_images: int) -> list[dict]:
+        messages = [{"role": "user", "content": user_content(context, num_images)}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+    def _doc_images(self, doc_to_visual, doc_id, task, split) -> list[Image.Image]:
+        return as_images(doc_to_visual(self.task_dict[task][split][doc_id]))
+
+    def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        inputs = self.processor(prompts, images=images or None, padding_side="left")
+        return {k: v.to(self._device) for k, v in inputs.items()}
+
+    @torch.no_grad()
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        args = [r.args for r in requests]
+        contexts = [a[0] for a in args]
+        gen_kwargs = [a[1] or {} for a in args]
+        results: list[str | None] = [None] * len(args)
+        bar = tqdm(total=len(args), disable=self.rank != 0, desc="comp: generating")
+        for batch in batches_by_settings(contexts, gen_kwargs, self.batch_size):
+            settings, until = generation_settings(gen_kwargs[batch[0]], [])
+            prompts, images = [], []
+            for i in batch:
+                _, _, doc_to_visual, doc_id, task, split = args[i]
+                doc_images = self._doc_images(doc_to_visual, doc_id, task, split)
+                prompts.append(self.processor.apply_chat_template(
+                    self._messages(contexts[i], len(doc_images)), add_generation_prompt=True))
+                images += doc_images
+            inputs = self._encode(prompts, images)
+            ids = self.model.generate(**inputs, eos_token_id=self.stop_ids, **settings)
+            new_ids = ids[:, inputs["input_ids"].shape[1]:]
+            for i, text in zip(batch, self.processor.batch_decode(new_ids, skip_special_tokens=True)):
+                results[i] = cut_at(text, until).strip()
+                self.cache_hook.add_partial("generate_until", (contexts[i], gen_kwargs[i]), results[i])
+            bar.update(len(batch))
+        bar.close()
+        return results
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """log p(continuation | user turn with the context and images), and whether greedy
+        decoding would produce exactly the continuation's tokens."""
+        results = []
+        for request in tqdm(requests, disable=self.rank != 0, desc="comp: scoring"):
+            context, target, doc_to_visual, doc_id, task, split = request.args
+            continuation = target if isinstance(target, str) else str(target(self.task_dict[task][split][doc_id]))
+            images = self._doc_images(doc_to_visual, doc_id, task, split)
+            prompt = self.processor.apply_chat_template(self._messages(context, len(images)),
+                                                        add_generation_prompt=True)
+            inputs = self._encode([prompt], images)
+            cont_ids = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            if cont_ids.shape[1] == 0:
+                raise ValueError(f"comp model: empty continuation for doc {doc_id} of task {task!r}")
+            cont_1C = cont_ids.to(self._device)
+            input_ids = torch.cat([inputs["input_ids"], cont_1C], 1)
+            logits = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                pixel_values=inputs.get("pixel_values"),
+                                image_grid_thw=inputs.get("image_grid_thw")).logits
+            logp_CV = logits[0, -cont_1C.shape[1] - 1:-1].float().log_softmax(-1)
+            logprob = float(logp_CV.gather(-1, cont_1C[0, :, None]).sum())
+            greedy = bool((logp_CV.argmax(-1) == cont_1C[0]).all())
+            results.append((logprob, greedy))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), (logprob, greedy))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("comp model: multi-round generation is not supported; use tasks "
+                                  "whose output_type is generate_until or multiple_choice/loglikelihood")
+
+
+def _default_device() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"

@@ -1,0 +1,56 @@
+"""The three seed scripts, end to end in smoke mode (tiny checkpoints, toyworld, one CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = {"comp_1b_siglip": ["stage1", "stage2a", "stage2b", "stage3"],
+         "comp_1b_dinov2": ["stage1", "stage2a", "stage2b", "stage3"],
+         "comp_1b_comp_siglip": ["stage1", "stage2", "stage3"]}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke")
+
+
+def _run_script(name: str, workdir: Path) -> str:
+    env = dict(os.environ, COMP_SMOKE="1", COMP_WORKDIR=str(workdir), PYTHON=sys.executable,
+               SMOKE_STEPS="2", OMP_NUM_THREADS="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "comp" / f"{name}.sh")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _state(step_dir: Path) -> dict:
+    return json.loads((step_dir / "trainer_state.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(STEPS))  # in this order: the third needs the first's export
+def test_seed_script_smoke(name, workdir):
+    from comp import CompForConditionalGeneration, CompVisionModel
+
+    _run_script(name, workdir)
+    run = workdir / name
+    for step in STEPS[name]:
+        assert (run / step / "model.safetensors").exists(), f"{name}/{step} left no checkpoint"
+        history = _state(run / step)["log_history"]
+        assert any("lm_loss" in h for h in history), f"{name}/{step} logged no lm_loss"
+    stage1 = CompForConditionalGeneration.from_pretrained(run / "stage1")
+    stage2 = CompForConditionalGeneration.from_pretrained(run / STEPS[name][1])
+    assert stage1.config.vision_config.use_rope == (name == "comp_1b_comp_siglip")
+    assert stage2.config.vision_config.use_rope
+    aligned = [s for s in STEPS[name] if any("align_loss" in h for h in _state(run / s)["log_history"])]
+    assert aligned == ([] if name == "comp_1b_comp_siglip" else ["stage1", "stage2a", "stage2b"])
+    if name != "comp_1b_comp_siglip":
+        vfm = CompVisionModel.from_pretrained(run / "comp-vfm")
+        assert vfm.config.use_rope and vfm.merger is None
