@@ -225,6 +225,7 @@ def timed_steps(model, optimizer, next_batches, steps: int, sync=lambda: None):
                 decomposed_s += time.perf_counter() - start
             else:
                 plain_s += time.perf_counter() - start
+            print("DBG", k, variant, round(time.perf_counter() - start, 3))
         tokens += sum(int(b["attention_mask"].sum()) for b in batches)
         patches += sum(int(b["pixel_values"].shape[0]) for b in batches)
     data_s = clock.seconds["data wait"]

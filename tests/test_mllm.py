@@ -206,3 +206,18 @@ def test_packed_rows_give_the_same_logits_as_unpacked(model, processor, tiny_dir
         n = len(sample["input_ids"])
         torch.testing.assert_close(logits_packed[at:at + n], logits_rows[row, :n], atol=1e-4, rtol=0)
         at += n
+
+
+def test_frozen_encoder_trunk_runs_without_autograd(parts, processor):
+    from comp.train.trainer import set_tunable_parts
+
+    model = CompForConditionalGeneration.from_components(*parts).train()
+    set_tunable_parts(model, ["mm_mlp_adapter"])
+    seen = {}
+    model.visual.encoder.blocks[-1].register_forward_hook(lambda m, i, o: seen.update(trunk=o.requires_grad))
+    model.visual.merger.register_forward_hook(lambda m, i, o: seen.update(merger=o.requires_grad))
+    batch = _training_batch(processor, model)
+    model(**batch).loss.backward()
+    assert seen == {"trunk": False, "merger": True}
+    assert all(p.grad is None for n, p in model.visual.named_parameters() if not n.startswith("merger."))
+    assert all(p.grad is not None for p in model.visual.merger.parameters())

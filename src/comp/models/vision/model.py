@@ -10,6 +10,7 @@ config.json and the source preprocessor_config.json.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -168,6 +169,15 @@ class CompVisionModel(nn.Module):
         return cos, sin
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Per-token features ``[T, D]``, merged ``[T/4, E]`` when a merger is attached. A trunk
+        with no trainable parameter (Stage I) runs without autograd."""
+        trunk_frozen = not any(p.requires_grad for n, p in self.named_parameters() if not n.startswith("merger."))
+        with torch.no_grad() if trunk_frozen and torch.is_grad_enabled() else contextlib.nullcontext():
+            x_TD = self.features(pixel_values, grid_thw)
+        return self.merger(x_TD) if self.merger is not None else x_TD
+
+    def features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The trunk's per-token features ``[T, D]`` (before any merger)."""
         c = self.config
         grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
         self._check_inputs(pixel_values, grids)
@@ -183,7 +193,7 @@ class CompVisionModel(nn.Module):
             x_TD = checkpoint(layer, x_TD, ctx, use_reentrant=False) if ckpt else layer(x_TD, ctx)
         if self._final_norm_name:
             x_TD = getattr(self, self._final_norm_name)(x_TD)
-        return self.merger(x_TD) if self.merger is not None else x_TD
+        return x_TD
 
     # ---------------------------------------------------------------- loading / saving
     @classmethod
