@@ -4,7 +4,8 @@ The training data path as ``comp train`` builds it: ``MixtureDataset`` over the 
 mixture (dense captions + OCR transcripts) with the real ``CompProcessor`` of a tiny SigLIP +
 tiny Qwen2 pair, ``DataCollator``, torch ``DataLoader``. Both loaders read the same samples,
 passes interleaved, best of ``--rounds`` (the CPUs here are shared; the best pass is the least
-disturbed). Wall time includes starting the workers; "steady" leaves out the first batch.
+disturbed). Wall time includes starting the workers; "steady" leaves out the first batch;
+CPU time (all processes) shows what the workers cost on top of the work itself.
 
 A separate single-process pass times each phase of a sample as ``MixtureDataset`` runs it
 (record read + parse, image decode with ``load_image``, the image processor, tokens + labels
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from collections import defaultdict
@@ -42,16 +44,19 @@ PHASES = ("read + parse", "image decode", "processor", "tokens + labels", "colla
 
 
 class PhaseClock:
-    """Seconds per named phase, summed over calls."""
+    """Wall and CPU seconds per named phase, summed over calls. On a shared machine CPU time
+    is the steadier measure (the phases are single-threaded); wall time is the plain one."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu: dict[str, float] = defaultdict(float)
 
     @contextmanager
     def __call__(self, phase: str):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         yield
         self.seconds[phase] += time.perf_counter() - start
+        self.cpu[phase] += time.process_time() - cpu
 
 
 def sample_in_phases(ds: MixtureDataset, i: int, clock: PhaseClock) -> dict:
@@ -87,8 +92,8 @@ def check_same(composed: dict, reference: dict, i: int) -> None:
 
 
 def phase_split(ds: MixtureDataset, collator: DataCollator, indices: list[int],
-                batch_size: int) -> tuple[dict[str, float], float, int]:
-    """(seconds per phase, seconds of the same samples through ``dataset[i]`` + collate,
+                batch_size: int) -> tuple[PhaseClock, float, int]:
+    """(the phase clock, wall seconds of the same samples through ``dataset[i]`` + collate,
     samples) over one single-process pass; every composed sample is checked against ``ds[i]``."""
     clock = PhaseClock()
     samples, direct = [], 0.0
@@ -105,13 +110,20 @@ def phase_split(ds: MixtureDataset, collator: DataCollator, indices: list[int],
         with clock("collate"):
             collator(samples[start:start + batch_size])
     direct += clock.seconds["collate"]
-    return dict(clock.seconds), direct, len(samples)
+    return clock, direct, len(samples)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished (reaped) children, i.e. the workers."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def loader_pass(ds: MixtureDataset, collator: DataCollator, indices: list[int], batch_size: int,
-                workers: int) -> tuple[float, float, int]:
-    """(wall seconds of the whole pass, seconds after the first batch, samples delivered)."""
-    start = time.perf_counter()
+                workers: int) -> tuple[float, float, float, int]:
+    """(wall seconds of the whole pass, wall seconds after the first batch, CPU seconds of all
+    processes, samples delivered). The workers exit (and are reaped) when the pass ends."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     loader = DataLoader(ds, batch_size=batch_size, sampler=indices, num_workers=workers,
                         collate_fn=collator)
     first, delivered = None, 0
@@ -119,8 +131,9 @@ def loader_pass(ds: MixtureDataset, collator: DataCollator, indices: list[int], 
         delivered += len(batch["has_image"]) + len(batch["skipped"])
         if first is None:
             first = time.perf_counter()
+    del loader, batch
     end = time.perf_counter()
-    return end - start, end - first, delivered
+    return end - start, end - first, cpu_seconds() - cpu, delivered
 
 
 def prepare(root: Path, size: str) -> tuple[Path, Path, Path]:
@@ -168,30 +181,36 @@ def main() -> None:
               f"max {args.max_num_vistoken} visual tokens, force_resize {args.force_resize}, "
               f"{cores} CPU cores visible")
 
-        seconds, direct, n = phase_split(ds, collator, indices, args.batch_size)
-        total = sum(seconds.values())
+        clock, direct, n = phase_split(ds, collator, indices, args.batch_size)
+        wall, cpu = sum(clock.seconds.values()), sum(clock.cpu.values())
         print(f"\nper-sample phases (one process, {n} samples, each composed sample == dataset[i]):")
-        print(f"{'phase':18s} {'ms/sample':>10s} {'share':>7s}")
+        print(f"{'phase':18s} {'wall ms':>8s} {'share':>7s} {'CPU ms':>8s} {'share':>7s}")
         for phase in PHASES:
-            print(f"{phase:18s} {1e3 * seconds.get(phase, 0.0) / n:10.3f} {seconds.get(phase, 0.0) / total:7.1%}")
-        print(f"{'sum':18s} {1e3 * total / n:10.3f}")
-        print(f"phases sum / (dataset[i] + collate) {total / direct:.2f}")
-        decode_prep = seconds.get("image decode", 0.0) + seconds.get("processor", 0.0)
-        print(f"image decode + preprocessing share of the per-sample time: {decode_prep / total:.1%}")
+            w, c = clock.seconds.get(phase, 0.0), clock.cpu.get(phase, 0.0)
+            print(f"{phase:18s} {1e3 * w / n:8.3f} {w / wall:7.1%} {1e3 * c / n:8.3f} {c / cpu:7.1%}")
+        print(f"{'sum':18s} {1e3 * wall / n:8.3f} {'':7s} {1e3 * cpu / n:8.3f}")
+        print(f"phases sum / (dataset[i] + collate), wall: {wall / direct:.2f}")
+        shares = [sum(clock_s.get(p, 0.0) for p in ("image decode", "processor")) / total
+                  for clock_s, total in ((clock.seconds, wall), (clock.cpu, cpu))]
+        print(f"image decode + preprocessing share of the per-sample time: {shares[0]:.1%} wall, "
+              f"{shares[1]:.1%} CPU")
 
-        best = {w: [float("inf"), float("inf"), 0] for w in (0, args.workers)}
+        best = {w: [float("inf")] * 3 + [0] for w in (0, args.workers)}
         for _ in range(rounds):
             for w in best:
-                wall, steady, delivered = loader_pass(ds, collator, indices, args.batch_size, w)
-                best[w] = [min(best[w][0], wall), min(best[w][1], steady), delivered]
+                result = loader_pass(ds, collator, indices, args.batch_size, w)
+                best[w] = [min(a, b) for a, b in zip(best[w][:3], result[:3])] + [result[3]]
         batches = -(-len(indices) // args.batch_size)
-        print(f"\n{'DataLoader samples/s':24s} {'wall':>9s} {'steady':>9s}   (best of {rounds}; steady: "
-              f"after the first of {batches} batches)")
-        for w, (wall, steady, delivered) in best.items():
+        print(f"\nDataLoader, best of {rounds} (steady: after the first of {batches} batches; CPU: all "
+              "processes, workers included)")
+        print(f"{'':24s} {'samples/s':>10s} {'steady':>9s} {'CPU ms/sample':>14s}")
+        for w, (wall, steady, cpu, delivered) in best.items():
             after_first = delivered - min(args.batch_size, delivered)
-            print(f"{f'{w} workers':24s} {delivered / wall:9.1f} {after_first / steady if steady else float('nan'):9.1f}")
-        (wall0, steady0, _), (wall_w, steady_w, _) = best[0], best[args.workers]
-        print(f"{f'ratio {args.workers} vs 0 workers':24s} {wall0 / wall_w:8.2f}x {steady0 / steady_w:8.2f}x")
+            print(f"{f'{w} workers':24s} {delivered / wall:10.1f} "
+                  f"{after_first / steady if steady else float('nan'):9.1f} {1e3 * cpu / delivered:14.3f}")
+        (wall0, steady0, cpu0, _), (wall_w, steady_w, cpu_w, _) = best[0], best[args.workers]
+        print(f"{f'ratio {args.workers} vs 0 workers':24s} {wall0 / wall_w:9.2f}x {steady0 / steady_w:8.2f}x "
+              f"{cpu_w / cpu0:13.2f}x")
 
 
 if __name__ == "__main__":

@@ -57,11 +57,15 @@ from transformers import Qwen2Config, Trainer
 
 from comp.data.toyworld import write_toyworld
 from comp.models.alignment import alignment_loss, masked_mean_pool, pool_image_features
-from comp.models.mllm import CompConfig, CompForConditionalGeneration, text_config_from_qwen2
+from comp.models.mllm import (
+    CompConfig,
+    CompForConditionalGeneration,
+    text_config_from_qwen2,
+)
 from comp.models.tiny import write_tiny
 from comp.models.vision.model import CompVisionConfig
-from comp.train.run import build_data, build_model
 from comp.train.args import parse_args
+from comp.train.run import build_data, build_model
 from comp.train.trainer import _NON_MODEL_KEYS, StepCounts, param_groups
 
 PHASES = ("data wait", "vision", "LLM forward", "alignment text pass", "loss: LM",
@@ -98,8 +102,9 @@ def step_counts(batches: list[dict]) -> StepCounts:
     """The Trainer's step-global denominators (CompTrainer._get_num_items_in_batch, one rank)."""
     tokens = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches)
     align = sum(int((b["has_image"] & (b["align_attention_mask"].sum(1) > 0)).sum()) for b in batches)
-    return StepCounts(supervised_tokens=torch.tensor(float(max(tokens, 1)), dtype=torch.float64),
-                      align_samples=torch.tensor(float(max(align, 1)), dtype=torch.float64))
+    device = batches[0]["labels"].device
+    return StepCounts(supervised_tokens=torch.tensor(float(max(tokens, 1)), dtype=torch.float64, device=device),
+                      align_samples=torch.tensor(float(max(align, 1)), dtype=torch.float64, device=device))
 
 
 def model_inputs(batch: dict, counts: StepCounts) -> dict:
@@ -189,31 +194,41 @@ def make_optimizer(model, training_args):
     return cls(groups, **kwargs)
 
 
-def print_split(seconds: dict[str, float], steps: int, plain_s: float, decomposed_s: float,
-                tokens: int, patches: int) -> None:
-    total = sum(seconds.values())
-    print(f"\n{'phase':22s} {'ms/step':>9s} {'share':>7s}")
-    for phase in PHASES:
-        s = seconds.get(phase, 0.0)
-        print(f"{phase:22s} {1e3 * s / steps:9.1f} {s / total:7.1%}")
-    print(f"{'phases sum':22s} {1e3 * total / steps:9.1f}")
-    print(f"{'full step (plain)':22s} {1e3 * plain_s / steps:9.1f}")
-    print(f"phases sum / plain full step: {total / plain_s:.3f}   "
-          f"(phases sum / decomposed step wall: {total / decomposed_s:.3f})")
-    print(f"tokens/s (plain step): {tokens / plain_s:,.0f} LLM tokens/s, {patches / plain_s:,.0f} encoder patches/s "
-          f"({tokens / steps:,.0f} LLM tokens and {patches / steps:,.0f} patches per step)")
+def print_split(steps: list[dict]) -> float:
+    """Per-phase medians over steps (the CPUs here are shared: a median shrugs off the steps
+    another process disturbed) and the ratios; returns the median plain step in seconds."""
+    def median(key: str) -> float:
+        return statistics.median(step.get(key, 0.0) for step in steps)
+
+    phase_s = {phase: median(phase) for phase in PHASES}
+    total = sum(phase_s.values())
+    print(f"\n{'phase':22s} {'ms/step':>9s} {'share':>7s}   (median of {len(steps)} steps)")
+    for phase, s in phase_s.items():
+        print(f"{phase:22s} {1e3 * s:9.1f} {s / total:7.1%}")
+    print(f"{'phases sum':22s} {1e3 * total:9.1f}")
+    print(f"{'full step (plain)':22s} {1e3 * median('plain'):9.1f}")
+    ratio = statistics.median(sum(step[p] for p in PHASES) / step["plain"] for step in steps)
+    overhead = statistics.median(sum(step[p] for p in PHASES) / step["decomposed"] for step in steps)
+    print(f"phases sum / plain full step: {ratio:.3f}   (phases sum / decomposed step wall: {overhead:.3f})")
+    tokens_s = statistics.median(step["tokens"] / step["plain"] for step in steps)
+    patches_s = statistics.median(step["patches"] / step["plain"] for step in steps)
+    print(f"tokens/s (plain step): {tokens_s:,.0f} LLM tokens/s, {patches_s:,.0f} encoder patches/s "
+          f"({median('tokens'):,.0f} LLM tokens and {median('patches'):,.0f} patches per step)")
+    return median("plain")
 
 
-def timed_steps(model, optimizer, next_batches, steps: int, sync=lambda: None):
-    """Run ``steps`` optimizer steps, each twice on the same micro-batches: decomposed and plain."""
-    clock = PhaseClock(sync)
-    plain_s = decomposed_s = 0.0
-    tokens = patches = 0
+def timed_steps(model, optimizer, next_batches, steps: int, sync=lambda: None) -> list[dict]:
+    """Run ``steps`` optimizer steps, each twice on the same micro-batches (decomposed and plain,
+    alternating which goes first). Per step: seconds per phase, ``decomposed`` and ``plain``
+    (full steps, the data wait counted in both), ``tokens`` (LLM, no padding) and ``patches``."""
+    records = []
     for k in range(steps):
+        clock = PhaseClock(sync)
         with clock("data wait"):
             batches = next_batches()
         counts = step_counts(batches)
-        for variant in ("decomposed", "plain")[::1 if k % 2 == 0 else -1]:  # alternate who goes first
+        record = {}
+        for variant in ("decomposed", "plain")[::1 if k % 2 == 0 else -1]:
             sync()
             start = time.perf_counter()
             if variant == "decomposed":
@@ -221,16 +236,11 @@ def timed_steps(model, optimizer, next_batches, steps: int, sync=lambda: None):
             else:
                 plain_step(model, optimizer, batches, counts)
             sync()
-            if variant == "decomposed":
-                decomposed_s += time.perf_counter() - start
-            else:
-                plain_s += time.perf_counter() - start
-            print("DBG", k, variant, round(time.perf_counter() - start, 3))
-        tokens += sum(int(b["attention_mask"].sum()) for b in batches)
-        patches += sum(int(b["pixel_values"].shape[0]) for b in batches)
-    data_s = clock.seconds["data wait"]
-    # the data wait belongs to both variants: count it in each full step
-    return dict(clock.seconds), plain_s + data_s, decomposed_s + data_s, tokens, patches
+            record[variant] = time.perf_counter() - start + clock.seconds["data wait"]
+        record.update(clock.seconds, tokens=sum(int(b["attention_mask"].sum()) for b in batches),
+                      patches=sum(int(b["pixel_values"].shape[0]) for b in batches))
+        records.append(record)
+    return records
 
 
 # ------------------------------------------------------------------------------ smoke setup
@@ -270,6 +280,7 @@ def prepare_assets(root: Path) -> tuple[Path, Path]:
 
 
 def run_smoke(args) -> None:
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
         assets, prior = prepare_assets(args.assets or Path(tmp))
         model_args, data_args, training_args = parse_args(smoke_argv(assets, prior, Path(tmp) / "out"))
@@ -305,9 +316,7 @@ def run_smoke(args) -> None:
         print(f"decomposed losses == model(**batch) losses (max relative difference {worst:.1e})")
         timed_steps(model, optimizer, next_batches, 1 if args.quick else args.warmup)
         steps = 3 if args.quick else args.steps
-        seconds, plain_s, decomposed_s, tokens, patches = timed_steps(model, optimizer, next_batches, steps)
-        print(f"{steps} optimizer steps (after warm-up):")
-        print_split(seconds, steps, plain_s, decomposed_s, tokens, patches)
+        print_split(timed_steps(model, optimizer, next_batches, steps))
 
 
 # ------------------------------------------------------------------------------ real widths
@@ -413,9 +422,9 @@ def run_real_widths(args) -> None:
     batch = synthetic_batch(args.batch_size, args.visual_tokens, args.prompt_tokens, args.answer_tokens,
                             vc.num_channels * vc.patch_size ** 2, "cpu", dtype, gen)
     flops = step_flops(cfg, counts, batch)
-    tokens, patches = int(batch["attention_mask"].sum()), batch["pixel_values"].shape[0]
     print(f"batch: {args.batch_size} samples x {batch['input_ids'].shape[1]} tokens "
-          f"({args.visual_tokens} visual = {merge_grid(args.visual_tokens)} merge windows), {patches:,} patches")
+          f"({args.visual_tokens} visual = {merge_grid(args.visual_tokens)} merge windows), "
+          f"{batch['pixel_values'].shape[0]:,} patches")
     print("model FLOPs per step: " + ", ".join(f"{k} {v / 1e12:,.1f} T" for k, v in flops.items())
           + f"; total {sum(flops.values()) / 1e12:,.1f} TFLOP")
     if args.dry_run:
@@ -437,9 +446,7 @@ def run_real_widths(args) -> None:
     timed_steps(model, optimizer, lambda: [batch], args.warmup, sync)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    seconds, plain_s, decomposed_s, tokens, patches = timed_steps(model, optimizer, lambda: [batch], args.steps, sync)
-    print_split(seconds, args.steps, plain_s, decomposed_s, tokens, patches)
-    step_s = plain_s / args.steps
+    step_s = print_split(timed_steps(model, optimizer, lambda: [batch], args.steps, sync))
     achieved = sum(flops.values()) / step_s
     peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else "n/a (CPU)"
     print(f"step {step_s:.3f} s, {achieved / 1e12:.1f} TFLOP/s model FLOPs, MFU {achieved / (args.peak_tflops * 1e12):.1%} "
@@ -449,13 +456,14 @@ def run_real_widths(args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (smoke 6, real widths 2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (smoke 8, real widths 3)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="smoke: torch threads (1: steadiest on shared CPUs)")
     parser.add_argument("--assets", type=Path, help="smoke: folder holding (or to receive) tiny checkpoints "
                         "and toyworld; default: a temporary folder")
     real = parser.add_argument_group("real widths (SigLIP-So400M + Qwen2.5-0.5B)")
     real.add_argument("--real-widths", action="store_true")
-    real.add_argument("--dry-run", action="store_true", help="build on the meta device, print sizes and FLOPs")
+    real.add_argument("--dry-run", action="store_true", help="real widths on the meta device: sizes and FLOPs only")
     real.add_argument("--device", default="cuda")
     real.add_argument("--dtype", default="bfloat16")
     real.add_argument("--layers", type=int, help="override both layer counts (a CPU check of the code path)")
@@ -466,11 +474,11 @@ def main() -> None:
     real.add_argument("--peak-tflops", type=float, default=777.0)
     real.add_argument("--rtol", type=float, default=2e-2, help="decomposition check tolerance (bf16)")
     args = parser.parse_args()
-    if args.real_widths:
-        args.steps = args.steps or 2
+    if args.real_widths or args.dry_run:
+        args.steps = args.steps or 3
         run_real_widths(args)
     else:
-        args.steps = args.steps or 6
+        args.steps = args.steps or 8
         run_smoke(args)
 
 

@@ -65,7 +65,8 @@ else
   WORD_DIST=${WORD_DIST:-}
   COMMON_FLAGS=(--deepspeed "${DEEPSPEED_CONFIG:-$REPO/scripts/zero3.json}" --bf16 True --tf32 True
                 --num_train_epochs 1 --save_strategy steps --save_steps 1000 --save_total_limit 1
-                --dataloader_num_workers 8 --report_to tensorboard --logging_steps 1)
+                --dataloader_num_workers 8 --logging_steps 1
+                --report_to "$($PY -c 'import tensorboard' 2>/dev/null && echo tensorboard || echo none)")
   scale_batch() { echo "$1"; }
   scale_tokens() { echo "$1"; }
   scale_length() { echo "$1"; }

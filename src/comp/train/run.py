@@ -106,8 +106,6 @@ def resume_point(training_args: CompTrainingArguments) -> str | None:
 def train(model_args: ModelArguments, data_args: DataArguments,
           training_args: CompTrainingArguments) -> CompTrainer:
     transformers.set_seed(training_args.seed)
-    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
-        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     dtype = torch.bfloat16 if training_args.bf16 else None
     model, processor = build_model(model_args, data_args, dtype)
     dataset, collator, sampler = build_data(data_args, processor, training_args)
