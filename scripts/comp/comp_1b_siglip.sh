@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # CoMP-MM-1B with SigLIP-So400M and Qwen2.5-0.5B: Stage I, II-a, II-b, III, then the trained
-# encoder is exported as CoMP-SigLIP. Environment: see scripts/comp/common.sh
-# (COMP_SMOKE=1 runs the same steps on tiny checkpoints and toyworld data on one CPU).
+# encoder is exported as CoMP-SigLIP. comp_1b_dinov2.sh runs these same steps with DINOv2-L
+# (COMP_ENCODER=dinov2). Environment: see scripts/comp/common.sh (COMP_SMOKE=1 runs the same
+# steps on tiny checkpoints and toyworld data on one CPU).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-RUN=${RUN:-comp_1b_siglip}
-VISION=${VISION:-$SIGLIP}
+case ${COMP_ENCODER:-siglip} in
+  siglip) VISION=${VISION:-$SIGLIP}; RUN=${RUN:-comp_1b_siglip} ;;
+  dinov2) VISION=${VISION:-$DINOV2}; RUN=${RUN:-comp_1b_dinov2} ;;
+  *) echo "COMP_ENCODER must be siglip or dinov2, got ${COMP_ENCODER}" >&2; exit 2 ;;
+esac
 ALL=mm_vision_tower,mm_mlp_adapter,mm_language_model,mm_lm_head
 
 run_step stage1 "$STAGE1_DATA" --model_name_or_path "$LLM_VERSION" --custom_visual_model "$VISION" \
