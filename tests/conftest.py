@@ -1,7 +1,6 @@
 """Shared fixtures: tiny checkpoints written by the project (never downloaded)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 QWEN2_TOKENIZER_DIR = SHARED / "tokenizers" / "qwen2"
 WORD_DIST_FIXTURE = SHARED / "fixtures" / "word_dist.pth"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: one thread is fastest, and does not fight other processes for the 2 cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +42,16 @@ def word_dist_fixture():
     if not WORD_DIST_FIXTURE.exists():
         pytest.skip("../shared/fixtures/word_dist.pth is not present")
     return WORD_DIST_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def tiny_mm_dir(tiny_dir, tmp_path_factory):
+    """A saved CoMP-MM directory (model + processor): tiny Qwen2 + tiny SigLIP with C-RoPE."""
+    from comp import CompForConditionalGeneration, CompProcessor
+
+    out = tmp_path_factory.mktemp("comp_mm")
+    parts = tiny_dir("qwen2"), tiny_dir("siglip")  # first: writing them reseeds torch
+    torch.manual_seed(0)  # the merger's initialisation
+    CompForConditionalGeneration.from_components(*parts, use_rope=True).save_pretrained(out)
+    CompProcessor.from_components(*parts, max_num_vistoken=64).save_pretrained(out)
+    return out

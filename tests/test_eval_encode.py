@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +119,20 @@ def test_comp_encode_names_the_bad_file(tiny_dir, tmp_path, capsys):
     broken.write_bytes(b"not an image")
     assert encode.main([str(tiny_dir("siglip")), str(broken), "--out", str(tmp_path / "o.safetensors")]) == 2
     assert "broken.png" in capsys.readouterr().err
+
+
+def test_fixed_resolution_gives_one_grid_for_all_sizes(tiny_dir, photos):
+    encoder = load_encoder(tiny_dir("siglip"), resolution=112)
+    tokens, grid = encode_files(encoder, photos)
+    assert grid.tolist() == [[1, 8, 8]] * len(photos)
+    assert all(t.shape == (64, 32) for t in tokens)
+
+
+def test_comp_command_dispatches_encode(tiny_dir, photos, tmp_path):
+    out = tmp_path / "f.safetensors"
+    cmd = [sys.executable, "-m", "comp", "encode", str(tiny_dir("siglip")), str(photos[0]),
+           "--out", str(out), "--max_num_vistoken", "16"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 0, run.stderr
+    with safe_open(out, "pt") as f:
+        assert sorted(f.keys()) == ["0/chelsea/grid_thw", "0/chelsea/pooled", "0/chelsea/tokens"]

@@ -75,7 +75,7 @@ def test_probes_learn_colour_and_repeat_for_a_seed(tiny_dir, colour_split, tmp_p
     cache = tmp_path / "cache"
     # the paper's lr 1e-4 x 10 epochs assumes ImageNet's 1.28 M images; 320 need more steps
     argv = [str(tiny_dir("siglip")), "--train", str(train), "--val", str(val), "--max_num_vistoken", "64",
-            "--epochs", "30", "--lr", "1e-3", "--seed", "0", "--cache", str(cache)]
+            "--epochs", "15", "--lr", "2e-3", "--seed", "0", "--cache", str(cache)]
     assert probe.main(argv + ["--out", str(tmp_path / "a.json")]) == 0
     printed = capsys.readouterr().out
     assert all(f"{name}  top-1" in printed for name in ("linear", "attentive", "knn"))
@@ -86,22 +86,23 @@ def test_probes_learn_colour_and_repeat_for_a_seed(tiny_dir, colour_split, tmp_p
     assert a["n_train"] == 320 and a["n_val"] == 160 and a["chance"] == 1 / 8
     top1 = {name: r["top1"] for name, r in a["results"].items()}
     assert a["results"]["knn"]["k"] == 20
-    # random tiny encoder, chance 12.5 %: measured linear 34, k-NN 54, attentive 87
+    # random tiny encoder, chance 12.5 %: measured linear 37.5, k-NN 54.4, attentive 88.1
     assert top1["linear"] >= 0.25 and top1["knn"] >= 0.375 and top1["attentive"] >= 0.625, top1
 
 
 def test_knn_is_deterministic_across_forward_passes(tiny_dir, colour_split):
-    encoder = load_encoder(tiny_dir("siglip"), max_num_vistoken=16)
+    encoder = load_encoder(tiny_dir("siglip"), max_num_vistoken=64)
     train_paths, train_y, classes = probe.read_image_folder(colour_split[0])
     val_paths, val_y, _ = probe.read_image_folder(colour_split[1], classes)
-    train_paths, train_y = train_paths[::4], torch.tensor(train_y[::4])
+    train_paths, train_y = train_paths[::2], torch.tensor(train_y[::2])
+    val_paths, val_y = val_paths[::2], val_y[::2]
     preds = []
     for _ in range(2):
         train_tokens, _ = encode_files(encoder, train_paths, batch_tokens=2048)
         val_tokens, _ = encode_files(encoder, val_paths, batch_tokens=2048)
         preds.append(probe.knn_predict(mean_pool(train_tokens), train_y, mean_pool(val_tokens), len(classes)))
     assert torch.equal(preds[0], preds[1])
-    assert probe.top1(preds[0], torch.tensor(val_y)) > 0.25  # chance 0.125
+    assert probe.top1(preds[0], torch.tensor(val_y)) > 0.3  # chance 0.125
 
 
 def test_probe_cli_rejects_bad_arguments(tiny_dir, tmp_path, capsys):

@@ -19,6 +19,7 @@ from transformers import TextStreamer
 
 from comp.data.image import ImageLoadError, load_image
 from comp.data.processor import CompProcessor
+from comp.eval.features import default_device
 from comp.models.mllm import CompForConditionalGeneration
 
 END_OF_TURN = "<|im_end|>"
@@ -43,12 +44,14 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
-def load_chat_model(model_dir: str | Path, **image_kwargs) -> tuple[CompForConditionalGeneration, CompProcessor]:
+def load_chat_model(model_dir: str | Path, device: str | None = None,
+                    **image_kwargs) -> tuple[CompForConditionalGeneration, CompProcessor]:
+    """A saved CoMP-MM (model + processor) on ``device`` (None: CUDA when available)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a CoMP-MM directory "
                                 "(model.save_pretrained + processor.save_pretrained)")
-    model = CompForConditionalGeneration.from_pretrained(model_dir).eval()
+    model = CompForConditionalGeneration.from_pretrained(model_dir).to(device or default_device()).eval()
     return model, CompProcessor.from_pretrained(model_dir, **image_kwargs)
 
 
@@ -81,7 +84,7 @@ def reply(model: CompForConditionalGeneration, processor: CompProcessor, convers
 
 
 def repl(model, processor, settings: GenerationSettings, images: list[Image.Image],
-         stdin: TextIO, stdout: TextIO, generator: torch.Generator | None = None) -> int:
+         stdin: TextIO, generator: torch.Generator | None = None) -> int:
     """Read prompts until end of input; ``images`` go with the first prompt."""
     conversation, pending = Conversation(), list(images)
     while True:
@@ -106,7 +109,6 @@ def repl(model, processor, settings: GenerationSettings, images: list[Image.Imag
         answer = reply(model, processor, conversation, settings, TextStreamer(
             processor.tokenizer, skip_special_tokens=True), generator)
         conversation.add_assistant(answer)
-        stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,18 +126,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_num_vistoken", type=int, default=None,
                         help="pixel budget per image in merged tokens; default: the saved processor's")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0; default: CUDA when available")
     args = parser.parse_args(argv)
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     image_kwargs = {} if args.max_num_vistoken is None else {"max_num_vistoken": args.max_num_vistoken}
     try:
         images = [load_image(p) for p in args.image]
-        model, processor = load_chat_model(args.model, **image_kwargs)
+        model, processor = load_chat_model(args.model, args.device, **image_kwargs)
     except (ImageLoadError, FileNotFoundError, ValueError, OSError) as err:
         print(f"comp chat: {err}", file=sys.stderr)
         return 2
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     if args.prompt is None:
-        return repl(model, processor, settings, images, sys.stdin, sys.stdout, generator)
+        return repl(model, processor, settings, images, sys.stdin, generator)
     conversation = Conversation()
     conversation.add_user(args.prompt, images)
     reply(model, processor, conversation, settings,

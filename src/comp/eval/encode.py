@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="encoder tokens per forward pass (images are never split)")
     parser.add_argument("--use_rope", type=int, choices=(0, 1), default=None,
                         help="2D RoPE on/off; default: the checkpoint's setting")
+    parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0; default: CUDA when available")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     use_rope = None if args.use_rope is None else bool(args.use_rope)
     start = time.perf_counter()
     try:
-        encoder = load_encoder(args.vfm, use_rope=use_rope, max_num_vistoken=args.max_num_vistoken)
+        encoder = load_encoder(args.vfm, use_rope=use_rope, max_num_vistoken=args.max_num_vistoken,
+                               device=args.device)
         tokens, grid_N3 = encode_files(encoder, args.images, args.batch_tokens)
     except (ImageLoadError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"comp encode: {err}", file=sys.stderr)

@@ -36,17 +36,22 @@ class Encoder:
     setting: dict  # what changes the features besides the weights: rope, resolution, budget
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_encoder(vfm_dir: str | Path, *, use_rope: bool | None = None, resolution: int | None = None,
-                 max_num_vistoken: int | None = None) -> Encoder:
+                 max_num_vistoken: int | None = None, device: str | None = None) -> Encoder:
     """An HF SigLIP / DINOv2 / AIMv2 or CoMP-VFM directory as a frozen per-token encoder.
 
     ``resolution`` N resizes every image to N x N first (``force_resize``); None keeps the
     native size inside the ``max_num_vistoken`` budget (merged tokens, the processor's default
     when None). A merger stored in the directory is dropped: probes read the encoder itself.
+    ``device`` None: CUDA when available. Features always come back as float32 on the CPU.
     """
     vfm_dir = Path(vfm_dir)
     model = CompVisionModel.from_pretrained(vfm_dir, use_rope=use_rope, w_merger=0)
-    model.requires_grad_(False)
+    model.requires_grad_(False).to(device or default_device())
     kwargs = {"force_resize": resolution}
     if max_num_vistoken is not None:
         kwargs["max_num_vistoken"] = max_num_vistoken
@@ -62,13 +67,14 @@ def plan_batches(token_counts: list[int], budget: int) -> list[list[int]]:
     if budget < 1:
         raise ValueError(f"the token budget must be positive, got {budget}")
     groups: list[list[int]] = []
-    used = budget + 1  # forces a new group for the first image
+    used = 0
     for i, n in enumerate(token_counts):
-        if used + n > budget:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += n
+        if groups and used + n <= budget:
+            groups[-1].append(i)
+            used += n
+        else:
+            groups.append([i])
+            used = n
     return groups
 
 
@@ -88,11 +94,9 @@ def patch_counts(encoder: Encoder, paths: list[Path]) -> list[int]:
 
 
 @torch.no_grad()
-def encode_files(encoder: Encoder, paths: list[Path], batch_tokens: int = 16384,
-                 progress=None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """-> (tokens per image, each [n_i, D] float32 in raster order; grid_N3).
-
-    ``progress(done, total)`` is called after each batch."""
+def encode_files(encoder: Encoder, paths: list[Path],
+                 batch_tokens: int = 16384) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """-> (tokens per image, each [n_i, D] float32 in raster order; grid_N3)."""
     model, merge = encoder.model, encoder.model.config.merge_size
     tokens: list[torch.Tensor] = []
     grids: list[torch.Tensor] = []
@@ -104,8 +108,6 @@ def encode_files(encoder: Encoder, paths: list[Path], batch_tokens: int = 16384,
         for (_, h, w), part in zip(grid_G3.tolist(), torch.split(feats_TD, lengths)):
             tokens.append(to_raster(part, h, w, merge).float().cpu())
         grids.append(grid_G3)
-        if progress is not None:
-            progress(len(tokens), len(paths))
     return tokens, torch.cat(grids) if grids else torch.zeros(0, 3, dtype=torch.long)
 
 

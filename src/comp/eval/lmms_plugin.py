@@ -12,7 +12,8 @@ Requests are answered with the CoMP chat template: the task's images first in th
 (or at the context's ``<image>`` markers when they match the image count), then its text.
 generate_until is batched (left-padded prompts, grouped by generation settings, greedy
 unless the task's gen_kwargs ask for sampling, cut at the task's ``until`` strings);
-loglikelihood scores the continuation after the assistant prompt, one request at a time.
+loglikelihood scores the continuation after the assistant prompt, one request at a time,
+and returns its negative log-likelihood (lmms-eval's multiple_choice takes the argmin).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
@@ -63,13 +64,14 @@ def user_content(context: str, num_images: int) -> list[dict]:
     return [{"type": "image"}] * num_images + [{"type": "text", "text": "".join(parts)}]
 
 
-def generation_settings(gen_kwargs: dict, default_until: list[str]) -> tuple[dict, list[str]]:
+def generation_settings(gen_kwargs: dict) -> tuple[dict, list[str]]:
     """A task's gen_kwargs -> (kwargs of CompForConditionalGeneration.generate, until strings).
-    Greedy unless ``do_sample`` or a positive ``temperature`` asks for sampling."""
+    Greedy unless ``do_sample`` or a positive ``temperature`` asks for sampling; generation
+    always stops at the end of the assistant turn, ``until`` cuts the text further."""
     kw = dict(gen_kwargs)
     until = kw.pop("until", None)
     if until is None:
-        until = list(default_until)
+        until = []
     elif isinstance(until, str):
         until = [until]
     elif not isinstance(until, (list, tuple)):
@@ -127,6 +129,8 @@ class CompLMMS(lmms):
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1,
                  dtype: str = "float32", max_num_vistoken: int | None = None,
                  system_prompt: str | None = None, max_batch_size: int | None = None, **kwargs) -> None:
+        """``batch_size`` "auto" means 1; ``max_batch_size`` (passed on by lmms-eval's
+        --max_batch_size) has no use here, as batches have a fixed size."""
         super().__init__()
         if kwargs:
             raise ValueError(f"comp model: unknown model_args {sorted(kwargs)}; known: pretrained, device, "
@@ -140,7 +144,8 @@ class CompLMMS(lmms):
         self._device = torch.device(device or _default_device())
         image_kwargs = {} if max_num_vistoken is None else {"max_num_vistoken": int(max_num_vistoken)}
         self.processor = CompProcessor.from_pretrained(path, **image_kwargs)
-        self.model = CompForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype]).to(self._device).eval()
+        model = CompForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+        self.model = model.to(self._device).eval()
         self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 1
         self.system_prompt = system_prompt
         self.stop_ids = stop_ids(self.processor.tokenizer)
@@ -164,6 +169,8 @@ class CompLMMS(lmms):
         return messages
 
     def _doc_images(self, doc_to_visual, doc_id, task, split) -> list[Image.Image]:
+        if doc_to_visual is None:  # a text-only task
+            return []
         return as_images(doc_to_visual(self.task_dict[task][split][doc_id]))
 
     def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
@@ -178,7 +185,7 @@ class CompLMMS(lmms):
         results: list[str | None] = [None] * len(args)
         bar = tqdm(total=len(args), disable=self.rank != 0, desc="comp: generating")
         for batch in batches_by_settings(contexts, gen_kwargs, self.batch_size):
-            settings, until = generation_settings(gen_kwargs[batch[0]], [])
+            settings, until = generation_settings(gen_kwargs[batch[0]])
             prompts, images = [], []
             for i in batch:
                 _, _, doc_to_visual, doc_id, task, split = args[i]
@@ -197,9 +204,16 @@ class CompLMMS(lmms):
         return results
 
     @torch.no_grad()
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """log p(continuation | user turn with the context and images), and whether greedy
-        decoding would produce exactly the continuation's tokens."""
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """(-log p(continuation | user turn with the context and images), whether greedy
+        decoding gives exactly the continuation's tokens) per request.
+
+        Two lmms-eval 0.7.3 conventions shape the result. Its multiple_choice scoring picks
+        the *argmin* of the first numbers (it reads them as losses, as its own LLaVA model
+        returns), so the log-likelihood, summed over the continuation's tokens, is negated.
+        And its evaluator passes every response through ``unwrap_generation_output``, which
+        turns a bare (float, bool) tuple into its string; a GenerationResult's ``text`` is
+        handed on as it is, so each pair travels in one."""
         results = []
         for request in tqdm(requests, disable=self.rank != 0, desc="comp: scoring"):
             context, target, doc_to_visual, doc_id, task, split = request.args
@@ -219,8 +233,8 @@ class CompLMMS(lmms):
             logp_CV = logits[0, -cont_1C.shape[1] - 1:-1].float().log_softmax(-1)
             logprob = float(logp_CV.gather(-1, cont_1C[0, :, None]).sum())
             greedy = bool((logp_CV.argmax(-1) == cont_1C[0]).all())
-            results.append((logprob, greedy))
-            self.cache_hook.add_partial("loglikelihood", (context, continuation), (logprob, greedy))
+            results.append(GenerationResult(text=(-logprob, greedy)))
+            self.cache_hook.add_partial("loglikelihood", (context, continuation), (-logprob, greedy))
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:

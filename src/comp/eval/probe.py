@@ -34,7 +34,8 @@ KNN_TEMPERATURE = 0.07
 # ----------------------------------------------------------------------------- data
 
 
-def read_image_folder(root: str | Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+def read_image_folder(root: str | Path,
+                      classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
     """ImageFolder layout (``root/<class>/<image>``) -> (paths, labels, classes), sorted.
 
     ``classes`` (the training split's) fixes the label order; a class folder outside it is
@@ -244,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20, help="k-NN neighbours (capped at the train size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_tokens", type=int, default=16384, help="encoder tokens per forward pass")
+    p.add_argument("--device", default=None, help="encoder device; default: CUDA when available")
     p.add_argument("--cache", type=Path, default=None, help="feature cache directory (reused across runs)")
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
     return p
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         train_paths, train_labels, classes = read_image_folder(args.train)
         val_paths, val_labels, _ = read_image_folder(args.val, classes)
         encoder = load_encoder(args.vfm, use_rope=None if args.use_rope is None else bool(args.use_rope),
-                               resolution=args.resolution, max_num_vistoken=args.max_num_vistoken)
+                               resolution=args.resolution, max_num_vistoken=args.max_num_vistoken,
+                               device=args.device)
         train_tokens, _ = cached_features(encoder, train_paths, args.cache, args.batch_tokens)
         val_tokens, _ = cached_features(encoder, val_paths, args.cache, args.batch_tokens)
     except (ImageLoadError, FileNotFoundError, ValueError, KeyError) as err:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from .attention import PackedContext, self_attention
+from .mlp import MLP
 from .packing import patch_linear
 from .rope2d import packed_abs_positions
 
@@ -54,17 +54,6 @@ class Attention(nn.Module):
     def forward(self, x_TD: torch.Tensor, ctx: PackedContext) -> torch.Tensor:
         o = self_attention(self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD), self.num_heads, ctx)
         return self.out_proj(o)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = ACT2FN[cfg.hidden_act]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Layer(nn.Module):
