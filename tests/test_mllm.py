@@ -7,7 +7,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from comp import CompForConditionalGeneration, CompProcessor
-from comp.data.processor import ensure_vision_tokens
+from comp.data.conversation import ensure_vision_tokens
 
 
 @pytest.fixture(scope="module")

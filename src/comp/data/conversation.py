@@ -17,6 +17,8 @@ A sample left with no supervised token is skipped as ``no_supervised_tokens``.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from comp.data.records import SkipSample
@@ -24,18 +26,25 @@ from comp.data.records import SkipSample
 IGNORE_INDEX = -100
 CHAT_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "chat_template.jinja"
 
 
-def load_tokenizer(directory):
-    """An LLM tokenizer with the Qwen vision specials appended when it lacks them (the data
-    tools only need the ids; a model using it must resize its embeddings likewise)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+def ensure_vision_tokens(tokenizer) -> list[str]:
+    """Append the Qwen vision special tokens a tokenizer lacks, after its existing ids.
+    Returns the tokens added (a model must resize its embeddings to ``len(tokenizer)``)."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in VISION_TOKENS if t not in vocab]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
+    return missing
+
+
+def load_tokenizer(directory):
+    """An LLM tokenizer with the Qwen vision specials appended when it lacks them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    ensure_vision_tokens(tokenizer)
     return tokenizer
 
 

@@ -11,21 +11,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BatchFeature
 
+from comp.data.conversation import CHAT_TEMPLATE_PATH, ensure_vision_tokens
 from comp.data.image import CompImageProcessor
 
 IMAGE_PAD = "<|image_pad|>"
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", IMAGE_PAD, "<|video_pad|>")
-CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "chat_template.jinja"
-
-
-def ensure_vision_tokens(tokenizer) -> list[str]:
-    """Append the Qwen vision special tokens a tokenizer lacks, after its existing ids.
-    Returns the tokens added (the model must resize its embeddings to ``len(tokenizer)``)."""
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in VISION_TOKENS if t not in vocab]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    return missing
 
 
 class CompProcessor:

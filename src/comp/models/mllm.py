@@ -145,7 +145,7 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         """A CoMP-MM from a Qwen2/Qwen2.5 checkpoint and any directory ``CompVisionModel``
         loads (original SigLIP / DINOv2 / AIMv2 or a CoMP-VFM). The merger starts random.
         The LLM tokenizer gets any missing vision tokens appended (embeddings resized)."""
-        from comp.data.processor import ensure_vision_tokens
+        from comp.data.conversation import ensure_vision_tokens
 
         from transformers import AutoTokenizer
 

@@ -29,7 +29,6 @@ QWEN_SPECIAL_TOKENS = (
     "<|quad_start|>", "<|quad_end|>",
     "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 )
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 # Same pre-tokenisation regex as the real Qwen2 tokenizer.
 QWEN_PRETOKENIZE_REGEX = (
@@ -37,7 +36,6 @@ QWEN_PRETOKENIZE_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "chat_template.jinja"
 
 
 def _vision_dims(seed_image_size: int = 56) -> dict:
@@ -142,6 +140,8 @@ def build_tiny_tokenizer(vocab_size: int = 512):
         tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
         pad_token="<|endoftext|>", unk_token=None, model_max_length=32768,
         clean_up_tokenization_spaces=False, split_special_tokens=False)
+    from comp.data.conversation import CHAT_TEMPLATE_PATH
+
     fast.chat_template = CHAT_TEMPLATE_PATH.read_text()
     return fast
 
