@@ -40,6 +40,9 @@ class CompProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **image_kwargs) -> "CompProcessor":
+        """The processor saved in a CoMP-MM directory (tokenizer + preprocessor config)."""
+        import comp.models.mllm  # noqa: F401  registers the comp config type with AutoConfig
+
         return cls.from_components(directory, directory, **image_kwargs)
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -71,6 +71,12 @@ class CompConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
 
+# AutoConfig / AutoTokenizer read config.json of CoMP directories too (e.g. the tokenizer of a
+# saved CoMP-MM); registered, they know the model type instead of warning about it.
+AutoConfig.register(CompConfig.model_type, CompConfig, exist_ok=True)
+AutoConfig.register(CompVisionConfig.model_type, CompVisionConfig, exist_ok=True)
+
+
 def text_config_from_qwen2(qwen2_config) -> Qwen2VLTextConfig:
     """The M-RoPE text config for a Qwen2/Qwen2.5 LLM (mrope_section scaled to its head dim)."""
     fields = {k: getattr(qwen2_config, k) for k in _QWEN2_FIELDS if hasattr(qwen2_config, k)}
