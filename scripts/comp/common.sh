@@ -23,6 +23,7 @@ PY=${PYTHON:-python}
 
 if [[ "${COMP_SMOKE:-0}" != "0" ]]; then
   SMOKE=1
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # tiny models: one thread is fastest on small CPUs
   SMOKE_STEPS=${SMOKE_STEPS:-3}
   LAUNCHER=${COMP_LAUNCHER:-"$PY -m"}
   ASSETS=$WORKDIR/smoke_assets

@@ -44,7 +44,7 @@ def _num_images(sample: dict) -> int:
     return 0 if sample["image_grid_thw"] is None else len(sample["image_grid_thw"])
 
 
-def _pad_rows(rows: list[torch.Tensor], pad_id: int, ids_key: str, mask_key: str) -> dict:
+def pad_rows(rows: list[torch.Tensor], pad_id: int, ids_key: str, mask_key: str) -> dict:
     """Right-pad 1-D id tensors into ``[S, L]`` ids and mask."""
     width = max((len(r) for r in rows), default=0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -103,7 +103,7 @@ class DataCollator:
             "skipped": skipped,
         }
         if all("align_ids" in samples[i] for i in order):
-            batch.update(_pad_rows([samples[i]["align_ids"] for i in order], self.pad_token_id,
+            batch.update(pad_rows([samples[i]["align_ids"] for i in order], self.pad_token_id,
                                    "align_input_ids", "align_attention_mask"))
         if self.pack_length:
             batch["sample_ids"] = sample_ids
