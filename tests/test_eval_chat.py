@@ -6,9 +6,7 @@ from pathlib import Path
 
 import pytest
 import skimage
-import torch
 
-from comp import CompForConditionalGeneration, CompProcessor
 from comp.data.image import load_image
 from comp.eval import chat
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from comp import CompForConditionalGeneration, CompProcessor
@@ -221,3 +222,23 @@ def test_frozen_encoder_trunk_runs_without_autograd(parts, processor):
     assert seen == {"trunk": False, "merger": True}
     assert all(p.grad is None for n, p in model.visual.named_parameters() if not n.startswith("merger."))
     assert all(p.grad is not None for p in model.visual.merger.parameters())
+
+
+def test_llm_without_vision_tokens_gets_them_and_resized_embeddings(qwen2_tokenizer_dir, tiny_dir, tmp_path):
+    """A Qwen2 LLM whose tokenizer (the real vocabulary, 151,936 entries) has no vision tokens:
+    they are appended after the existing ids and the embedding table grows to match."""
+    from transformers import Qwen2Config
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_tokenizer_dir)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = CompForConditionalGeneration.from_components(tmp_path, tiny_dir("siglip"))
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows == len(tokenizer) + 5 == model.config.text_config.vocab_size
+    assert model.config.image_token_id == len(tokenizer) + 3
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    original = load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(model.get_input_embeddings().weight[:len(tokenizer)], original)

@@ -17,7 +17,6 @@ import transformers
 
 from comp.data.collator import DataCollator
 from comp.data.dataset import MixtureDataset
-from comp.data.image import CompImageProcessor
 from comp.data.processor import CompProcessor
 from comp.data.sampler import ModalityLengthGroupedSampler
 from comp.models.mllm import CompForConditionalGeneration
