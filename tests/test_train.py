@@ -159,3 +159,19 @@ def test_export_vfm_loads_as_encoder_and_as_custom_visual_model(assets, tmp_path
     flags[flags.index("--custom_visual_model") + 1] = str(vfm)
     train(*parse_args(flags))
     assert (again / "model.safetensors").exists()
+
+
+def test_training_stops_with_a_summary_when_too_many_samples_are_bad(assets, tmp_path):
+    from comp.data.dataset import TooManySkips
+    from comp.train.args import parse_args
+    from comp.train.run import train
+
+    records = json.loads((assets["data"] / "data" / "stage1_captions.json").read_text())[:12]
+    for record in records[::2]:
+        record["image"] = "does/not/exist.png"
+    data = tmp_path / "half_bad.json"
+    data.write_text(json.dumps(records))
+    flags = _flags(assets, tmp_path / "out", "--image_folder", str(assets["data"] / "images"), steps=3)
+    flags[flags.index("--data_path") + 1] = str(data)
+    with pytest.raises(TooManySkips, match="missing_image: "):
+        train(*parse_args(flags))

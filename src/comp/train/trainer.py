@@ -26,6 +26,7 @@ from comp.data.dataset import SkipStats
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
+SKIP_VERDICT_SAMPLES = 1000
 CHECKPOINT_PREFIX = "checkpoint-"
 # Batch entries that are bookkeeping, not model inputs.
 _NON_MODEL_KEYS = ("skipped", "has_image", "images_per_row", "sample_ids")
@@ -145,7 +146,9 @@ class CompTrainer(Trainer):
         batches, counts = super().get_batch_samples(epoch_iterator, num_batches, device)
         for batch in batches:
             self.skip_stats.update(len(batch["has_image"]), batch["skipped"])
-        self.skip_stats.check(self.max_skip_fraction)
+        # judged once enough samples were seen, so one early bad batch is no verdict
+        seen_enough = min(SKIP_VERDICT_SAMPLES, len(self.train_dataset))
+        self.skip_stats.check(self.max_skip_fraction, min_samples=seen_enough)
         return batches, counts
 
     def _get_num_items_in_batch(self, batch_samples, device):
@@ -175,6 +178,9 @@ class CompTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counts: StepCounts | None = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
+        if inputs["input_ids"].numel() == 0:  # every sample of this micro-batch was skipped
+            zero = sum(0.0 * p.sum() for p in model.parameters() if p.requires_grad)
+            return (zero, None) if return_outputs else zero
         has_align = _align_mask(inputs)
         model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         if counts is not None:
