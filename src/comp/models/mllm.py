@@ -217,15 +217,16 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         """Merged visual tokens ``[M, D]`` in the order of the image pads."""
         return self.visual(pixel_values.to(self.visual.dtype), image_grid_thw)
 
-    def _dummy_image_features(self) -> torch.Tensor:
-        """Run the encoder on one 2x2-merge-window image so that ranks whose batch has no
-        image still call every vision parameter (ZeRO-3 gathers stay in step)."""
+    def _dummy_image(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Merged features and grid of one 2x2-merge-window image of zeros: a batch without
+        images still calls every vision parameter (and the alignment text pass), so ZeRO-3
+        gathers stay in step across ranks and DDP sees every parameter used."""
         vc = self.config.vision_config
         m = self.config.spatial_merge_size
         pixels = torch.zeros(m * m, vc.num_channels * vc.patch_size ** 2,
                              device=self.lm_head.weight.device, dtype=self.visual.dtype)
         grid = torch.tensor([[1, m, m]], device=pixels.device)
-        return self.visual(pixels, grid)
+        return self.visual(pixels, grid), grid
 
     def _insert_image_features(self, input_ids_BL, embeds_BLD, feats_MD, sample_ids=None):
         mask_BL = input_ids_BL == self.config.image_token_id
@@ -258,13 +259,14 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         step, see comp.train.trainer) instead of averaging over this batch.
         """
         embeds_BLD = self.model.embed_tokens(input_ids)
-        feats_MD = None
+        feats_MD, feats_grid_N3, dummy = None, image_grid_thw, False
         has_pixels = pixel_values is not None and image_grid_thw is not None and image_grid_thw.numel()
         if has_pixels:
             feats_MD = self.image_features(pixel_values, image_grid_thw)
             embeds_BLD = self._insert_image_features(input_ids, embeds_BLD, feats_MD, sample_ids)
         elif self.training and labels is not None:
-            embeds_BLD = embeds_BLD + 0.0 * self._dummy_image_features().sum()
+            (feats_MD, feats_grid_N3), dummy = self._dummy_image(), True
+            embeds_BLD = embeds_BLD + 0.0 * feats_MD.sum()
 
         if cu_seqlens is not None:
             position_ids = self.packed_position_ids(input_ids, image_grid_thw, cu_seqlens)
@@ -285,8 +287,9 @@ class CompForConditionalGeneration(CompPreTrainedModel):
             lm_loss = lm_loss / lm_loss_normalizer
         loss, align = lm_loss, None
         if self.config.use_alignment_loss and align_input_ids is not None:
-            align = self._alignment_term(feats_MD, image_grid_thw, input_ids, image_sample_index,
-                                         align_input_ids, align_attention_mask, align_normalizer)
+            align = self._alignment_term(feats_MD, feats_grid_N3, input_ids, image_sample_index,
+                                         align_input_ids, align_attention_mask, align_normalizer,
+                                         dummy_image=dummy)
             loss = lm_loss + self.config.loss_weight * align
         return CompOutput(loss=loss, lm_loss=lm_loss.detach(),
                           align_loss=None if align is None else align.detach())
@@ -317,11 +320,14 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         return torch.stack(rows, dim=1)
 
     def _alignment_term(self, feats_MD, grid_N3, input_ids_BL, image_sample_index_N,
-                        align_ids_SL, align_mask_SL, normalizer=None) -> torch.Tensor:
+                        align_ids_SL, align_mask_SL, normalizer=None, *,
+                        dummy_image: bool = False) -> torch.Tensor:
+        """Every rank runs the same calls (text pass, gathered prototypes) whether or not its
+        batch has images; with only the dummy image no sample takes part and the term is 0."""
         num_samples = align_ids_SL.shape[0]
-        if feats_MD is None:  # no image in the batch: a zero that still touches the encoder
-            return 0.0 * self._dummy_image_features().sum()
-        if image_sample_index_N is None:
+        if dummy_image:
+            image_sample_index_N = torch.zeros(1, dtype=torch.long, device=grid_N3.device)
+        elif image_sample_index_N is None:
             images_per_row = (input_ids_BL == self.config.vision_start_token_id).sum(1)
             image_sample_index_N = torch.repeat_interleave(
                 torch.arange(input_ids_BL.shape[0], device=input_ids_BL.device), images_per_row)
@@ -329,9 +335,10 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         sample_index_M = torch.repeat_interleave(image_sample_index_N.to(grid_N3.device), tokens_per_image)
         f_v_SD, has_image_S = pool_image_features(feats_MD, sample_index_M, num_samples)
         with torch.no_grad():
-            text_SLD = self.model(input_ids=align_ids_SL, attention_mask=align_mask_SL).last_hidden_state
+            text_SLD = self.model(input_ids=align_ids_SL, attention_mask=align_mask_SL,
+                                  use_cache=False).last_hidden_state
             f_t_SD = masked_mean_pool(text_SLD.float(), align_mask_SL)
-        keep_S = has_image_S & (align_mask_SL.sum(1) > 0).to(has_image_S.device)
+        keep_S = has_image_S & (align_mask_SL.sum(1) > 0).to(has_image_S.device) & (not dummy_image)
         with gathered(self.lm_head.weight):
             mean = alignment_loss(
                 f_v_SD.float(), f_t_SD, self.lm_head.weight[:self.num_prototypes], self._log_prior(), keep_S,
