@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -43,6 +44,12 @@ def _run(args: list[str], *, launcher=(sys.executable, "-m"), timeout=300, check
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _losses(output_dir: Path, key="loss") -> dict[int, float]:
@@ -84,7 +91,7 @@ def test_two_processes_match_one_with_the_same_global_batch(assets, tmp_path):
     _run(["comp.train", *_flags(assets, tmp_path / "one", batch=4)])
     _run(["comp.train", *_flags(assets, tmp_path / "two", "--ddp_backend", "gloo", batch=2)],
          launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", "29533", "-m"))
+                   "--master_port", str(_free_port()), "-m"))
     for key in ("loss", "lm_loss", "align_loss"):
         one, two = _losses(tmp_path / "one", key), _losses(tmp_path / "two", key)
         assert one.keys() == two.keys() == {1, 2, 3, 4}
