@@ -78,7 +78,7 @@ def sample_in_phases(ds: MixtureDataset, i: int, clock: PhaseClock) -> dict:
     with clock("tokens + labels"):
         sample["input_ids"], sample["labels"] = encode_conversation(
             ds.tokenizer, record.messages, counts, max_length=ds.model_max_length)
-        sample["align_ids"] = ds._alignment_text_ids(record, i)
+        sample["align_ids"] = ds.alignment_text_ids(record, i)
     return sample
 
 

@@ -66,7 +66,7 @@ from comp.models.tiny import write_tiny
 from comp.models.vision.model import CompVisionConfig
 from comp.train.args import parse_args
 from comp.train.run import build_data, build_model
-from comp.train.trainer import _NON_MODEL_KEYS, StepCounts, param_groups
+from comp.train.trainer import NON_MODEL_KEYS, StepCounts, param_groups
 
 PHASES = ("data wait", "vision", "LLM forward", "alignment text pass", "loss: LM",
           "loss: alignment", "backward", "optimizer step")
@@ -109,7 +109,7 @@ def step_counts(batches: list[dict]) -> StepCounts:
 
 def model_inputs(batch: dict, counts: StepCounts) -> dict:
     """What CompTrainer.compute_loss passes to the model."""
-    inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     return {**inputs, "lm_loss_normalizer": counts.supervised_tokens, "align_normalizer": counts.align_samples}
 
 
@@ -123,7 +123,7 @@ def decomposed_loss(model: CompForConditionalGeneration, batch: dict, counts: St
     with clock("vision"):
         feats_MD = model.image_features(batch["pixel_values"], grid_N3)
     with clock("LLM forward"):
-        embeds_BLD = model._insert_image_features(ids_BL, model.model.embed_tokens(ids_BL), feats_MD)
+        embeds_BLD = model.insert_image_features(ids_BL, model.model.embed_tokens(ids_BL), feats_MD)
         pos_3BL, _ = model.position_ids(ids_BL, grid_N3, mask_BL)
         hidden_BLD = model.model(inputs_embeds=embeds_BLD, attention_mask=mask_BL, position_ids=pos_3BL,
                                  use_cache=False).last_hidden_state

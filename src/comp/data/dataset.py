@@ -187,10 +187,10 @@ class MixtureDataset(Dataset):
         ids_L, labels_L = encode_conversation(self.tokenizer, record.messages, counts,
                                               max_length=self.model_max_length)
         sample["input_ids"], sample["labels"] = ids_L, labels_L
-        sample["align_ids"] = self._alignment_text_ids(record, position)
+        sample["align_ids"] = self.alignment_text_ids(record, position)
         return sample
 
-    def _alignment_text_ids(self, record: Record, position: int) -> torch.Tensor:
+    def alignment_text_ids(self, record: Record, position: int) -> torch.Tensor:
         """The F_t text of the alignment loss: the answers in a shuffled order, joined with
         spaces. The order depends only on (seed, sample position), so runs and resumes agree
         whatever the workers and ranks."""

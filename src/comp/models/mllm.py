@@ -14,7 +14,6 @@ M merged visual tokens of the batch, N images, S samples (= B unless rows are pa
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +32,6 @@ from comp.models.positions import get_mrope_position_ids, packed_mrope_position_
 from comp.models.tiny import mrope_section_for
 from comp.models.vision.model import CompVisionConfig, CompVisionModel
 from comp.models.weights import load_state_dict
-
-logger = logging.getLogger(__name__)
 
 # Fields of a Qwen2 config that carry over to the M-RoPE text config.
 _QWEN2_FIELDS = (
@@ -228,7 +225,8 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         grid = torch.tensor([[1, m, m]], device=pixels.device)
         return self.visual(pixels, grid), grid
 
-    def _insert_image_features(self, input_ids_BL, embeds_BLD, feats_MD, sample_ids=None):
+    def insert_image_features(self, input_ids_BL, embeds_BLD, feats_MD, sample_ids=None):
+        """Put the merged features into the ``<|image_pad|>`` positions (counts must agree)."""
         mask_BL = input_ids_BL == self.config.image_token_id
         per_row = mask_BL.sum(1)
         if int(per_row.sum()) != feats_MD.shape[0]:
@@ -263,7 +261,7 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         has_pixels = pixel_values is not None and image_grid_thw is not None and image_grid_thw.numel()
         if has_pixels:
             feats_MD = self.image_features(pixel_values, image_grid_thw)
-            embeds_BLD = self._insert_image_features(input_ids, embeds_BLD, feats_MD, sample_ids)
+            embeds_BLD = self.insert_image_features(input_ids, embeds_BLD, feats_MD, sample_ids)
         elif self.training and labels is not None:
             (feats_MD, feats_grid_N3), dummy = self._dummy_image(), True
             embeds_BLD = embeds_BLD + 0.0 * feats_MD.sum()

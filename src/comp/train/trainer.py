@@ -29,7 +29,7 @@ COMPLETE_MARKER = "COMPLETE"
 SKIP_VERDICT_SAMPLES = 1000
 CHECKPOINT_PREFIX = "checkpoint-"
 # Batch entries that are bookkeeping, not model inputs.
-_NON_MODEL_KEYS = ("skipped", "has_image", "images_per_row", "sample_ids")
+NON_MODEL_KEYS = ("skipped", "has_image", "images_per_row", "sample_ids")
 
 
 @dataclass
@@ -182,7 +182,7 @@ class CompTrainer(Trainer):
             zero = sum(0.0 * p.sum() for p in model.parameters() if p.requires_grad)
             return (zero, None) if return_outputs else zero
         has_align = _align_mask(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
         if counts is not None:
             model_inputs["lm_loss_normalizer"] = counts.supervised_tokens
             model_inputs["align_normalizer"] = counts.align_samples

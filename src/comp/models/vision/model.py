@@ -24,6 +24,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PretrainedConfig
 
 from ..merger import PatchMerger
+from ..weights import SINGLE_FILE as WEIGHTS_NAME
+from ..weights import weight_files
 from .attention import BACKENDS, PackedContext
 from .packing import cu_seqlens, insert_first, rowcol_ids
 from .rope2d import rope_cos_sin
@@ -34,7 +36,6 @@ FAMILIES = ("siglip", "dinov2", "aimv2")
 # config.json model_type -> family
 MODEL_TYPES = {"siglip": "siglip", "siglip_vision_model": "siglip", "dinov2": "dinov2",
                "aimv2": "aimv2", "aimv2_vision_model": "aimv2"}
-WEIGHTS_NAME = "model.safetensors"
 PREPROCESSOR_NAME = "preprocessor_config.json"
 
 
@@ -266,25 +267,13 @@ def _set_field(config: CompVisionConfig, key: str, value, path: Path) -> None:
     setattr(config, key, value)
 
 
-def _weight_files(path: Path) -> list[Path]:
-    single = path / WEIGHTS_NAME
-    if single.exists():
-        return [single]
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / s for s in shards]
-    raise FileNotFoundError(f"{path}: no model.safetensors (or sharded index); only safetensors "
-                            "checkpoints are supported")
-
-
 def _read_weights(path: Path, model: CompVisionModel, saved_merger: int | None) -> dict[str, torch.Tensor]:
     """Read exactly the model's parameters, accepting the family's two-tower prefix
     ``vision_model.``; unused checkpoint entries are reported once, missing ones raise."""
     wanted = set(model.state_dict())
     merger_fresh = {k for k in wanted if k.startswith("merger.")} if not saved_merger else set()
     wanted -= merger_fresh
-    files = _weight_files(path)
+    files = weight_files(path)
     on_disk: dict[str, Path] = {}
     for f in files:
         with safe_open(f, "pt") as sf:
