@@ -44,14 +44,15 @@ def _num_images(sample: dict) -> int:
     return 0 if sample["image_grid_thw"] is None else len(sample["image_grid_thw"])
 
 
-def pad_rows(rows: list[torch.Tensor], pad_id: int, ids_key: str, mask_key: str) -> dict:
-    """Right-pad 1-D id tensors into ``[S, L]`` ids and mask."""
+def pad_rows(rows: list, pad_id: int, ids_key: str, mask_key: str, side: str = "right") -> dict:
+    """Pad 1-D id rows (tensors or lists) into ``[S, L]`` ids and mask, on the right or left."""
     width = max((len(r) for r in rows), default=0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for k, r in enumerate(rows):
-        ids[k, :len(r)] = r
-        mask[k, :len(r)] = 1
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[k, span] = torch.as_tensor(r, dtype=torch.long)
+        mask[k, span] = 1
     return {ids_key: ids, mask_key: mask}
 
 

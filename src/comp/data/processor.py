@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, BatchFeature
 
+from comp.data.collator import pad_rows
 from comp.data.conversation import CHAT_TEMPLATE_PATH, ensure_vision_tokens
 from comp.data.image import CompImageProcessor
 
@@ -94,7 +95,8 @@ class CompProcessor:
             raise ValueError(f"{len(tokens_per_image)} images were given but the prompts hold "
                              f"{start} {IMAGE_PAD} placeholders")
         enc = self.tokenizer(expanded, add_special_tokens=False)
-        data.update(_pad(enc["input_ids"], self.tokenizer.pad_token_id, padding_side))
+        data.update(pad_rows(enc["input_ids"], self.tokenizer.pad_token_id, "input_ids",
+                             "attention_mask", side=padding_side))
         return BatchFeature(data, tensor_type=return_tensors)
 
     def batch_decode(self, ids, **kwargs) -> list[str]:
@@ -102,14 +104,3 @@ class CompProcessor:
 
     def decode(self, ids, **kwargs) -> str:
         return self.tokenizer.decode(ids, **kwargs)
-
-
-def _pad(rows: list[list[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return {"input_ids": ids, "attention_mask": mask}
