@@ -128,8 +128,9 @@ def decomposed_loss(model: CompForConditionalGeneration, batch: dict, counts: St
         hidden_BLD = model.model(inputs_embeds=embeds_BLD, attention_mask=mask_BL, position_ids=pos_3BL,
                                  use_cache=False).last_hidden_state
     with clock("loss: LM"):
-        lm_loss = model.lm_head(hidden_BLD, batch["labels"], chunk_size=cfg.lm_loss_chunk_size,
-                                reduction="sum") / counts.supervised_tokens
+        lm_sum, _ = model.lm_head(hidden_BLD, batch["labels"], chunk_size=cfg.lm_loss_chunk_size,
+                                  reduction="sum")
+        lm_loss = lm_sum / counts.supervised_tokens
     align_ids_SL, align_mask_SL = batch["align_input_ids"], batch["align_attention_mask"]
     with clock("alignment text pass"), torch.no_grad():
         text_SLD = model.model(input_ids=align_ids_SL, attention_mask=align_mask_SL).last_hidden_state

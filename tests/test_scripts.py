@@ -1,4 +1,5 @@
-"""The three seed scripts, end to end in smoke mode (tiny checkpoints, toyworld, one CPU)."""
+"""The three seed scripts, end to end in smoke mode (tiny checkpoints, toyworld) with the
+GPU recipe's engine: DeepSpeed ZeRO-3, 2 processes under torchrun, on the CPU."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from runs import REPO, torchrun
 STEPS = {"comp_1b_siglip": ["stage1", "stage2a", "stage2b", "stage3"],
          "comp_1b_dinov2": ["stage1", "stage2a", "stage2b", "stage3"],
          "comp_1b_comp_siglip": ["stage1", "stage2", "stage3"]}
@@ -21,8 +22,10 @@ def workdir(tmp_path_factory):
 
 
 def _run_script(name: str, workdir: Path) -> str:
+    launcher = " ".join(torchrun(2))
     env = dict(os.environ, COMP_SMOKE="1", COMP_WORKDIR=str(workdir), PYTHON=sys.executable,
-               SMOKE_STEPS="2", OMP_NUM_THREADS="1",
+               SMOKE_STEPS="2", OMP_NUM_THREADS="1", COMP_LAUNCHER=launcher,
+               DEEPSPEED_CONFIG=str(REPO / "scripts" / "zero3.json"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "comp" / f"{name}.sh")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=900)
@@ -35,6 +38,7 @@ def _state(step_dir: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.parametrize("name", list(STEPS))  # in this order: the third needs the first's export
 def test_seed_script_smoke(name, workdir):
     from comp import CompForConditionalGeneration, CompVisionModel

@@ -5,11 +5,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +14,7 @@ from safetensors.torch import load_file
 
 from comp.data.toyworld import write_toyworld
 from comp.train.trainer import COMPLETE_MARKER, last_complete_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
+from runs import KILLER, REPO, losses as _losses, run as _run, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +32,6 @@ def _flags(assets, out, *extra, steps=4, batch=4, tunable="mm_vision_tower,mm_ml
             "--max_num_vistoken", "32", "--model_max_length", "512", "--use_rope", "1",
             "--use_alignment_loss", "1", "--report_to", "none", "--use_cpu", "True", "--seed", "3",
             "--dataloader_num_workers", "0", "--save_strategy", "no", *extra]
-
-
-def _run(args: list[str], *, launcher=(sys.executable, "-m"), timeout=300, check=True):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args[:2])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _losses(output_dir: Path, key="loss") -> dict[int, float]:
-    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return {h["step"]: float(h[key]) for h in history if key in h}
 
 
 def test_only_tunable_parts_change(assets, tmp_path):
@@ -90,8 +67,7 @@ def test_two_processes_match_one_with_the_same_global_batch(assets, tmp_path):
     pytest.importorskip("torch.distributed")
     _run(["comp.train", *_flags(assets, tmp_path / "one", batch=4)])
     _run(["comp.train", *_flags(assets, tmp_path / "two", "--ddp_backend", "gloo", batch=2)],
-         launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", str(_free_port()), "-m"))
+         launcher=torchrun(2))
     for key in ("loss", "lm_loss", "align_loss"):
         one, two = _losses(tmp_path / "one", key), _losses(tmp_path / "two", key)
         assert one.keys() == two.keys() == {1, 2, 3, 4}
@@ -99,23 +75,6 @@ def test_two_processes_match_one_with_the_same_global_batch(assets, tmp_path):
             assert abs(one[step] - two[step]) <= 1e-4, (key, step, one[step], two[step])
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from transformers import TrainerCallback
-    from comp.train import run
-
-    class KillAt(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == int(os.environ["KILL_AT_STEP"]):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    original = run.CompTrainer.__init__
-    def init(self, *a, **kw):
-        original(self, *a, **kw)
-        self.add_callback(KillAt())
-    run.CompTrainer.__init__ = init
-    sys.exit(run.main(sys.argv[1:]))
-""")
 
 
 def test_sigkill_and_resume_reproduce_the_uninterrupted_run(assets, tmp_path):

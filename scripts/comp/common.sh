@@ -1,8 +1,11 @@
 # Shared by the three CoMP recipes. Source it, then call `run_step NAME MODEL [flags...]`.
 #
 # Environment (all optional):
-#   COMP_SMOKE=1        smoke mode: tiny random checkpoints + toyworld data, one CPU process,
-#                       a few optimizer steps per stage, same steps and flags otherwise
+#   COMP_SMOKE=1        smoke mode: tiny random checkpoints + toyworld data on the CPU, a few
+#                       optimizer steps per stage, same steps and flags otherwise; one process
+#                       unless COMP_LAUNCHER says more, no DeepSpeed unless DEEPSPEED_CONFIG is
+#                       set (the GPU recipe minus CUDA: COMP_LAUNCHER="torchrun --nproc_per_node 2 -m"
+#                       DEEPSPEED_CONFIG=scripts/zero3.json)
 #   COMP_WORKDIR        where every output goes (default: ./work_dirs)
 #   COMP_DATA_ROOT      root of the seed's data/ tree; the stage YAMLs' json_path entries are
 #                       relative to it (default: the repository root, i.e. ./data/...)
@@ -11,7 +14,7 @@
 #                       e.g. "deepspeed --num_gpus 8 --module", "python -m", "torchrun --nnodes 2 ... -m")
 #   NUM_GPUS            GPUs per node for the default launcher (default 8)
 #   LLM_VERSION         the LLM of Stage I (default Qwen/Qwen2.5-0.5B-Instruct)
-#   DEEPSPEED_CONFIG    default scripts/zero3.json
+#   DEEPSPEED_CONFIG    default scripts/zero3.json (scripts/zero2.json for ZeRO-2)
 #   WORD_DIST           word-frequency prior for the alignment loss (`comp data prior`)
 #   SMOKE_STEPS         optimizer steps per stage in smoke mode (default 3)
 set -euo pipefail
@@ -47,6 +50,7 @@ if [[ "${COMP_SMOKE:-0}" != "0" ]]; then
   # The reference's flags, shrunk to tiny models on one CPU (same steps, same switches).
   COMMON_FLAGS=(--use_cpu True --bf16 False --tf32 False --max_steps "$SMOKE_STEPS"
                 --dataloader_num_workers 0 --save_steps 1000 --report_to none --logging_steps 1)
+  if [[ -n "${DEEPSPEED_CONFIG:-}" ]]; then COMMON_FLAGS+=(--deepspeed "$DEEPSPEED_CONFIG"); fi
   scale_batch() { echo 2; }          # per-device batch
   scale_tokens() { echo 64; }        # max_num_vistoken
   scale_length() { echo 1024; }      # model_max_length

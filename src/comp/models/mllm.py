@@ -13,8 +13,9 @@ M merged visual tokens of the batch, N images, S samples (= B unless rows are pa
 """
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -96,26 +97,23 @@ class CompOutput(ModelOutput):
 
 
 class CompLMHead(nn.Linear):
-    """The LM head; with labels it returns the chunked next-token loss instead of logits.
+    """The LM head. With labels it returns, instead of logits, the losses that read the word
+    embeddings: the chunked next-token loss and, given ``alignment``, the alignment loss,
+    whose prototypes are this weight's rows.
 
-    The loss runs inside this module's forward so that ZeRO-3 gathers ``weight`` for it (and
-    again for its backward) like for any other layer; ``lm_head.weight`` keeps its name."""
+    Both run inside this module's forward because under ZeRO-3 ``weight`` (tied to the input
+    embeddings) is whole only there and in its backward; gathering it anywhere else, even
+    with ``deepspeed.zero.GatheredParameters``, fails. ``lm_head.weight`` keeps its name."""
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None, *,
-                chunk_size: int = 4096, reduction: str = "mean") -> torch.Tensor:
+                chunk_size: int = 4096, reduction: str = "mean",
+                alignment: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """Logits without labels; with labels ``(lm_loss, alignment(weight) or None)``."""
         if labels is None:
             return super().forward(hidden)
-        return chunked_causal_lm_loss(hidden, self.weight, labels, chunk_size=chunk_size,
-                                      reduction=reduction, lm_head_bias_V=self.bias)
-
-
-def gathered(param: torch.Tensor):
-    """Context that makes a ZeRO-3-partitioned parameter whole for a read (no-op otherwise)."""
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters([param], modifier_rank=None)
-    return contextlib.nullcontext()
+        lm_loss = chunked_causal_lm_loss(hidden, self.weight, labels, chunk_size=chunk_size,
+                                         reduction=reduction, lm_head_bias_V=self.bias)
+        return lm_loss, None if alignment is None else alignment(self.weight)
 
 
 class CompPreTrainedModel(PreTrainedModel):
@@ -126,6 +124,14 @@ class CompPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["Qwen2VLDecoderLayer"]
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+        """As transformers', also when ``state_dict`` comes from an engine (DeepSpeed ZeRO-2
+        hands distinct copies of tied tensors, which the de-duplication by storage misses):
+        the tied ``lm_head.weight`` is never written twice, whatever engine saved it."""
+        if state_dict is not None and self.config.tie_word_embeddings:
+            state_dict = {k: v for k, v in state_dict.items() if k not in self._tied_weights_keys}
+        return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
 
 
 class CompForConditionalGeneration(CompPreTrainedModel):
@@ -279,16 +285,17 @@ class CompForConditionalGeneration(CompPreTrainedModel):
             keep = hidden_BLD[:, -logits_to_keep:] if logits_to_keep else hidden_BLD
             return CompOutput(logits=self.lm_head(keep), cache=out.cache, rope_deltas=rope_deltas)
 
-        lm_loss = self.lm_head(hidden_BLD, labels, chunk_size=self.config.lm_loss_chunk_size,
-                               reduction="mean" if lm_loss_normalizer is None else "sum")
+        alignment = None
+        if self.config.use_alignment_loss and align_input_ids is not None:
+            alignment = self._alignment_term(feats_MD, feats_grid_N3, input_ids, image_sample_index,
+                                             align_input_ids, align_attention_mask, align_normalizer,
+                                             dummy_image=dummy)
+        lm_loss, align = self.lm_head(hidden_BLD, labels, chunk_size=self.config.lm_loss_chunk_size,
+                                      reduction="mean" if lm_loss_normalizer is None else "sum",
+                                      alignment=alignment)
         if lm_loss_normalizer is not None:
             lm_loss = lm_loss / lm_loss_normalizer
-        loss, align = lm_loss, None
-        if self.config.use_alignment_loss and align_input_ids is not None:
-            align = self._alignment_term(feats_MD, feats_grid_N3, input_ids, image_sample_index,
-                                         align_input_ids, align_attention_mask, align_normalizer,
-                                         dummy_image=dummy)
-            loss = lm_loss + self.config.loss_weight * align
+        loss = lm_loss if align is None else lm_loss + self.config.loss_weight * align
         return CompOutput(loss=loss, lm_loss=lm_loss.detach(),
                           align_loss=None if align is None else align.detach())
 
@@ -319,9 +326,10 @@ class CompForConditionalGeneration(CompPreTrainedModel):
 
     def _alignment_term(self, feats_MD, grid_N3, input_ids_BL, image_sample_index_N,
                         align_ids_SL, align_mask_SL, normalizer=None, *,
-                        dummy_image: bool = False) -> torch.Tensor:
-        """Every rank runs the same calls (text pass, gathered prototypes) whether or not its
-        batch has images; with only the dummy image no sample takes part and the term is 0."""
+                        dummy_image: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The alignment loss as a function of the word embeddings, for the LM head to call
+        (see CompLMHead). Every rank runs the same calls (text pass, prototypes) whether or not
+        its batch has images; with only the dummy image no sample takes part and the term is 0."""
         num_samples = align_ids_SL.shape[0]
         if dummy_image:
             image_sample_index_N = torch.zeros(1, dtype=torch.long, device=grid_N3.device)
@@ -337,11 +345,13 @@ class CompForConditionalGeneration(CompPreTrainedModel):
                                   use_cache=False).last_hidden_state
             f_t_SD = masked_mean_pool(text_SLD.float(), align_mask_SL)
         keep_S = has_image_S & (align_mask_SL.sum(1) > 0).to(has_image_S.device) & (not dummy_image)
-        with gathered(self.lm_head.weight):
-            mean = alignment_loss(
-                f_v_SD.float(), f_t_SD, self.lm_head.weight[:self.num_prototypes], self._log_prior(), keep_S,
-                embed_temp=self.config.embed_temp, word_eps=self.config.word_eps,
-                iters=self.config.sinkhorn_iters, mode=self.config.prior_mode)
+        return partial(self._alignment_loss, f_v_SD, f_t_SD, keep_S, normalizer)
+
+    def _alignment_loss(self, f_v_SD, f_t_SD, keep_S, normalizer, words_VD) -> torch.Tensor:
+        mean = alignment_loss(
+            f_v_SD.float(), f_t_SD, words_VD[:self.num_prototypes], self._log_prior(), keep_S,
+            embed_temp=self.config.embed_temp, word_eps=self.config.word_eps,
+            iters=self.config.sinkhorn_iters, mode=self.config.prior_mode)
         return mean if normalizer is None else mean * keep_S.sum() / normalizer
 
     def _log_prior(self) -> torch.Tensor:
