@@ -6,7 +6,7 @@ on text alone, logits equal ``Qwen2ForCausalLM``'s. The encoder (with its merger
 ``visual.``; its parameter names are those of the original SigLIP / DINOv2 / AIMv2 checkpoint.
 
 Training returns two losses: next-token prediction over the supervised tokens (chunked, the
-[tokens, vocab] logits are never built) and the alignment loss of comp-method.md section 5.
+[tokens, vocab] logits are never built) and the alignment loss of comp.models.alignment.
 
 Shape legend: B rows, L tokens per row, D LLM width, V vocabulary rows, T encoder patches,
 M merged visual tokens of the batch, N images, S samples (= B unless rows are packed).
