@@ -95,6 +95,7 @@ def test_training_forward_returns_both_losses_and_alignment_grads_stay_in_vision
     torch.manual_seed(0)
     model = CompForConditionalGeneration.from_components(*parts, use_rope=True, use_alignment_loss=True,
                                                          loss_weight=1.0)
+    model.set_word_prior("uniform")
     model.train()
     batch = _training_batch(processor, model)
 
@@ -120,6 +121,7 @@ def test_training_forward_returns_both_losses_and_alignment_grads_stay_in_vision
 
 def test_batch_without_images_still_touches_the_encoder(parts, processor):
     model = CompForConditionalGeneration.from_components(*parts, use_alignment_loss=True).train()
+    model.set_word_prior("uniform")
     prompts = [_prompt(processor, "Hi", 0) + "Hello.<|im_end|>\n"]
     batch = processor(prompts, padding_side="right")
     answers = processor.tokenizer(["Hello."], add_special_tokens=False, return_tensors="pt")
