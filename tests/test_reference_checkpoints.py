@@ -156,3 +156,32 @@ def test_new_merger_is_initialised_as_the_family(tiny_dir, family):
         assert merger.mlp[0].weight.abs().max().item() <= 2 * want_std / 0.87962566103423978 + 1e-6
     assert torch.equal(merger.ln_q.weight, torch.ones_like(merger.ln_q.weight))
     assert torch.count_nonzero(merger.ln_q.bias) == 0
+
+
+def test_encode_probe_and_plugin_take_pos_order(tiny_dir, tmp_path):
+    from comp.eval import encode, probe
+    from comp.eval.features import load_encoder
+
+    path, _ = _released_vfm(tiny_dir, tmp_path, "dinov2", "Dinov2Model")
+    assert load_encoder(path, device="cpu").setting["pos_order"] == "raster"  # detected
+    assert load_encoder(path, device="cpu", pos_order="merge").setting["pos_order"] == "merge"
+    assert probe.build_parser().parse_args(["x", "--train", "a", "--val", "b", "--pos_order", "raster"]).pos_order == "raster"
+    image = tmp_path / "a.png"
+    Image.new("RGB", (56, 84), (10, 200, 10)).save(image)
+    out = tmp_path / "f.safetensors"
+    assert encode.main([str(path), str(image), "--out", str(out), "--pos_order", "merge", "--device", "cpu"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["setting"])["pos_order"] == "merge"
+
+
+def test_plugin_takes_pos_order(tiny_mm_dir):
+    pytest.importorskip("lmms_eval")
+    from comp.eval.lmms_plugin import CompLMMS
+
+    assert CompLMMS(pretrained=str(tiny_mm_dir), device="cpu").model.visual.config.pos_order == "merge"
+    lm = CompLMMS(pretrained=str(tiny_mm_dir), device="cpu", pos_order="raster")
+    assert lm.model.visual.config.pos_order == "raster"
+    with pytest.raises(ValueError, match="pos_order"):
+        CompLMMS(pretrained=str(tiny_mm_dir), device="cpu", pos_order="zigzag")
