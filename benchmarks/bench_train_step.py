@@ -432,7 +432,7 @@ def run_real_widths(args) -> None:
         return
 
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    model.set_word_prior(None)  # uniform prior (random init, no data)
+    model.set_word_prior("uniform")  # uniform prior (random init, no data)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     groups = param_groups(model, lr=2e-5, vision_lr=1e-4, projector_lr=5e-3, weight_decay=0.0)

@@ -166,8 +166,12 @@ def test_real_word_distribution_file(word_dist_fixture):
     counts = load_word_counts(word_dist_fixture)
     assert counts.shape == (151_657,) and counts.sum().item() == 577_775_292
     with pytest.raises(ValueError, match=r"word_dist\.pth: 151657 word counts .* 151936 prototype rows.*pad=True"):
-        log_word_prior(word_dist_fixture, 151_936)
-    log_prior = log_word_prior(word_dist_fixture, 151_936, pad=True)
+        log_word_prior(word_dist_fixture, 151_936, pad=False)
+    with pytest.warns(UserWarning, match="the 279 rows beyond the file count 1"):  # padded unasked
+        log_prior = log_word_prior(word_dist_fixture, 151_936)
+    torch.testing.assert_close(log_prior, log_word_prior(word_dist_fixture, 151_936, pad=True))
+    with pytest.raises(ValueError, match="pad=True"):  # too short to be the same vocabulary
+        log_word_prior(word_dist_fixture, 160_000)
     assert log_prior.shape == (151_936,) and abs(torch.logsumexp(log_prior.double(), 0).item()) < 1e-6
     # The most frequent id (264) gets the largest prior; padded rows share the count-1 value.
     assert int(log_prior.argmax()) == 264
@@ -183,8 +187,9 @@ def test_npy_counts_uniform_fallback_and_bad_files(tmp_path):
     torch.testing.assert_close(log_word_prior(tmp_path / "counts.pt", K), log_word_prior(counts, K))
     with pytest.raises(ValueError, match=r"counts\.pt: 50 word counts .* 40 prototype rows"):
         log_word_prior(tmp_path / "counts.pt", 40, pad=True)
-    with pytest.warns(UserWarning, match="uniform prior"):
-        uniform = log_word_prior(None, K)
+    with pytest.raises(ValueError, match="comp data prior.*--word_dist_path uniform"):
+        log_word_prior(None, K)
+    uniform = log_word_prior("uniform", K)
     torch.testing.assert_close(uniform.exp(), torch.full((K,), 1 / K))
     (tmp_path / "counts.txt").write_text("1 2 3")
     with pytest.raises(ValueError, match=r"counts\.txt: word counts must be"):

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 import comp
 from comp.data.conversation import IGNORE_INDEX, encode_conversation, load_tokenizer, render_text
-from comp.data.records import SkipSample, parse_record
+from comp.data.records import PROMPT_FORMATS, SkipSample, parse_record, prompt_messages
 
 CHAT_TEMPLATE = Path(comp.__file__).parent / "chat_template.jinja"
 VISION = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
@@ -57,10 +57,11 @@ def oracle(tokenizer, text: str):
     return enc["input_ids"], labels
 
 
-def check_exact(tokenizer, name):
+def check_exact(tokenizer, name, prompt_format):
     obj, counts = CASES[name]
-    messages = parse_record(obj, 0).messages
-    assert render_text(messages) == tokenizer.apply_chat_template(messages, tokenize=False)
+    messages = prompt_messages(parse_record(obj, 0).messages, prompt_format)
+    assert render_text(messages) == tokenizer.apply_chat_template(
+        messages, tokenize=False, default_system=prompt_format == "reference")
     ids, labels = encode_conversation(tokenizer, messages, counts, max_length=10_000)
     want_ids, want_labels = oracle(tokenizer, expand_pads(render_text(messages), counts))
     assert ids.tolist() == want_ids
@@ -75,6 +76,8 @@ def check_exact(tokenizer, name):
         else:
             run.append(t)
     answers = [t["value"] for t in obj["conversations"] if t["from"] == "gpt"]
+    if prompt_format == "reference":
+        assert tokenizer.decode(ids).startswith("<|im_start|>system\nYou are a helpful")
     assert [tokenizer.decode(r) for r in runs] == [a.lstrip("\n") + "<|im_end|>" for a in answers] or \
         [tokenizer.decode(r) for r in runs] == [a + "<|im_end|>" for a in answers]
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -82,17 +85,19 @@ def check_exact(tokenizer, name):
     assert all(l == IGNORE_INDEX for t, l in zip(ids.tolist(), labels.tolist()) if t == pad)
 
 
+@pytest.mark.parametrize("prompt_format", PROMPT_FORMATS)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_masks_exact_tiny_tokenizer(tiny_tokenizer, name):
-    check_exact(tiny_tokenizer, name)
+def test_masks_exact_tiny_tokenizer(tiny_tokenizer, name, prompt_format):
+    check_exact(tiny_tokenizer, name, prompt_format)
 
 
+@pytest.mark.parametrize("prompt_format", PROMPT_FORMATS)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_masks_exact_qwen2_vocabulary(qwen2_tokenizer, name):
-    check_exact(qwen2_tokenizer, name)
+def test_masks_exact_qwen2_vocabulary(qwen2_tokenizer, name, prompt_format):
+    check_exact(qwen2_tokenizer, name, prompt_format)
 
 
-def test_literal_layout(tiny_tokenizer):
+def test_literal_layout(tiny_tokenizer):  # the inplace format: parse_record's messages as they are
     messages = parse_record({"image": "a", "conversations": [
         {"from": "human", "value": "<image>hi"}, {"from": "gpt", "value": "ok"}]}, 0).messages
     ids, labels = encode_conversation(tiny_tokenizer, messages, [2], max_length=100)

@@ -44,7 +44,8 @@ def make_mixed(root: Path) -> tuple[Path, dict[str, str | None]]:
         ("bad_aspect", {"image": "sliver.png", "conversations": turn("<image>")}, "unprocessable_image"),
         ("bad_count", {"image": "wide.png", "conversations": turn("<image><image>")}, "placeholder_mismatch"),
         ("bad_shape", {"image": "wide.png", "conversations": "none"}, "malformed_record"),
-        ("bad_long", {"image": "wide.png", "conversations": turn("one two three " * 40 + "<image>")}, "too_long"),
+        ("bad_long", {"image": "wide.png", "conversations": turn("one two three " * 40) + turn("<image>")},
+         "too_long"),  # the image's turn starts after the long one: its span would be cut
         ("bad_unsup", {"image": "wide.png", "conversations": turn("<image>", None)}, "no_supervised_tokens"),
     ]
     lines = [json.dumps({"id": rid, **rec}) for rid, rec, _ in records]
@@ -105,9 +106,9 @@ def test_samples_carry_images_and_labels(mixed, tokenizer, processor):
         assert sample["pixel_values"].shape[0] == int(sample["image_grid_thw"].prod(-1).sum())
     assert not text["has_image"] and text["pixel_values"] is None and text["image_grid_thw"] is None
     assert tokenizer.decode(text["labels"][text["labels"] != -100]) == "hi<|im_end|>"
-    # no placeholder: the image comes right after the user header
+    # no placeholder: the image comes right after the user header (after the default system turn)
     vision_start = tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    assert tokenizer.decode(noph["input_ids"][:5]).endswith("user\n<|vision_start|>")
+    assert "<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|>" in tokenizer.decode(noph["input_ids"])
     assert int((noph["input_ids"] == vision_start).sum()) == 1
 
 

@@ -30,8 +30,12 @@ GEN_MAX_NEW_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def direct(tiny_mm_dir):
-    """The oracle: the saved model used directly, one prompt at a time, no padding."""
-    return (CompForConditionalGeneration.from_pretrained(tiny_mm_dir).eval(), CompProcessor.from_pretrained(tiny_mm_dir))
+    """The oracle: the saved model used directly, one prompt at a time, no padding. The
+    plugin-vs-oracle checks run in the inplace prompt format: the tiny random model's answers
+    after the default system turn are too alike for the mix-up checks (the reference format
+    itself is checked in test_reference_format.py)."""
+    return (CompForConditionalGeneration.from_pretrained(tiny_mm_dir).eval(),
+            CompProcessor.from_pretrained(tiny_mm_dir, prompt_format="inplace"))
 
 
 def _prompt(processor, text: str, num_images: int) -> str:
@@ -43,7 +47,9 @@ def _prompt(processor, text: str, num_images: int) -> str:
 
 
 def test_user_content_places_images_at_matching_markers():
-    assert lmms_plugin.user_content("A <image> B <image>", 2) == [
+    assert lmms_plugin.user_content("A <image> B <image>", 2) == [  # reference: images first
+        {"type": "image"}, {"type": "image"}, {"type": "text", "text": "A  B "}]
+    assert lmms_plugin.user_content("A <image> B <image>", 2, "inplace") == [
         {"type": "text", "text": "A "}, {"type": "image"}, {"type": "text", "text": " B "}, {"type": "image"}]
     assert lmms_plugin.user_content("<image>\nQ?", 2) == [
         {"type": "image"}, {"type": "image"}, {"type": "text", "text": "\nQ?"}]
@@ -102,7 +108,7 @@ def test_comp_is_registered_through_the_entry_point():
 def test_loglikelihood_equals_qwen2_on_text(tiny_mm_dir, tiny_dir, direct):
     """Text-only scoring against transformers' own Qwen2 (the LLM the CoMP-MM was built from);
     the plugin reports negative log-likelihoods, lmms-eval's multiple_choice convention."""
-    lm = lmms_plugin.CompLMMS(pretrained=str(tiny_mm_dir), device="cpu")
+    lm = lmms_plugin.CompLMMS(pretrained=str(tiny_mm_dir), device="cpu", prompt_format="inplace")
     lm.task_dict = {"t": {"test": [{"q": "Is it red?"}]}}
     processor = direct[1]
     context = "Is it red?"
@@ -241,7 +247,7 @@ def test_lmms_eval_cli_scores_a_local_task(tiny_mm_dir, tasks, tmp_path):
     assert len({r["direct"] for r in gen_rows}) >= 3  # the answers differ, so mix-ups would show
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"),
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "comp", "--model_args", f"pretrained={tiny_mm_dir}",
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", "comp", "--model_args", f"pretrained={tiny_mm_dir},prompt_format=inplace",
            "--tasks", "comp_tiny_gen,comp_tiny_mc", "--include_path", str(root), "--batch_size", "3",
            "--output_path", str(tmp_path / "out"), "--log_samples"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

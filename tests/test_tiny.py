@@ -34,7 +34,8 @@ def test_tiny_tokenizer_has_qwen_specials_and_chat_template(tiny_dir):
     text = tok.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
          {"role": "assistant", "content": "A dot."}], tokenize=False)
-    assert text == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n"
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"  # Qwen2-VL's default
+                    "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n"
                     "<|im_start|>assistant\nA dot.<|im_end|>\n")
     ids = tok("the red circle", add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == "the red circle"

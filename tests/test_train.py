@@ -30,7 +30,8 @@ def _flags(assets, out, *extra, steps=4, batch=4, tunable="mm_vision_tower,mm_ml
             "--mm_tunable_parts", tunable, "--learning_rate", "1e-3", "--max_steps", str(steps),
             "--per_device_train_batch_size", str(batch), "--logging_steps", "1",
             "--max_num_vistoken", "32", "--model_max_length", "512", "--use_rope", "1",
-            "--use_alignment_loss", "1", "--report_to", "none", "--use_cpu", "True", "--seed", "3",
+            "--use_alignment_loss", "1", "--word_dist_path", "uniform",
+            "--report_to", "none", "--use_cpu", "True", "--seed", "3",
             "--dataloader_num_workers", "0", "--save_strategy", "no", *extra]
 
 

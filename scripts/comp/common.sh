@@ -81,7 +81,7 @@ fi
 # Reference job template: cosine schedule, 3% warmup, no weight decay, gradient
 # checkpointing, modality-grouped batches.
 TEMPLATE_FLAGS=(--lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.
-                --gradient_checkpointing True --group_by_modality_length True
+                --gradient_checkpointing True --group_by_modality_length True --dataloader_drop_last True
                 --resume_from_checkpoint auto)
 
 # run_step NAME DATA [flags...]: train one step into $WORKDIR/$RUN/NAME.

@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("comp.train.run:main", "train CoMP-MM (flags of the reference scripts)"),
     "export-vfm": ("comp.train.export:main", "write the trained encoder as a standalone CoMP-VFM"),
     "demo": ("comp.train.demo:main", "tiny end-to-end run of the SigLIP recipe with a report"),
-    "data": ("comp.data.cli:main", "data tools: check | prior | toyworld"),
+    "data": ("comp.data.cli:main", "data tools: check | prior | show | toyworld"),
     "chat": ("comp.eval.chat:main", "chat with a CoMP-MM checkpoint about images"),
     "encode": ("comp.eval.encode:main", "native-resolution encoder features to safetensors"),
     "probe": ("comp.eval.probe:main", "frozen-encoder probes (linear, attentive, k-NN)"),

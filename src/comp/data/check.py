@@ -26,7 +26,7 @@ from comp.data.conversation import encode_conversation, load_tokenizer
 from comp.data.dataset import Source, resolve_image_path
 from comp.data.index import JSONSyntaxError
 from comp.data.mixture import MixtureError, load_mixture
-from comp.data.records import SkipSample
+from comp.data.records import SkipSample, prompt_messages
 
 CHUNK_RECORDS = 2000
 MAX_EXAMPLES = 5
@@ -170,10 +170,11 @@ class CheckJob:
         paths = [resolve_image_path(source.spec.image_root, p) for p in record.images]
         counts = [self._image_tokens(p) for p in paths]
         if self.tokenizer is not None:
-            ids_L, _ = encode_conversation(self.tokenizer, record.messages, counts, max_length=1 << 62)
+            messages = prompt_messages(record.messages)  # the default (reference) training format
+            ids_L, _ = encode_conversation(self.tokenizer, messages, counts, max_length=1 << 62)
             if len(ids_L) > self.model_max_length:
                 tally.over_max_length += 1
-                encode_conversation(self.tokenizer, record.messages, counts,
+                encode_conversation(self.tokenizer, messages, counts,
                                     max_length=self.model_max_length)  # raises if it must skip
             tally.sequence_tokens[bucket(len(ids_L))] += 1
             tally.text_tokens[bucket(len(ids_L) - sum(counts))] += 1

@@ -1,4 +1,4 @@
-"""``comp data``: check | prior | toyworld (each module's ``main`` takes the remaining argv)."""
+"""``comp data``: check | prior | show | toyworld (each module's ``main`` takes the remaining argv)."""
 from __future__ import annotations
 
 import importlib
@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "check": ("comp.data.check", "scan a mixture or JSON file and summarise it (errors -> exit 1)"),
     "prior": ("comp.data.prior", "count assistant-answer tokens: the alignment loss's word prior"),
+    "show": ("comp.data.show", "print records as the model sees them (rendered text, supervised spans, tokens)"),
     "toyworld": ("comp.data.toyworld", "write the synthetic toyworld dataset with Stage YAMLs"),
 }
 
@@ -14,7 +15,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "usage: comp data {check,prior,toyworld} [args]\n\n" + "\n".join(
+        usage = "usage: comp data {check,prior,show,toyworld} [args]\n\n" + "\n".join(
             f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
         known = not argv or argv[0] in ("-h", "--help")
         print(usage if known else f"comp data: unknown command {argv[0]!r}\n\n{usage}",

@@ -2,11 +2,14 @@
 
 Rendered text, per message: ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; an image item is
 ``<|vision_start|><|image_pad|><|vision_end|>`` with the pad repeated once per LLM token of
-that image (after the 2x2 merge). No default system prompt.
+that image (after the 2x2 merge). The messages come from ``records.prompt_messages``, which
+adds the default system turn of the reference format; this module renders what it is given.
 
-Tokenisation is per text run between special tokens, batched: that is exactly how a
-Hugging Face tokenizer splits the full rendered string (specials first, then each run), so
-the ids equal ``tokenizer(rendered_text)`` while the image pads are never tokenised as text.
+Tokenisation is per text run between the specials this module writes, batched, through
+``encode_plain_text``: that is how a Hugging Face tokenizer splits the full rendered string
+(specials first, then each run), so the ids equal ``tokenizer(rendered_text)`` for record text
+without special-token strings; a special-token string inside record text (a literal
+``<|image_pad|>``) stays plain text and never becomes a control token.
 Labels: -100 everywhere except the assistant answers and their ``<|im_end|>``. A token is
 supervised when its first character belongs to an answer (a token straddling the
 ``assistant\\n`` header and an answer that starts with a newline stays masked).
@@ -55,6 +58,13 @@ def special_ids(tokenizer) -> dict[str, int]:
         raise ValueError(f"the tokenizer lacks {', '.join(missing)}: add them as special tokens "
                          "(tokenizer.add_special_tokens) and resize the LLM embeddings")
     return ids
+
+
+def encode_plain_text(tokenizer, texts: str | list[str], *, offsets: bool = False):
+    """Token ids of record text, special-token strings in it split as plain text. The one
+    place data text is tokenised (conversations, alignment text, word prior)."""
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
+                     return_offsets_mapping=offsets)
 
 
 def render_text(messages: list[dict]) -> str:
@@ -106,7 +116,7 @@ def encode_conversation(tokenizer, messages: list[dict], image_token_counts: lis
             layout.append(("ids", [ids["<|vision_start|>"]] + [ids["<|image_pad|>"]] * n
                            + [ids["<|vision_end|>"]], False, "image"))
     texts = ["".join(t for t, _ in run) for run in runs]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    enc = encode_plain_text(tokenizer, texts, offsets=True)
     input_ids: list[int] = []
     labels: list[int] = []
     image_end = 0  # position just after the last image span

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from comp.data.conversation import encode_conversation
+from comp.data.conversation import encode_conversation, encode_plain_text
 from comp.data.index import JSONSyntaxError, RecordIndex
 from comp.data.mixture import DatasetSpec, load_mixture, select_indices
-from comp.data.records import SKIP_REASONS, Record, SkipSample, assistant_texts, parse_record
+from comp.data.records import (SKIP_REASONS, Record, SkipSample, assistant_texts, parse_record,
+                               prompt_messages)
 
 log = logging.getLogger(__name__)
 TEXT_BYTES_PER_TOKEN = 4
@@ -133,7 +134,7 @@ class MixtureDataset(Dataset):
 
     def __init__(self, specs: list[DatasetSpec], tokenizer, image_processor, *,
                  model_max_length: int, seed: int = 0, load_image=None,
-                 visual_tokens_per_image: int | None = None):
+                 visual_tokens_per_image: int | None = None, prompt_format: str = "reference"):
         if load_image is None:
             from comp.data.image import load_image
         self.sources = [Source(spec, k, seed) for k, spec in enumerate(specs)]
@@ -142,6 +143,8 @@ class MixtureDataset(Dataset):
         self.seed = seed
         self.load_image = load_image
         self.visual_tokens_per_image = visual_tokens_per_image
+        prompt_messages([], prompt_format)  # validates the name
+        self.prompt_format = prompt_format
         self._ends = np.cumsum([len(s.selected) for s in self.sources])
         self._lengths: np.ndarray | None = None
 
@@ -184,7 +187,8 @@ class MixtureDataset(Dataset):
             grid_N3 = vision["image_grid_thw"]
             counts = (grid_N3.prod(-1) // self.image_processor.merge_size ** 2).tolist()
             sample["pixel_values"], sample["image_grid_thw"] = vision["pixel_values"], grid_N3
-        ids_L, labels_L = encode_conversation(self.tokenizer, record.messages, counts,
+        messages = prompt_messages(record.messages, self.prompt_format)
+        ids_L, labels_L = encode_conversation(self.tokenizer, messages, counts,
                                               max_length=self.model_max_length)
         sample["input_ids"], sample["labels"] = ids_L, labels_L
         sample["align_ids"] = self.alignment_text_ids(record, position)
@@ -197,7 +201,7 @@ class MixtureDataset(Dataset):
         answers = assistant_texts(record)
         order = np.random.default_rng([self.seed, position]).permutation(len(answers))
         text = " ".join(answers[k] for k in order)
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:self.model_max_length]
+        ids = encode_plain_text(self.tokenizer, text)["input_ids"][:self.model_max_length]
         return torch.tensor(ids, dtype=torch.long)
 
     # Lengths for the length-grouped sampler ---------------------------------------------

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from comp.data.check import scan_parallel
-from comp.data.conversation import load_tokenizer
+from comp.data.conversation import encode_plain_text, load_tokenizer
 from comp.data.dataset import Source
 from comp.data.mixture import load_mixture
 from comp.data.records import SkipSample, assistant_texts
@@ -41,7 +41,7 @@ class PriorJob:
                 bad += 1
         counts_V = np.zeros(len(self.tokenizer), dtype=np.int64)
         if texts:
-            ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            ids = encode_plain_text(self.tokenizer, texts)["input_ids"]
             flat = np.fromiter((t for row in ids for t in row), dtype=np.int64)
             counts_V += np.bincount(flat, minlength=len(counts_V))[:len(counts_V)]
         return counts_V, bad

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, BatchFeature
 from comp.data.collator import pad_rows
 from comp.data.conversation import CHAT_TEMPLATE_PATH, ensure_vision_tokens
 from comp.data.image import CompImageProcessor
+from comp.data.records import PROMPT_FORMATS
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -21,12 +22,17 @@ IMAGE_PAD = "<|image_pad|>"
 class CompProcessor:
     """Tokenizer + image processor for CoMP-MM prompts.
 
-    The tokenizer always gets the CoMP chat template (the format of comp-method.md section 4,
-    no default system prompt): an LLM's own template (e.g. Qwen2.5-Instruct's) knows no image
-    items, and training and inference must render prompts identically.
+    The tokenizer always gets the CoMP chat template (Qwen2-VL's rendering, image items as
+    ``<|vision_start|><|image_pad|><|vision_end|>``): an LLM's own template (e.g.
+    Qwen2.5-Instruct's) knows no image items, and training and inference must render prompts
+    identically. ``prompt_format`` "reference" (default) adds Qwen2-VL's default system turn
+    when the messages have none, as the reference trained and evaluated; "inplace" adds none.
     """
 
-    def __init__(self, tokenizer, image_processor: CompImageProcessor):
+    def __init__(self, tokenizer, image_processor: CompImageProcessor, *, prompt_format: str = "reference"):
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        self.prompt_format = prompt_format
         ensure_vision_tokens(tokenizer)
         tokenizer.chat_template = CHAT_TEMPLATE_PATH.read_text()
         self.tokenizer = tokenizer
@@ -34,17 +40,20 @@ class CompProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
     @classmethod
-    def from_components(cls, llm_dir: str | Path, vision_dir: str | Path, **image_kwargs) -> "CompProcessor":
+    def from_components(cls, llm_dir: str | Path, vision_dir: str | Path, *,
+                        prompt_format: str = "reference", **image_kwargs) -> "CompProcessor":
         """Tokenizer of a Qwen2/Qwen2.5 checkpoint + the encoder's image preprocessing."""
         return cls(AutoTokenizer.from_pretrained(llm_dir),
-                   CompImageProcessor.from_pretrained(vision_dir, **image_kwargs))
+                   CompImageProcessor.from_pretrained(vision_dir, **image_kwargs),
+                   prompt_format=prompt_format)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **image_kwargs) -> "CompProcessor":
+    def from_pretrained(cls, directory: str | Path, *, prompt_format: str = "reference",
+                        **image_kwargs) -> "CompProcessor":
         """The processor saved in a CoMP-MM directory (tokenizer + preprocessor config)."""
         import comp.models.mllm  # noqa: F401  registers the comp config type with AutoConfig
 
-        return cls.from_components(directory, directory, **image_kwargs)
+        return cls.from_components(directory, directory, prompt_format=prompt_format, **image_kwargs)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -59,9 +68,11 @@ class CompProcessor:
     def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False,
                             tokenize: bool = False):
         """Render messages whose content is a string or a list of ``{"type": "image"}`` /
-        ``{"type": "text", "text": ...}`` items (one image pad per image, unexpanded)."""
+        ``{"type": "text", "text": ...}`` items (one image pad per image, unexpanded), with the
+        default system turn in the "reference" prompt format."""
         return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize)
+            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize,
+            default_system=self.prompt_format == "reference")
 
     def expand_image_pads(self, text: str, tokens_per_image: list[int]) -> str:
         """Replace the i-th ``<|image_pad|>`` by ``tokens_per_image[i]`` pads."""

@@ -3,7 +3,8 @@
 With ``--prompt`` one answer is streamed to stdout; without it a REPL reads prompts from
 stdin and keeps the conversation (``/image PATH`` attaches an image to the next prompt,
 ``/reset`` starts over, ``/exit`` or end of input quits). The whole history is re-encoded
-each turn, images in the order they were attached, with the CoMP chat template.
+each turn, images in the order they were attached, with the CoMP chat template (the reference
+prompt format with its default system turn; ``--prompt_format inplace`` leaves it out).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from transformers import TextStreamer
 
 from comp.data.image import ImageLoadError, load_image
 from comp.data.processor import CompProcessor
+from comp.data.records import PROMPT_FORMATS
 from comp.eval.features import default_device
 from comp.models.mllm import CompForConditionalGeneration
 
@@ -44,15 +46,15 @@ def stop_ids(tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
-def load_chat_model(model_dir: str | Path, device: str | None = None,
-                    **image_kwargs) -> tuple[CompForConditionalGeneration, CompProcessor]:
+def load_chat_model(model_dir: str | Path, device: str | None = None, *,
+                    prompt_format: str = "reference", **image_kwargs) -> tuple[CompForConditionalGeneration, CompProcessor]:
     """A saved CoMP-MM (model + processor) on ``device`` (None: CUDA when available)."""
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a CoMP-MM directory "
                                 "(model.save_pretrained + processor.save_pretrained)")
     model = CompForConditionalGeneration.from_pretrained(model_dir).to(device or default_device()).eval()
-    return model, CompProcessor.from_pretrained(model_dir, **image_kwargs)
+    return model, CompProcessor.from_pretrained(model_dir, prompt_format=prompt_format, **image_kwargs)
 
 
 @dataclass
@@ -127,12 +129,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="pixel budget per image in merged tokens; default: the saved processor's")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0; default: CUDA when available")
+    parser.add_argument("--prompt_format", choices=PROMPT_FORMATS, default="reference",
+                        help="reference: Qwen2-VL's default system turn as in training (default); "
+                             "inplace: no system turn")
     args = parser.parse_args(argv)
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     image_kwargs = {} if args.max_num_vistoken is None else {"max_num_vistoken": args.max_num_vistoken}
     try:
         images = [load_image(p) for p in args.image]
-        model, processor = load_chat_model(args.model, args.device, **image_kwargs)
+        model, processor = load_chat_model(args.model, args.device, prompt_format=args.prompt_format,
+                                           **image_kwargs)
     except (ImageLoadError, FileNotFoundError, ValueError, OSError) as err:
         print(f"comp chat: {err}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from comp.data.image import ImageLoadError
 from comp.eval.features import encode_files, load_encoder
+from comp.models.vision.model import POS_ORDERS
 
 FORMAT = "comp-encode/1"
 
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="encoder tokens per forward pass (images are never split)")
     parser.add_argument("--use_rope", type=int, choices=(0, 1), default=None,
                         help="2D RoPE on/off; default: the checkpoint's setting")
+    parser.add_argument("--pos_order", choices=POS_ORDERS, default=None,
+                        help="order of the absolute position table: merge, or raster as the "
+                             "reference code trained; default: the checkpoint's (raster when "
+                             "detected as reference-trained)")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0; default: CUDA when available")
     args = parser.parse_args(argv)
     missing = [str(p) for p in args.images if not p.is_file()]
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         encoder = load_encoder(args.vfm, use_rope=use_rope, max_num_vistoken=args.max_num_vistoken,
-                               device=args.device)
+                               device=args.device, pos_order=args.pos_order)
         tokens, grid_N3 = encode_files(encoder, args.images, args.batch_tokens)
     except (ImageLoadError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"comp encode: {err}", file=sys.stderr)

@@ -41,22 +41,26 @@ def default_device() -> str:
 
 
 def load_encoder(vfm_dir: str | Path, *, use_rope: bool | None = None, resolution: int | None = None,
-                 max_num_vistoken: int | None = None, device: str | None = None) -> Encoder:
+                 max_num_vistoken: int | None = None, device: str | None = None,
+                 pos_order: str | None = None) -> Encoder:
     """An HF SigLIP / DINOv2 / AIMv2 or CoMP-VFM directory as a frozen per-token encoder.
 
     ``resolution`` N resizes every image to N x N first (``force_resize``); None keeps the
     native size inside the ``max_num_vistoken`` budget (merged tokens, the processor's default
     when None). A merger stored in the directory is dropped: probes read the encoder itself.
-    ``device`` None: CUDA when available. Features always come back as float32 on the CPU.
+    ``device`` None: CUDA when available. ``pos_order`` None: the directory's (raster for a
+    detected reference-trained encoder). Features always come back as float32 on the CPU.
     """
     vfm_dir = Path(vfm_dir)
-    model = CompVisionModel.from_pretrained(vfm_dir, use_rope=use_rope, w_merger=0)
+    overrides = {} if pos_order is None else {"pos_order": pos_order}
+    model = CompVisionModel.from_pretrained(vfm_dir, use_rope=use_rope, w_merger=0, **overrides)
     model.requires_grad_(False).to(device or default_device())
     kwargs = {"force_resize": resolution}
     if max_num_vistoken is not None:
         kwargs["max_num_vistoken"] = max_num_vistoken
     processor = CompImageProcessor.from_pretrained(vfm_dir, **kwargs)
-    setting = {"use_rope": bool(model.config.use_rope), "resolution": resolution,
+    setting = {"use_rope": bool(model.config.use_rope), "pos_order": model.config.pos_order,
+               "resolution": resolution,
                "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels}
     return Encoder(model, processor, vfm_dir, setting)
 

@@ -8,8 +8,11 @@ project declares ``comp = "comp.eval.lmms_plugin:manifest"`` there (pyproject.to
 
 ``import comp`` never imports this module (lmms-eval is an optional extra).
 
-Requests are answered with the CoMP chat template: the task's images first in the user turn
-(or at the context's ``<image>`` markers when they match the image count), then its text.
+Requests are answered with the CoMP chat template in the reference's evaluation format
+(``prompt_format=reference``, default): Qwen2-VL's default system turn, the task's images
+first in the user turn, then its text with the ``<image>`` markers removed.
+``prompt_format=inplace``: no system turn, images at the context's ``<image>`` markers when
+they match the image count (else first).
 generate_until is batched (left-padded prompts, grouped by generation settings, greedy
 unless the task's gen_kwargs ask for sampling, cut at the task's ``until`` strings);
 loglikelihood scores the continuation after the assistant prompt, one request at a time,
@@ -30,8 +33,10 @@ from tqdm import tqdm
 
 from comp.data.image import load_image, to_rgb
 from comp.data.processor import CompProcessor
+from comp.data.records import PROMPT_FORMATS
 from comp.eval.chat import stop_ids
 from comp.models.mllm import CompForConditionalGeneration
+from comp.models.vision.model import set_pos_order
 
 IMAGE_MARKER = "<image>"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -49,11 +54,14 @@ def manifest():
 # ----------------------------------------------------------------------------- pure helpers
 
 
-def user_content(context: str, num_images: int) -> list[dict]:
-    """One user turn: images at the context's ``<image>`` markers when there is one marker
-    per image, else all images first; remaining markers are dropped."""
+def user_content(context: str, num_images: int, prompt_format: str = "reference") -> list[dict]:
+    """One user turn. "reference": all images first, the markers removed from the text.
+    "inplace": images at the context's ``<image>`` markers when there is one marker per image,
+    else all images first; remaining markers are dropped."""
     parts = context.split(IMAGE_MARKER)
-    if num_images and len(parts) - 1 == num_images:
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"comp model: prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+    if prompt_format == "inplace" and num_images and len(parts) - 1 == num_images:
         content: list[dict] = []
         for i, text in enumerate(parts):
             if i:
@@ -128,13 +136,16 @@ class CompLMMS(lmms):
 
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1,
                  dtype: str = "float32", max_num_vistoken: int | None = None,
-                 system_prompt: str | None = None, max_batch_size: int | None = None, **kwargs) -> None:
+                 system_prompt: str | None = None, max_batch_size: int | None = None,
+                 prompt_format: str = "reference", pos_order: str | None = None, **kwargs) -> None:
         """``batch_size`` "auto" means 1; ``max_batch_size`` (passed on by lmms-eval's
         --max_batch_size) has no use here, as batches have a fixed size."""
         super().__init__()
         if kwargs:
             raise ValueError(f"comp model: unknown model_args {sorted(kwargs)}; known: pretrained, device, "
-                             "batch_size, dtype, max_num_vistoken, system_prompt")
+                             "batch_size, dtype, max_num_vistoken, system_prompt, prompt_format, pos_order")
+        if prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"comp model: prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         if dtype not in DTYPES:
             raise ValueError(f"comp model: dtype must be one of {list(DTYPES)}, got {dtype!r}")
         path = Path(pretrained)
@@ -143,8 +154,10 @@ class CompLMMS(lmms):
                                     "CoMP-MM directory (model.save_pretrained + processor.save_pretrained)")
         self._device = torch.device(device or _default_device())
         image_kwargs = {} if max_num_vistoken is None else {"max_num_vistoken": int(max_num_vistoken)}
-        self.processor = CompProcessor.from_pretrained(path, **image_kwargs)
+        self.processor = CompProcessor.from_pretrained(path, prompt_format=prompt_format, **image_kwargs)
         model = CompForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+        if pos_order is not None:  # e.g. raster for a reference-trained encoder
+            set_pos_order(model.visual, pos_order)
         self.model = model.to(self._device).eval()
         self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 1
         self.system_prompt = system_prompt
@@ -163,7 +176,7 @@ class CompLMMS(lmms):
         return self.processor.tokenizer
 
     def _messages(self, context: str, num_images: int) -> list[dict]:
-        messages = [{"role": "user", "content": user_content(context, num_images)}]
+        messages = [{"role": "user", "content": user_content(context, num_images, self.processor.prompt_format)}]
         if self.system_prompt:
             messages.insert(0, {"role": "system", "content": self.system_prompt})
         return messages

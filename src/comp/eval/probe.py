@@ -25,6 +25,7 @@ from torch import nn
 
 from comp.data.image import ImageLoadError
 from comp.eval.features import cached_features, load_encoder, mean_pool
+from comp.models.vision.model import POS_ORDERS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PROBES = ("linear", "attentive", "knn")
@@ -236,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pixel budget per image in merged tokens (native resolution)")
     p.add_argument("--use_rope", type=int, choices=(0, 1), default=None,
                    help="2D RoPE on/off; default: the checkpoint's setting")
+    p.add_argument("--pos_order", choices=POS_ORDERS, default=None,
+                   help="order of the absolute position table: merge, or raster as the reference "
+                        "code trained; default: the checkpoint's (raster when detected as "
+                        "reference-trained)")
     p.add_argument("--probes", type=_probe_list, default=list(PROBES),
                    help="comma list of linear,attentive,knn (default: all)")
     p.add_argument("--epochs", type=int, default=10)
@@ -260,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         val_paths, val_labels, _ = read_image_folder(args.val, classes)
         encoder = load_encoder(args.vfm, use_rope=None if args.use_rope is None else bool(args.use_rope),
                                resolution=args.resolution, max_num_vistoken=args.max_num_vistoken,
-                               device=args.device)
+                               device=args.device, pos_order=args.pos_order)
         train_tokens, _ = cached_features(encoder, train_paths, args.cache, args.batch_tokens)
         val_tokens, _ = cached_features(encoder, val_paths, args.cache, args.batch_tokens)
     except (ImageLoadError, FileNotFoundError, ValueError, KeyError) as err:

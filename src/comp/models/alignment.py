@@ -81,38 +81,53 @@ def load_word_counts(path: str | os.PathLike) -> torch.Tensor:
     return counts
 
 
+UNIFORM_PRIOR = "uniform"
+AUTO_PAD_FRACTION = 0.01  # a counts file may lack at most this share of rows unasked
+
+
 def log_word_prior(
     counts: torch.Tensor | Sequence[float] | str | os.PathLike | None,
     num_rows: int,
     word_temp: float = 0.05,
     *,
-    pad: bool = False,
+    pad: bool | None = None,
     source: str | None = None,
 ) -> torch.Tensor:
     """Log of the reference prior ``softmax(u / word_temp)``, ``u`` = counts (>= 1) normalised.
 
-    ``counts`` may be a file path (read with ``load_word_counts``) or ``None`` (uniform prior,
-    with a warning). Its length must equal ``num_rows`` (the prototype rows); with
-    ``pad=True`` a shorter file is accepted and the rows beyond it get count 1 (e.g. the
-    reference file's 151,657 Qwen2-VL entries against Qwen2.5's 151,936 embedding rows).
+    ``counts`` may be a file path (read with ``load_word_counts``) or ``"uniform"`` (the
+    ablation, asked for explicitly); None is an error: the prior is never silently uniform.
+    Its length must equal ``num_rows`` (the prototype rows). A shorter file gets count 1 for
+    the rows beyond it: with ``pad=None`` (default) when at most ``AUTO_PAD_FRACTION`` of the
+    rows are missing (the reference's 151,657 Qwen2-VL entries against Qwen2.5's 151,665
+    tokens: its 8 extra specials), with ``pad=True`` always, with ``pad=False`` never.
     ``source`` names the counts in error messages. Returns float32 ``[num_rows]``.
     """
     if counts is None:
-        warnings.warn("no word-frequency file given: the alignment loss uses a uniform prior", stacklevel=2)
+        raise ValueError("the alignment loss needs a word-frequency prior: build one with `comp data "
+                         "prior DATA --tokenizer LLM --out word_dist.pth` and pass --word_dist_path, or "
+                         f"pass --word_dist_path {UNIFORM_PRIOR} for the uniform-prior ablation")
+    if isinstance(counts, str) and counts == UNIFORM_PRIOR:
         return torch.full((num_rows,), -math.log(num_rows), dtype=torch.float32)
     if isinstance(counts, (str, os.PathLike)):
         source = source or str(counts)
         counts = load_word_counts(counts)
     counts = torch.as_tensor(counts, dtype=torch.float64).flatten()
     name = source or "word counts"
-    if counts.numel() != num_rows and not (pad and counts.numel() < num_rows):
-        hint = ("; pass pad=True to give the extra rows count 1" if counts.numel() < num_rows
+    missing = num_rows - counts.numel()
+    if pad is None:
+        pad = 0 < missing <= AUTO_PAD_FRACTION * num_rows
+        if pad:
+            warnings.warn(f"{name}: {counts.numel()} word counts for {num_rows} prototype rows; the "
+                          f"{missing} rows beyond the file count 1", stacklevel=2)
+    if missing and not (pad and missing > 0):
+        hint = ("; pass pad=True (--word_dist_pad True) to give the extra rows count 1" if missing > 0
                 else "; it was counted with a larger vocabulary than the model's")
         raise ValueError(
             f"{name}: {counts.numel()} word counts but the model has {num_rows} prototype rows "
             f"(embedding rows); count the prior with the model's tokenizer (`comp data prior`){hint}"
         )
-    u_K = F.pad(counts, (0, num_rows - counts.numel()), value=1.0).clamp(min=1.0)
+    u_K = F.pad(counts, (0, missing), value=1.0).clamp(min=1.0)
     return torch.log_softmax(u_K / u_K.sum() / word_temp, dim=0).float()
 
 

@@ -5,7 +5,11 @@ The reference implementation's released CoMP-MM checkpoints store
   the original checkpoint); its unused ``post_layernorm`` / ``head`` are dropped,
 - the DINOv2 trunk under ``visual.embeddings|encoder|layernorm.*`` (same as ours),
 - the merger as ``visual.merger.ln_q|mlp.0|mlp.2`` and the LLM as ``model.*`` / ``lm_head.*``
-  (same as ours).
+  (same as ours);
+- no DINOv2 ``embeddings.cls_token`` (its DINOv2 has none; ours keeps the tensor, unused
+  when CLS is dropped, so it loads as zeros);
+- with the alignment loss on (Stage I/II), the persistent buffer ``vocab_dist`` [V, 1]: the
+  normalised word prior, not a weight; it is dropped (pass the prior file to train on).
 The reference also added the interpolated position table in raster order to tokens in
 merge-window order; its weights were trained that way, so they load with ``pos_order="raster"``.
 """
@@ -18,7 +22,8 @@ import torch
 from comp.models.weights import load_state_dict
 
 REFERENCE_TRUNK_PREFIX = "visual.vision_model."
-_REFERENCE_UNUSED = ("visual.vision_model.post_layernorm.", "visual.vision_model.head.")
+_REFERENCE_UNUSED = ("visual.vision_model.post_layernorm.", "visual.vision_model.head.", "vocab_dist")
+_ABSENT_IN_REFERENCE = ("visual.embeddings.cls_token",)  # DINOv2: loads as zeros when CLS is dropped
 _OURS_OUTSIDE_TRUNK = ("visual.merger.",)
 
 
@@ -63,6 +68,8 @@ def load_reference_checkpoint(ckpt_dir: str | Path, *, llm_dir: str | Path, visi
     if rows != model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(rows, mean_resizing=False)
     own = model.state_dict()
+    if not model.config.vision_config.keep_cls:
+        state.update({k: torch.zeros_like(own[k]) for k in _ABSENT_IN_REFERENCE if k in own and k not in state})
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

@@ -6,13 +6,14 @@ on text alone, logits equal ``Qwen2ForCausalLM``'s. The encoder (with its merger
 ``visual.``; its parameter names are those of the original SigLIP / DINOv2 / AIMv2 checkpoint.
 
 Training returns two losses: next-token prediction over the supervised tokens (chunked, the
-[tokens, vocab] logits are never built) and the alignment loss of comp-method.md section 5.
+[tokens, vocab] logits are never built) and the alignment loss of comp.models.alignment.
 
 Shape legend: B rows, L tokens per row, D LLM width, V vocabulary rows, T encoder patches,
 M merged visual tokens of the batch, N images, S samples (= B unless rows are packed).
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -26,7 +27,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 from transformers.utils import ModelOutput
 
-from comp.models.alignment import (alignment_loss, log_word_prior, masked_mean_pool,
+from comp.models.alignment import (UNIFORM_PRIOR, alignment_loss, log_word_prior, masked_mean_pool,
                                    pool_image_features)
 from comp.models.losses import chunked_causal_lm_loss
 from comp.models.positions import get_mrope_position_ids, packed_mrope_position_ids
@@ -66,6 +67,8 @@ class CompConfig(PreTrainedConfig):
     prior_mode: str = "reference"
     lm_loss_chunk_size: int = 4096
     num_prototypes: int | None = None  # vocabulary rows used as alignment prototypes (None: all)
+    word_prior_source: str | None = None  # the prior's file (or "uniform") this model trained with
+    word_prior_sha256: str | None = None  # its checksum, so a continued stage can check it
     tie_word_embeddings: bool = True
 
 
@@ -210,10 +213,18 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         of Qwen's table (151,936 rows for 151,665 tokens) are no words and stay out."""
         return self.config.num_prototypes or self.config.text_config.vocab_size
 
-    def set_word_prior(self, source: str | Path | torch.Tensor | list | None, *, pad: bool = False) -> None:
+    def set_word_prior(self, source: str | Path | torch.Tensor | list | None, *,
+                       pad: bool | None = None) -> None:
         """The word-frequency prior u of the alignment target: counts (or a counts file, see
-        ``comp data prior``) over the tokenizer's vocabulary, one per prototype."""
+        ``comp data prior``) over the tokenizer's vocabulary, one per prototype, or "uniform".
+        A file's path and checksum go into the config (``word_prior_source`` / ``_sha256``)."""
         self.log_word_prior_K = log_word_prior(source, self.num_prototypes, self.config.word_temp, pad=pad)
+        if isinstance(source, (str, Path)):
+            uniform = str(source) == UNIFORM_PRIOR
+            self.config.word_prior_source = UNIFORM_PRIOR if uniform else str(Path(source).resolve())
+            self.config.word_prior_sha256 = None if uniform else file_sha256(source)
+        else:
+            self.config.word_prior_source, self.config.word_prior_sha256 = "in-memory counts", None
 
     # ------------------------------------------------------------------------------ forward
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
@@ -355,7 +366,7 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         return mean if normalizer is None else mean * keep_S.sum() / normalizer
 
     def _log_prior(self) -> torch.Tensor:
-        if self.log_word_prior_K is None:  # log_word_prior warns: uniform prior
+        if self.log_word_prior_K is None:  # raises, with the hint how to get a prior
             self.set_word_prior(None)
         return self.log_word_prior_K.to(self.lm_head.weight.device)
 
@@ -410,6 +421,14 @@ class CompForConditionalGeneration(CompPreTrainedModel):
             streamer.end()
         self.train(was_training)
         return ids
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def special_token_ids(tokenizer) -> dict[str, int]:

@@ -45,6 +45,7 @@ SMOKE_FLAGS = ("--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--dat
                "--save_steps", "1000", "--report_to", "none", "--logging_steps", "1",
                "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03", "--weight_decay", "0.",
                "--gradient_checkpointing", "True", "--group_by_modality_length", "True",
+               "--dataloader_drop_last", "True",
                "--resume_from_checkpoint", "auto")
 
 

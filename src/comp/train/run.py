@@ -20,7 +20,8 @@ from comp.data.collator import DataCollator
 from comp.data.dataset import MixtureDataset
 from comp.data.processor import CompProcessor
 from comp.data.sampler import ModalityLengthGroupedSampler
-from comp.models.mllm import CompForConditionalGeneration
+from comp.models.alignment import UNIFORM_PRIOR
+from comp.models.mllm import CompForConditionalGeneration, file_sha256
 from comp.train.args import DataArguments, ModelArguments, CompTrainingArguments, parse_args
 from comp.train.trainer import CompTrainer, last_complete_checkpoint, set_tunable_parts
 
@@ -64,15 +65,62 @@ def build_model(model_args: ModelArguments, data_args: DataArguments,
     return model, processor
 
 
+def word_prior_for_step(config, wanted: str | None) -> str | None:
+    """The prior file (or "uniform") of this step. Without ``--word_dist_path`` a continued
+    CoMP-MM reuses the prior its config records, if that file is unchanged; otherwise this
+    says why not. A different prior than the recorded one is allowed, with a warning."""
+    recorded, sha = config.word_prior_source, config.word_prior_sha256
+    if wanted is not None:
+        if sha and wanted != UNIFORM_PRIOR and Path(wanted).is_file() and file_sha256(wanted) != sha:
+            logger.warning("--word_dist_path %s differs from the prior the checkpoint trained with "
+                           "(%s, sha256 %s)", wanted, recorded, sha[:12])
+        return wanted
+    if recorded is None:
+        return None  # log_word_prior raises with the hint
+    if recorded == UNIFORM_PRIOR:
+        logger.info("word prior: uniform, as the checkpoint trained")
+        return UNIFORM_PRIOR
+    if not Path(recorded).is_file():
+        raise ValueError(f"the checkpoint trained with the word prior {recorded} (sha256 {sha}), which "
+                         "no longer exists there; pass --word_dist_path")
+    if sha and file_sha256(recorded) != sha:
+        raise ValueError(f"the word prior {recorded} changed since the checkpoint trained with it "
+                         f"(sha256 {sha}); pass --word_dist_path to use it anyway")
+    logger.info("word prior: %s, as the checkpoint trained (sha256 %s)", recorded, (sha or "")[:12])
+    return recorded
+
+
+def check_resume_prior(checkpoint: str | Path, config) -> None:
+    """A resume must use the prior the interrupted run used (same checksum)."""
+    saved = Path(checkpoint) / "config.json"
+    if not config.use_alignment_loss or not saved.exists():
+        return
+    raw = json.loads(saved.read_text())
+    before = _prior_identity(raw.get("word_prior_source"), raw.get("word_prior_sha256"))
+    now = _prior_identity(config.word_prior_source, config.word_prior_sha256)
+    if raw.get("word_prior_source") and before != now:
+        raise ValueError(f"{checkpoint} trained with the word prior {raw.get('word_prior_source')} "
+                         f"({before}) but this run uses {config.word_prior_source} ({now}); "
+                         "resume with the same --word_dist_path")
+
+
+def _prior_identity(source: str | None, sha: str | None) -> str | None:
+    return UNIFORM_PRIOR if source == UNIFORM_PRIOR else sha
+
+
 def configure(model: CompForConditionalGeneration, model_args: ModelArguments) -> None:
-    """This step's switches: rope, position interpolation, alignment loss and prior, tunable parts."""
+    """This step's switches: rope, position order and interpolation, alignment loss and prior,
+    tunable parts."""
     model.config.vision_config.use_rope = bool(model_args.use_rope)
+    if model_args.pos_order is not None:
+        model.config.vision_config.pos_order = model_args.pos_order
     model.config.vision_config.pos_interp_mode = model_args.pos_interp_mode
     model.config.use_alignment_loss = bool(model_args.use_alignment_loss)
     for name in _ALIGNMENT_FIELDS:
         setattr(model.config, name, getattr(model_args, name))
     if model.config.use_alignment_loss:
-        model.set_word_prior(model_args.word_dist_path, pad=model_args.word_dist_pad)
+        model.set_word_prior(word_prior_for_step(model.config, model_args.word_dist_path),
+                             pad=model_args.word_dist_pad)
     parts = [p.strip() for p in model_args.mm_tunable_parts.split(",") if p.strip()]
     set_tunable_parts(model, parts)
 
@@ -81,14 +129,15 @@ def build_data(data_args: DataArguments, processor: CompProcessor, training_args
     dataset = MixtureDataset.from_yaml(
         data_args.data_path, processor.tokenizer, processor.image_processor,
         data_root=data_args.data_root, image_folder=data_args.image_folder,
-        model_max_length=data_args.model_max_length, seed=training_args.seed)
+        model_max_length=data_args.model_max_length, seed=training_args.seed,
+        prompt_format=data_args.prompt_format)
     collator = DataCollator(pad_token_id=processor.tokenizer.pad_token_id, pack_length=data_args.pack_length)
     sampler = None
     if training_args.group_by_modality_length:
         sampler = ModalityLengthGroupedSampler(
-            dataset.modality_lengths,
-            batch_size=training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps,
-            world_size=training_args.world_size, seed=training_args.seed)
+            dataset.modality_lengths, batch_size=training_args.per_device_train_batch_size,
+            world_size=training_args.world_size,
+            grad_accum_steps=training_args.gradient_accumulation_steps, seed=training_args.seed)
     return dataset, collator, sampler
 
 
@@ -113,8 +162,13 @@ def train(model_args: ModelArguments, data_args: DataArguments,
         model=model, args=training_args, train_dataset=dataset, data_collator=collator,
         processing_class=processor, tunable_parts=model_args.mm_tunable_parts.split(","),
         vision_lr=training_args.mm_vision_tower_lr, projector_lr=training_args.mm_projector_lr,
-        max_skip_fraction=data_args.max_skip_fraction, train_sampler=sampler)
-    trainer.train(resume_from_checkpoint=resume_point(training_args))
+        max_skip_fraction=data_args.max_skip_fraction, train_sampler=sampler,
+        reference_groups=training_args.reference_optimizer_groups,
+        lm_loss_normalization=training_args.lm_loss_normalization)
+    resume = resume_point(training_args)
+    if resume:
+        check_resume_prior(resume, model.config)
+    trainer.train(resume_from_checkpoint=resume)
     logger.info("data: %s", trainer.skip_stats.summary())
     trainer.save_model(training_args.output_dir)
     if trainer.args.should_save:

@@ -6,7 +6,8 @@ Loss normalisation: each optimizer step's loss is the LM loss summed over the st
 supervised tokens on all ranks and micro-batches, divided by their global count, plus
 ``loss_weight`` x the alignment loss summed over the step's image samples, divided by their
 global count. So the curve does not depend on how a global batch is split across processes or
-accumulation steps.
+accumulation steps. ``lm_loss_normalization="micro_batch"`` gives the reference's instead:
+each micro-batch's token mean, divided by the accumulation steps and averaged over ranks.
 """
 from __future__ import annotations
 
@@ -67,15 +68,22 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
 
 
 def param_groups(model: torch.nn.Module, *, lr: float, vision_lr: float | None,
-                 projector_lr: float | None, weight_decay: float) -> list[dict]:
-    """Optimizer groups as the reference: the vision lr covers the encoder but not the
-    merger; the projector lr covers the merger; biases and norms get no weight decay."""
+                 projector_lr: float | None, weight_decay: float, reference: bool = False) -> list[dict]:
+    """Optimizer groups: the vision lr covers the encoder but not the merger; the projector
+    lr covers the merger (the base lr without one); biases and norms get no weight decay.
+
+    ``reference=True`` reproduces the reference's groups exactly, where the vision keyword
+    claims the merger's names and then excludes "merger": with a vision lr and no projector
+    lr the merger is in no group and never updated (its released Stage III)."""
     lrs = {"mm_vision_tower": vision_lr or lr, "mm_mlp_adapter": projector_lr or lr}
+    merger_orphaned = reference and vision_lr is not None and projector_lr is None
     groups: dict[tuple[str, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         part = part_of(name)
+        if merger_orphaned and part == "mm_mlp_adapter":
+            continue
         decay = not _no_decay(name, param)
         key = (part, decay)
         if key not in groups:
@@ -100,7 +108,7 @@ def module_table(model: torch.nn.Module, groups: list[dict]) -> str:
     lines = [f"{'part':<20}{'params':>14}{'trainable':>14}  {'lr':<12}{'weight decay':<12}"]
     for part in ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model", "mm_lm_head"):
         total, trainable = counts.get(part, [0, 0])
-        lr = ",".join(f"{v:g}" for v in sorted(lr_of[part])) or "frozen"
+        lr = ",".join(f"{v:g}" for v in sorted(lr_of[part])) or ("no group" if trainable else "frozen")
         wd = ",".join(f"{v:g}" for v in sorted(wd_of[part])) or "-"
         if part == "mm_lm_head" and getattr(model.config, "tie_word_embeddings", False):
             lr, wd = "tied to model.embed_tokens", ""
@@ -125,9 +133,12 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
 class CompTrainer(Trainer):
     def __init__(self, *args, tunable_parts: list[str], vision_lr: float | None = None,
                  projector_lr: float | None = None, max_skip_fraction: float = 0.01,
-                 train_sampler=None, **kwargs):
+                 train_sampler=None, reference_groups: bool = False,
+                 lm_loss_normalization: str = "step", **kwargs):
         self.tunable_parts = tunable_parts
         self.vision_lr, self.projector_lr = vision_lr, projector_lr
+        self.reference_groups = reference_groups
+        self.lm_loss_normalization = lm_loss_normalization
         self.max_skip_fraction = max_skip_fraction
         self.skip_stats = SkipStats()
         self._custom_sampler = train_sampler
@@ -166,7 +177,8 @@ class CompTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             groups = param_groups(self.model, lr=self.args.learning_rate, vision_lr=self.vision_lr,
-                                  projector_lr=self.projector_lr, weight_decay=self.args.weight_decay)
+                                  projector_lr=self.projector_lr, weight_decay=self.args.weight_decay,
+                                  reference=self.reference_groups)
             if self.args.should_log:
                 logger.info("modules:\n%s", module_table(self.model, groups))
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
@@ -186,6 +198,9 @@ class CompTrainer(Trainer):
         if counts is not None:
             model_inputs["lm_loss_normalizer"] = counts.supervised_tokens
             model_inputs["align_normalizer"] = counts.align_samples
+            if self.lm_loss_normalization == "micro_batch":  # x num_processes below: mean / GA
+                model_inputs["lm_loss_normalizer"] = micro_batch_normalizer(
+                    inputs["labels"], self.args.gradient_accumulation_steps, self.accelerator.num_processes)
         outputs = model(**model_inputs)
         scale = self.accelerator.num_processes if counts is not None else 1
         loss = outputs.loss * scale
@@ -212,9 +227,8 @@ class CompTrainer(Trainer):
             logs["visual_tokens"] = getattr(self, "_step_visual_tokens", 0)
             logs["samples_skipped"] = self.skip_stats.skipped
             if "learning_rate" in logs and self.optimizer is not None:
-                factor = logs["learning_rate"] / self.args.learning_rate if self.args.learning_rate else 0.0
-                for g in self.optimizer.param_groups:
-                    logs[f"lr/{g.get('part', 'all')}"] = g.get("initial_lr", g["lr"]) * factor
+                logs.update(group_learning_rates(self.optimizer.param_groups, self.args.learning_rate,
+                                                 logs["learning_rate"]))
             self._parts_sum.clear()
         super().log(logs, start_time)
 
@@ -235,6 +249,23 @@ class CompTrainer(Trainer):
             _write_marker(checkpoint, {"global_step": self.state.global_step})
             _rotate(run_dir, limit)
         self.accelerator.wait_for_everyone()
+
+
+def group_learning_rates(groups: list[dict], base_lr: float, logged: float) -> dict[str, float]:
+    """Each part's current lr as the optimizer holds it (``lr/<part>``), and ``learning_rate``
+    = the current lr of the groups that started at the base lr (else ``logged`` unchanged)."""
+    out = {f"lr/{g.get('part', 'all')}": float(g["lr"]) for g in groups}
+    base = [g for g in groups if g.get("initial_lr", g["lr"]) == base_lr]
+    out["learning_rate"] = float(base[0]["lr"]) if base else logged
+    return out
+
+
+def micro_batch_normalizer(labels: torch.Tensor, grad_accum_steps: int, num_processes: int) -> torch.Tensor:
+    """Divisor of this micro-batch's summed LM loss so that, after the x num_processes of
+    compute_loss and the ranks' gradient average, the step's loss is the reference's: the mean
+    over ranks and micro-batches of each micro-batch's token mean."""
+    tokens = (labels[..., 1:] != -100).sum().clamp(min=1)
+    return tokens.double() * grad_accum_steps * num_processes
 
 
 def _align_mask(batch: dict) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PretrainedConfig
 
-from ..merger import PatchMerger
+from ..merger import PatchMerger, init_merger
 from ..weights import SINGLE_FILE as WEIGHTS_NAME
 from ..weights import weight_files
 from .attention import BACKENDS, PackedContext
@@ -37,6 +37,10 @@ FAMILIES = ("siglip", "dinov2", "aimv2")
 MODEL_TYPES = {"siglip": "siglip", "siglip_vision_model": "siglip", "dinov2": "dinov2",
                "aimv2": "aimv2", "aimv2_vision_model": "aimv2"}
 PREPROCESSOR_NAME = "preprocessor_config.json"
+POS_ORDERS = ("merge", "raster")
+# Tensors a reference-trained (CoMP-MM code) encoder lacks; unused when CLS is dropped, they
+# load as zeros then.
+_OPTIONAL_WITHOUT_CLS = ("embeddings.cls_token",)
 
 
 def _family(name: str):
@@ -93,7 +97,7 @@ class CompVisionConfig(PretrainedConfig):
 
     def validate(self) -> None:
         _family(self.family)
-        if self.pos_order not in ("merge", "raster"):
+        if self.pos_order not in POS_ORDERS:
             raise ValueError(f"pos_order must be 'merge' or 'raster', got {self.pos_order!r}")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
@@ -204,10 +208,20 @@ class CompVisionModel(nn.Module):
 
         use_rope / w_merger None keep the directory's setting (a plain HF checkpoint: rope
         off, no merger); ``w_merger=0`` drops a saved merger; a new merger is freshly
-        initialised. ``overrides`` set any other CompVisionConfig field.
+        initialised (as the family initialises its linear layers, see comp.models.merger).
+        ``overrides`` set any other CompVisionConfig field.
+
+        An encoder trained by the reference code (a released CoMP-SigLIP / CoMP-DINOv2) added
+        its position table in raster order; when the directory shows it (see
+        ``reference_trained``) ``pos_order`` defaults to "raster", logged. ``pos_order=`` wins.
         """
         path = Path(path)
         config, saved_merger = _config_for(path, overrides)
+        why = reference_trained(path) if "pos_order" not in overrides else None
+        if why and config.pos_order != "raster":
+            logger.info("%s: %s, so positions are added in raster order (pos_order='raster'; "
+                        "pass pos_order='merge' to override)", path, why)
+            config.pos_order = "raster"
         if use_rope is not None:
             config.use_rope = bool(use_rope)
         if w_merger is not None:
@@ -236,6 +250,42 @@ class CompVisionModel(nn.Module):
         if self.preprocessor_config is not None:
             (out / PREPROCESSOR_NAME).write_text(json.dumps(self.preprocessor_config, indent=2) + "\n")
         return out
+
+
+def set_pos_order(model: "CompVisionModel", pos_order: str) -> None:
+    """Switch the order in which the absolute position table is added ("merge" or "raster")."""
+    if pos_order not in POS_ORDERS:
+        raise ValueError(f"pos_order must be one of {POS_ORDERS}, got {pos_order!r}")
+    model.config.pos_order = pos_order
+
+
+def _disk_keys(path: Path) -> set[str]:
+    keys: set[str] = set()
+    for f in weight_files(path):
+        with safe_open(f, "pt") as sf:
+            keys.update(sf.keys())
+    return keys
+
+
+def reference_trained(path: str | Path) -> str | None:
+    """Why the encoder in ``path`` was trained by the reference code (so with raster-order
+    positions), or None. Signs, from the reference's files: a ``CoMP...`` architecture name in
+    config.json, a merger saved next to a plain SigLIP/DINOv2 config, or DINOv2 weights
+    without ``embeddings.cls_token`` (the reference's DINOv2 has none). A ``comp_vision``
+    directory records ``pos_order`` itself and is never guessed about."""
+    path = Path(path)
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("model_type") == CompVisionConfig.model_type:
+        return None
+    arch = [a for a in raw.get("architectures") or [] if a.lower().startswith("comp")]
+    if arch:
+        return f"config.json names the reference architecture {arch[0]}"
+    keys = {k[len("vision_model."):] if k.startswith("vision_model.") else k for k in _disk_keys(path)}
+    if any(k.startswith("merger.") for k in keys):
+        return "its weights hold a merger next to a plain encoder config (a reference CoMP-VFM)"
+    if MODEL_TYPES.get(raw.get("model_type")) == "dinov2" and "embeddings.cls_token" not in keys:
+        return "its DINOv2 weights have no embeddings.cls_token (the reference's DINOv2)"
+    return None
 
 
 def _config_for(path: Path, overrides: dict) -> tuple[CompVisionConfig, int | None]:
@@ -280,6 +330,11 @@ def _read_weights(path: Path, model: CompVisionModel, saved_merger: int | None) 
             on_disk.update({k: f for k in sf.keys()})
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in on_disk) else ""
     source = {k: prefix + k for k in wanted}
+    zeros = set()
+    if not model.config.keep_cls:
+        zeros = {k for k in _OPTIONAL_WITHOUT_CLS if k in source and source[k] not in on_disk}
+        for k in zeros:
+            del source[k]
     missing = sorted(k for k, s in source.items() if s not in on_disk)
     if missing:
         shown = ", ".join(prefix + k for k in missing[:8]) + (" ..." if len(missing) > 8 else "")
@@ -296,7 +351,10 @@ def _read_weights(path: Path, model: CompVisionModel, saved_merger: int | None) 
         groups = sorted({".".join(k.split(".")[:2]) for k in ignored})
         logger.warning("%s: %d checkpoint tensors not used by CompVisionModel (%s)", path, len(ignored),
                        ", ".join(groups))
-    if merger_fresh:  # a new merger: default nn init, materialised off the meta device
-        fresh = PatchMerger(model.config.hidden_size, model.config.w_merger, model.config.merge_size)
+    for k in zeros:
+        state[k] = torch.zeros(model.get_parameter(k).shape)
+    if merger_fresh:  # a new merger, initialised as the family's, materialised off the meta device
+        fresh = init_merger(PatchMerger(model.config.hidden_size, model.config.w_merger,
+                                        model.config.merge_size), model.config.family)
         state.update({f"merger.{k}": v for k, v in fresh.state_dict().items()})
     return state
