@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints written by the project (never downloaded)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,13 @@ WORD_DIST_FIXTURE = SHARED / "fixtures" / "word_dist.pth"
 
 # Tiny models: one thread is fastest, and does not fight other processes for the 2 cores.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Caches the code writes (sample lengths) go to a temporary directory, also in the
+    training processes the tests start, never to the user's ~/.cache."""
+    os.environ["COMP_CACHE"] = str(tmp_path_factory.mktemp("comp_cache"))
 
 
 @pytest.fixture(scope="session")

@@ -204,43 +204,70 @@ class MixtureDataset(Dataset):
         ids = encode_plain_text(self.tokenizer, text)["input_ids"][:self.model_max_length]
         return torch.tensor(ids, dtype=torch.long)
 
-    # Lengths for the length-grouped sampler ---------------------------------------------
+    # Lengths for the length-grouped sampler (see comp.data.lengths) ----------------------
     def _estimate_length(self, source: Source, r: int) -> int:
         try:
-            record = source.record(r)
-        except SkipSample:
+            obj = source.index.load(r)
+            record = parse_record(obj, r)
+        except (SkipSample, JSONSyntaxError):
             return 1
         text = sum(len(p["text"].encode()) for m in record.messages for p in m["content"]
                    if p["type"] == "text")
         n = max(1, text // TEXT_BYTES_PER_TOKEN)
         if not record.images:
             return -n
-        for p in record.images:
-            n += self._visual_tokens(source, p)
+        sizes = shipped_image_sizes(obj, len(record.images))
+        for k, relative in enumerate(record.images):
+            n += self._visual_tokens(source, relative, sizes[k] if sizes else None)
         return n
 
-    def _visual_tokens(self, source: Source, relative: str) -> int:
+    def _visual_tokens(self, source: Source, relative: str, height_width: tuple[int, int] | None) -> int:
         if self.visual_tokens_per_image is not None:
             return self.visual_tokens_per_image
         from comp.data.image import image_size
 
         try:
-            return int(self.image_processor.num_visual_tokens(
-                *image_size(resolve_image_path(source.spec.image_root, relative))))
+            if height_width is None:
+                height_width = image_size(resolve_image_path(source.spec.image_root, relative))
+            return int(self.image_processor.num_visual_tokens(*height_width))
         except (SkipSample, OSError, ValueError):  # a bad sample: skipped when loaded
             return 1
 
+    def estimate_lengths(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Estimated tokens of samples [start, stop), negative for text-only ones."""
+        stop = len(self) if stop is None else stop
+        return np.array([self._estimate_length(*self.locate(i)) for i in range(start, stop)],
+                        dtype=np.int64)
+
     @property
     def modality_lengths(self) -> np.ndarray:
-        """Estimated tokens per sample, negative for text-only samples (LLaVA's convention)."""
+        """Estimated tokens per sample, negative for text-only samples (LLaVA's convention),
+        computed in this process; training shares one pass across ranks (comp.data.lengths)."""
         if self._lengths is None:
-            self._lengths = np.array([self._estimate_length(*self.locate(i)) for i in range(len(self))],
-                                     dtype=np.int64)
+            self._lengths = self.estimate_lengths()
         return self._lengths
 
     @property
     def lengths(self) -> np.ndarray:
         return np.abs(self.modality_lengths)
+
+
+def shipped_image_sizes(obj: dict, num_images: int) -> list[tuple[int, int]] | None:
+    """(height, width) of each image as the record states it: ``"width"``/``"height"`` for a
+    single image, or ``"image_sizes": [[width, height], ...]``; None unless complete and sane."""
+    if num_images == 1 and "width" in obj and "height" in obj:
+        pairs = [(obj["width"], obj["height"])]
+    else:
+        pairs = obj.get("image_sizes")
+    if not isinstance(pairs, list) or len(pairs) != num_images:
+        return None
+    sizes = []
+    for pair in pairs:
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pair)):
+            return None
+        sizes.append((pair[1], pair[0]))
+    return sizes
 
 
 def skip_fraction_guard(stats: SkipStats, batch: dict, max_skip_fraction: float = 0.01,

@@ -84,7 +84,7 @@ def compute_lengths(dataset, workers: int | None = None) -> np.ndarray:
 def cached_lengths(dataset, cache_dir: str | Path | None = None, workers: int | None = None) -> np.ndarray:
     """The lengths from ``cache_dir`` (default: default_cache_dir()) when a run with the same
     data and settings stored them, else computed and stored. ``cache_dir="none"`` never caches."""
-    if str(cache_dir).lower() == "none":
+    if isinstance(cache_dir, str) and cache_dir.lower() == "none":
         return compute_lengths(dataset, workers)
     path = Path(cache_dir or default_cache_dir()) / f"{lengths_key(dataset)}.npy"
     if path.exists():

@@ -59,6 +59,11 @@ class DataArguments:
     model_max_length: int = 4096
     max_skip_fraction: float = field(default=0.01, metadata={"help": "stop when more samples are skipped"})
     pack_length: int | None = field(default=None, metadata={"help": "pack samples into rows of N tokens"})
+    length_cache_dir: str | None = field(default=None, metadata={
+        "help": "where the length-grouped sampler's sample lengths are cached (default "
+                "$COMP_CACHE/lengths or ~/.cache/comp/lengths; 'none': never cache)"})
+    length_workers: int | None = field(default=None, metadata={
+        "help": "processes that compute the sample lengths on rank 0 (default: the CPUs)"})
     prompt_format: str = field(default="reference", metadata={
         "help": "reference: Qwen2-VL's chat format as the reference trained (default system turn, "
                 "each turn's images first); inplace: images where their <image> stands, no system turn"})

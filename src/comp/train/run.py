@@ -18,6 +18,7 @@ import transformers
 
 from comp.data.collator import DataCollator
 from comp.data.dataset import MixtureDataset
+from comp.data.lengths import shared_lengths
 from comp.data.processor import CompProcessor
 from comp.data.sampler import ModalityLengthGroupedSampler
 from comp.models.alignment import UNIFORM_PRIOR
@@ -135,7 +136,8 @@ def build_data(data_args: DataArguments, processor: CompProcessor, training_args
     sampler = None
     if training_args.group_by_modality_length:
         sampler = ModalityLengthGroupedSampler(
-            dataset.modality_lengths, batch_size=training_args.per_device_train_batch_size,
+            shared_lengths(dataset, data_args.length_cache_dir, data_args.length_workers),
+            batch_size=training_args.per_device_train_batch_size,
             world_size=training_args.world_size,
             grad_accum_steps=training_args.gradient_accumulation_steps, seed=training_args.seed)
     return dataset, collator, sampler
@@ -152,9 +154,26 @@ def resume_point(training_args: CompTrainingArguments) -> str | None:
     return wanted
 
 
+def start_deepspeed_comm(training_args: CompTrainingArguments) -> None:
+    """Under ZeRO-3 a saved CoMP-MM is built already partitioned (transformers' sharded init),
+    which asks DeepSpeed's communication layer for the world size. accelerate does not start
+    that layer on every path (not with ``--use_cpu``), and without it every rank believes it is
+    alone and DeepSpeed's batch-size check fails; so start it on the process group first."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not (training_args.deepspeed and is_deepspeed_zero3_enabled()):
+        return
+    import deepspeed
+
+    dist = torch.distributed
+    backend = dist.get_backend() if dist.is_initialized() else ("gloo" if training_args.use_cpu else "nccl")
+    deepspeed.init_distributed(dist_backend=backend)
+
+
 def train(model_args: ModelArguments, data_args: DataArguments,
           training_args: CompTrainingArguments) -> CompTrainer:
     transformers.set_seed(training_args.seed)
+    start_deepspeed_comm(training_args)
     dtype = torch.bfloat16 if training_args.bf16 else None
     model, processor = build_model(model_args, data_args, dtype)
     dataset, collator, sampler = build_data(data_args, processor, training_args)
