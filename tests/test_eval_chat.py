@@ -116,3 +116,26 @@ def test_chat_errors_name_what_is_wrong(tiny_mm_dir, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert chat.main([str(tiny_mm_dir), "--image", str(tmp_path / "gone.jpg"), "--prompt", "Hi"]) == 2
     assert "gone.jpg" in capsys.readouterr().err
+
+
+def test_an_empty_turn_is_announced(tiny_mm_dir, capsys):
+    """A model whose first token ends the turn: the user sees a notice, not silence."""
+    import torch
+
+    from comp.models.mllm import CompLMHead
+
+    model, processor = chat.load_chat_model(tiny_mm_dir, device="cpu")
+    conversation = chat.Conversation()
+    conversation.add_user("Hi", [load_image(PHOTOS[0])])
+    settings = chat.GenerationSettings(max_new_tokens=4)
+    assert chat.reply(model, processor, conversation, settings).strip()  # the tiny model says something
+    assert chat.EMPTY_TURN not in capsys.readouterr().err
+    width, vocab = model.lm_head.in_features, model.lm_head.out_features
+    head = CompLMHead(width, vocab, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[processor.tokenizer.convert_tokens_to_ids(chat.END_OF_TURN)] = 1.0
+    model.lm_head = head
+    assert chat.reply(model, processor, conversation, settings) == ""
+    assert chat.EMPTY_TURN in capsys.readouterr().err
