@@ -14,6 +14,7 @@ COMMANDS = {
     "data toyworld": ("comp.data.toyworld", ["--out", "o"], True),
     "data check": ("comp.data.check", ["d.yaml"], False),
     "data prior": ("comp.data.prior", ["d.yaml", "--tokenizer", "t", "--out", "o"], True),
+    "data show": ("comp.data.show", ["d.yaml"], False),
     "export-vfm": ("comp.train.export", ["ckpt", "--out", "o"], True),
     "demo": ("comp.train.demo", [], True),
     "chat": ("comp.eval.chat", ["mm"], False),
