@@ -116,3 +116,32 @@ def test_chat_errors_name_what_is_wrong(tiny_mm_dir, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert chat.main([str(tiny_mm_dir), "--image", str(tmp_path / "gone.jpg"), "--prompt", "Hi"]) == 2
     assert "gone.jpg" in capsys.readouterr().err
+
+
+def test_an_empty_turn_is_announced(tiny_mm_dir, capsys):
+    """A model whose first token ends the turn: the user sees a notice, not silence; a model
+    that answers with a word gets none."""
+    import torch
+
+    from comp.models.mllm import CompLMHead
+
+    model, processor = chat.load_chat_model(tiny_mm_dir, device="cpu")
+    conversation = chat.Conversation()
+    conversation.add_user("Hi", [load_image(PHOTOS[0])])
+    settings = chat.GenerationSettings(max_new_tokens=4)
+
+    def always(token_id: int) -> CompLMHead:  # logits: 1 for token_id, 0 elsewhere
+        head = CompLMHead(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[token_id] = 1.0
+        return head
+
+    word = processor.tokenizer("cat", add_special_tokens=False)["input_ids"][0]
+    model.lm_head = always(word)
+    assert chat.reply(model, processor, conversation, settings).strip()
+    assert chat.EMPTY_TURN not in capsys.readouterr().err
+    model.lm_head = always(processor.tokenizer.convert_tokens_to_ids(chat.END_OF_TURN))
+    assert chat.reply(model, processor, conversation, settings) == ""
+    assert chat.EMPTY_TURN in capsys.readouterr().err

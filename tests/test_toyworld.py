@@ -105,7 +105,7 @@ def test_same_seed_same_bytes_and_earlier_output_replaced(world, tmp_path, capsy
     (earlier / "images" / "pool").mkdir(parents=True)
     (earlier / "images" / "pool" / "999999.png").write_bytes(b"stale")
     (earlier / "manifest.json").write_text(json.dumps({"name": "toyworld", "seed": 7}))
-    assert tw.main([str(earlier), "--seed", "0", "--size", "small"]) == 0
+    assert tw.main(["--out", str(earlier), "--seed", "0", "--size", "small"]) == 0
     assert "images" in capsys.readouterr().out
     assert tree_digest(earlier) == tree_digest(world)
 
@@ -126,7 +126,7 @@ def test_refuses_a_foreign_non_empty_folder(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not empty and not a toyworld output"):
         tw.write_toyworld(tmp_path)
-    assert tw.main([str(tmp_path)]) == 2
+    assert tw.main(["--out", str(tmp_path)]) == 2
     assert str(tmp_path) in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="size 'huge'"):

@@ -13,7 +13,7 @@
 #   COMP_LAUNCHER       command that starts `comp.train` (default: torchrun on NUM_GPUS GPUs;
 #                       e.g. "deepspeed --num_gpus 8 --module", "python -m", "torchrun --nnodes 2 ... -m")
 #   NUM_GPUS            GPUs per node for the default launcher (default 8)
-#   LLM_VERSION         the LLM of Stage I (default Qwen/Qwen2.5-0.5B-Instruct)
+#   LLM_VERSION         the LLM of Stage I: directory or Hub id (default Qwen/Qwen2.5-0.5B-Instruct)
 #   DEEPSPEED_CONFIG    default scripts/zero3.json (scripts/zero2.json for ZeRO-2)
 #   WORD_DIST           word-frequency prior for the alignment loss (`comp data prior`)
 #   SMOKE_STEPS         optimizer steps per stage in smoke mode (default 3)
@@ -31,10 +31,10 @@ if [[ "${COMP_SMOKE:-0}" != "0" ]]; then
   LAUNCHER=${COMP_LAUNCHER:-"$PY -m"}
   ASSETS=$WORKDIR/smoke_assets
   if [[ ! -f $ASSETS/ready ]]; then
-    $PY -m comp tiny "$ASSETS/qwen2" --kind qwen2 >/dev/null
-    $PY -m comp tiny "$ASSETS/siglip" --kind siglip >/dev/null
-    $PY -m comp tiny "$ASSETS/dinov2" --kind dinov2 >/dev/null
-    $PY -m comp data toyworld "$ASSETS/toyworld" --size small >/dev/null
+    $PY -m comp tiny --out "$ASSETS/qwen2" --kind qwen2 >/dev/null
+    $PY -m comp tiny --out "$ASSETS/siglip" --kind siglip >/dev/null
+    $PY -m comp tiny --out "$ASSETS/dinov2" --kind dinov2 >/dev/null
+    $PY -m comp data toyworld --out "$ASSETS/toyworld" --size small >/dev/null
     $PY -m comp data prior "$ASSETS/toyworld/stage2.yaml" --tokenizer "$ASSETS/qwen2" \
         --out "$ASSETS/word_dist.pt" >/dev/null
     touch "$ASSETS/ready"
@@ -102,5 +102,5 @@ run_step() {
 }
 
 export_vfm() {  # export_vfm STEP OUT
-  $PY -m comp export-vfm "$WORKDIR/$RUN/$1" "$2"
+  $PY -m comp export-vfm "$WORKDIR/$RUN/$1" --out "$2"
 }

@@ -5,8 +5,20 @@ Public names are imported lazily so that ``import comp`` stays cheap.
 from __future__ import annotations
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
+
+
+class _NoCpuFallbackNotice(logging.Filter):
+    """DeepSpeed, imported by transformers, announces on stdout that it "set the accelerator to
+    CPU" on every machine without a GPU: expected there, and it corrupts ``--json`` output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+logging.getLogger("DeepSpeed").addFilter(_NoCpuFallbackNotice())
 
 _PUBLIC = {
     "CompImageProcessor": "comp.data.image",

@@ -10,7 +10,6 @@ ranges. Exit status 1 when any error class is non-empty.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import sys
@@ -248,20 +247,26 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="comp data check", description=__doc__.splitlines()[0])
+def build_parser():
+    from comp.cliargs import ArgumentParser
+
+    p = ArgumentParser(prog="comp data check", description=__doc__.splitlines()[0])
     p.add_argument("data", help="mixture YAML, or one LLaVA .json / .jsonl file")
     p.add_argument("--image_folder", help="image root for datasets without their own image_folder")
     p.add_argument("--data_root", help="base of relative json_path (default: the YAML's directory)")
-    p.add_argument("--max_num_vistoken", type=int)
-    p.add_argument("--min_num_vistoken", type=int)
-    p.add_argument("--force_resize", type=int)
-    p.add_argument("--model_max_length", type=int, default=4096)
-    p.add_argument("--tokenizer", help="tokenizer directory: enables text-token statistics")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--decode", action="store_true", help="decode every image fully (slower)")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    args = p.parse_args(argv)
+    p.add_argument("--max_num_vistoken", type=int, help="pixel budget per image in merged tokens, as in training")
+    p.add_argument("--min_num_vistoken", type=int, help="lower pixel budget in merged tokens, as in training")
+    p.add_argument("--force_resize", type=int, help="resize to N x N first, as in training")
+    p.add_argument("--model_max_length", type=int, default=4096, help="sequence limit to count samples over")
+    p.add_argument("--tokenizer", help="tokenizer directory or Hub id: enables text-token statistics")
+    p.add_argument("--workers", type=int, default=1, help="parallel scanning processes")
+    p.add_switch("--decode", default=False, help="decode every image fully (slower)")
+    p.add_switch("--json", default=False, help="print the summary as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     processor_kwargs = {k: v for k, v in (("max_num_vistoken", args.max_num_vistoken),
                                            ("min_num_vistoken", args.min_num_vistoken),
                                            ("force_resize", args.force_resize)) if v is not None}

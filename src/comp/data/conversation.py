@@ -46,7 +46,9 @@ def load_tokenizer(directory):
     """An LLM tokenizer with the Qwen vision specials appended when it lacks them."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    from comp.hub import resolve_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(directory))
     ensure_vision_tokens(tokenizer)
     return tokenizer
 

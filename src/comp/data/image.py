@@ -371,12 +371,18 @@ class CompImageProcessor:
         return path / CONFIG_NAME
 
     @classmethod
-    def from_pretrained(cls, pretrained: str | os.PathLike, **overrides: Any) -> "CompImageProcessor":
-        """Read a ``preprocessor_config.json`` (directory or file). A CoMP config restores every
+    def from_pretrained(cls, pretrained: str | os.PathLike, revision: str | None = None,
+                        **overrides: Any) -> "CompImageProcessor":
+        """Read a ``preprocessor_config.json`` (directory, file or Hub id). A CoMP config restores every
         setting; a vision encoder's (SigLIP, DINOv2 / Bit, AIMv2 / CLIP) gives its image_mean
         and image_std, the rest staying Qwen2-VL's. ``overrides`` win, and a pixel budget in
         either form replaces the stored one."""
-        path = Path(pretrained)
+        from comp.hub import resolve_model_dir
+
+        try:
+            path = resolve_model_dir(pretrained, revision)
+        except FileNotFoundError as err:
+            raise ValueError(f"cannot read the image processor config: {err}") from err
         path = path / CONFIG_NAME if path.is_dir() else path
         try:
             config = json.loads(path.read_text())

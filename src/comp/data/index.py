@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 CHUNK_BYTES = 4 << 20
+PROGRESS_BYTES = 64 << 20  # files at least this large show a progress bar while indexed
 _WS = re.compile(r"[ \t\r\n]*")
 _WS_BYTES = frozenset(b" \t\r\n")
 _BOM = b"\xef\xbb\xbf"
@@ -54,7 +55,7 @@ def line_column(path: Path, byte_pos: int) -> tuple[int, int]:
     return line, len(prefix.decode("utf-8", errors="replace")) + 1
 
 
-def _chunks(path: Path) -> Iterator[tuple[int, np.ndarray]]:
+def _chunks(path: Path, bar=None) -> Iterator[tuple[int, np.ndarray]]:
     """(file offset, bytes as uint8) of consecutive chunks, reading into one reused buffer."""
     buf = bytearray(CHUNK_BYTES)
     with open(path, "rb", buffering=0) as f:
@@ -62,12 +63,23 @@ def _chunks(path: Path) -> Iterator[tuple[int, np.ndarray]]:
         while n := f.readinto(buf):
             yield base, np.frombuffer(buf, np.uint8, count=n)
             base += n
+            if bar is not None:
+                bar.update(n)
 
 
-def _scan_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _progress(path: Path):
+    """A byte-count bar for large files on a terminal (indexing 1 GB takes seconds)."""
+    from tqdm.auto import tqdm
+
+    size = path.stat().st_size
+    return tqdm(total=size, desc=f"index {path.name}", unit="B", unit_scale=True, leave=False,
+                disable=None if size >= PROGRESS_BYTES else True)
+
+
+def _scan_jsonl(path: Path, bar=None) -> tuple[np.ndarray, np.ndarray]:
     size = path.stat().st_size
     nl = np.concatenate([np.zeros(0, np.int64)] + [np.flatnonzero(chunk == 10) + base
-                                                   for base, chunk in _chunks(path)])
+                                                   for base, chunk in _chunks(path, bar)])
     start_R = np.concatenate([[0], nl + 1])
     end_R = np.concatenate([nl, [size]])
     keep_R = end_R > start_R
@@ -83,7 +95,7 @@ def _scan_jsonl(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return start_R[keep_R], (end_R - start_R)[keep_R]
 
 
-def _scan_json_array(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _scan_json_array(path: Path, bar=None) -> tuple[np.ndarray, np.ndarray]:
     decoder = json.JSONDecoder()
     offsets, lengths = array("q"), array("q")
 
@@ -95,6 +107,8 @@ def _scan_json_array(path: Path) -> tuple[np.ndarray, np.ndarray]:
         buf_start = 0  # file offset of buf[0]
         buf = f.read(CHUNK_BYTES).decode("latin-1")
         eof = len(buf) < CHUNK_BYTES
+        if bar is not None:
+            bar.update(len(buf))
         pos = len(_BOM) if buf.startswith(_BOM.decode("latin-1")) else 0
         pos = _WS.match(buf, pos).end()
         if not buf.startswith("[", pos):
@@ -106,6 +120,8 @@ def _scan_json_array(path: Path) -> tuple[np.ndarray, np.ndarray]:
             if pos >= len(buf) - 64 and not eof:  # keep a margin so a token is never split
                 more = f.read(CHUNK_BYTES).decode("latin-1")
                 eof = len(more) < CHUNK_BYTES
+                if bar is not None:
+                    bar.update(len(more))
                 buf, buf_start, pos = buf[pos:] + more, buf_start + pos, 0
                 continue
             if pos >= len(buf):
@@ -125,6 +141,8 @@ def _scan_json_array(path: Path) -> tuple[np.ndarray, np.ndarray]:
                 if truncated and not eof:
                     more = f.read(CHUNK_BYTES).decode("latin-1")
                     eof = len(more) < CHUNK_BYTES
+                    if bar is not None:
+                        bar.update(len(more))
                     buf, buf_start, pos = buf[pos:] + more, buf_start + pos, 0
                     continue
                 fail(buf_start + e.pos, e.msg)
@@ -156,7 +174,8 @@ class RecordIndex:
             raise FileNotFoundError(f"{self.path}: data file not found")
         self.is_jsonl = _is_jsonl(self.path)
         scan = _scan_jsonl if self.is_jsonl else _scan_json_array
-        self.offsets, self.lengths = scan(self.path)
+        with _progress(self.path) as bar:
+            self.offsets, self.lengths = scan(self.path, bar)
         self._fd: int | None = None
         self._pid: int | None = None
 

@@ -8,7 +8,6 @@ skipped and counted.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,14 +61,20 @@ def word_prior(data: str, tokenizer_dir: str, *, data_root: str | None = None, w
     return total_V.tolist(), bad
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="comp data prior", description=__doc__.splitlines()[0])
+def build_parser():
+    from comp.cliargs import ArgumentParser
+
+    p = ArgumentParser(prog="comp data prior", description=__doc__.splitlines()[0])
     p.add_argument("data", help="mixture YAML, or one LLaVA .json / .jsonl file")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory (the LLM's)")
-    p.add_argument("--out", required=True, help="output file (e.g. word_dist.pth)")
+    p.add_argument("--tokenizer", required=True, help="the LLM's tokenizer: directory or Hub id")
+    p.add_out("output file (e.g. word_dist.pth)")
     p.add_argument("--data_root", help="base of relative json_path (default: the YAML's directory)")
-    p.add_argument("--workers", type=int, default=1)
-    args = p.parse_args(argv)
+    p.add_argument("--workers", type=int, default=1, help="parallel tokenizing processes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     counts, bad = word_prior(args.data, args.tokenizer, data_root=args.data_root, workers=args.workers)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(counts, args.out)

@@ -15,6 +15,7 @@ from comp.data.collator import pad_rows
 from comp.data.conversation import CHAT_TEMPLATE_PATH, ensure_vision_tokens
 from comp.data.image import CompImageProcessor
 from comp.data.records import PROMPT_FORMATS
+from comp.hub import resolve_model_dir
 
 IMAGE_PAD = "<|image_pad|>"
 
@@ -42,8 +43,9 @@ class CompProcessor:
     @classmethod
     def from_components(cls, llm_dir: str | Path, vision_dir: str | Path, *,
                         prompt_format: str = "reference", **image_kwargs) -> "CompProcessor":
-        """Tokenizer of a Qwen2/Qwen2.5 checkpoint + the encoder's image preprocessing."""
-        return cls(AutoTokenizer.from_pretrained(llm_dir),
+        """Tokenizer of a Qwen2/Qwen2.5 checkpoint + the encoder's image preprocessing
+        (directories or Hub ids ``org/name[@rev]``, see ``comp.hub``)."""
+        return cls(AutoTokenizer.from_pretrained(resolve_model_dir(llm_dir)),
                    CompImageProcessor.from_pretrained(vision_dir, **image_kwargs),
                    prompt_format=prompt_format)
 
@@ -53,6 +55,7 @@ class CompProcessor:
         """The processor saved in a CoMP-MM directory (tokenizer + preprocessor config)."""
         import comp.models.mllm  # noqa: F401  registers the comp config type with AutoConfig
 
+        directory = resolve_model_dir(directory)
         return cls.from_components(directory, directory, prompt_format=prompt_format, **image_kwargs)
 
     def save_pretrained(self, directory: str | Path) -> None:

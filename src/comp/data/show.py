@@ -13,7 +13,6 @@ are the answers with their ``<|im_end|>``. A sample the dataset would skip shows
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -93,17 +92,26 @@ def show_sample(dataset: MixtureDataset, i: int, *, tokenized: bool) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="comp data show", description=__doc__.splitlines()[0])
+def build_parser():
+    from comp.cliargs import ArgumentParser
+
+    p = ArgumentParser(prog="comp data show", description=__doc__.splitlines()[0])
     p.add_argument("data", help="mixture YAML, or one LLaVA .json / .jsonl file")
     p.add_argument("--index", type=int, action="append", help="sample index in the mixture (repeatable; default 0)")
-    p.add_argument("--tokenizer", help="tokenizer directory (an LLM or a CoMP-MM): exact ids, labels and counts")
-    p.add_argument("--vision", help="encoder directory whose preprocessing counts the image tokens")
-    p.add_argument("--prompt_format", choices=PROMPT_FORMATS, default="reference")
+    p.add_argument("--tokenizer", help="tokenizer (an LLM or a CoMP-MM), directory or Hub id: exact ids, "
+                                       "labels and counts")
+    p.add_argument("--vision", help="encoder (directory or Hub id) whose preprocessing counts the image tokens")
+    p.add_argument("--prompt_format", choices=PROMPT_FORMATS, default="reference",
+                   help="reference: Qwen2-VL's default system turn, as the reference trains; inplace: none")
     p.add_argument("--image_folder", help="image root for datasets without their own image_folder")
     p.add_argument("--data_root", help="base of relative json_path (default: the YAML's directory)")
-    p.add_argument("--max_num_vistoken", type=int, default=1024)
-    p.add_argument("--model_max_length", type=int, default=4096)
+    p.add_argument("--max_num_vistoken", type=int, default=1024, help="pixel budget per image in merged tokens")
+    p.add_argument("--model_max_length", type=int, default=4096, help="longest token sequence of a sample")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     tokenizer = image_processor = None
     try:

@@ -32,7 +32,6 @@ Legend: ``bbox`` = [x0, y0, x1, y1] in pixels, x1/y1 exclusive; ``xy`` = text or
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -595,15 +594,21 @@ def write_toyworld(out: str | Path, *, seed: int = 0, size: str = "small") -> Pa
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser():
+    from comp.cliargs import ArgumentParser
+
+    parser = ArgumentParser(
         prog="comp data toyworld",
-        description="Write the synthetic toyworld dataset (Stage I/II/III JSON + YAML, probe "
+        description="Write the synthetic toyworld dataset (Stage I/II/III JSON + YAML, probe\n"
                     "splits, retrieval pairs). Deterministic for a seed.")
-    parser.add_argument("out", type=Path, help="output folder (new, empty, or a toyworld output)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", choices=list(SIZES), default="small")
-    args = parser.parse_args(argv)
+    parser.add_out("output folder (new, empty, or a toyworld output)", type=Path)
+    parser.add_argument("--seed", type=int, default=0, help="seeds every drawn scene and caption")
+    parser.add_argument("--size", choices=list(SIZES), default="small", help="how many images")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
         write_toyworld(args.out, seed=args.seed, size=args.size)

@@ -8,7 +8,6 @@ prompt format with its default system turn; ``--prompt_format inplace`` leaves i
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +17,16 @@ import torch
 from PIL import Image
 from transformers import TextStreamer
 
+from comp.cliargs import ArgumentParser, apply_threads
 from comp.data.image import ImageLoadError, load_image
 from comp.data.processor import CompProcessor
 from comp.data.records import PROMPT_FORMATS
 from comp.eval.features import default_device
+from comp.hub import resolve_model_dir
 from comp.models.mllm import CompForConditionalGeneration
 
 END_OF_TURN = "<|im_end|>"
+EMPTY_TURN = "(the model ended its turn without text)"
 
 
 @dataclass
@@ -49,7 +51,7 @@ def stop_ids(tokenizer) -> list[int]:
 def load_chat_model(model_dir: str | Path, device: str | None = None, *,
                     prompt_format: str = "reference", **image_kwargs) -> tuple[CompForConditionalGeneration, CompProcessor]:
     """A saved CoMP-MM (model + processor) on ``device`` (None: CUDA when available)."""
-    model_dir = Path(model_dir)
+    model_dir = resolve_model_dir(model_dir)
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir}: no config.json; expected a CoMP-MM directory "
                                 "(model.save_pretrained + processor.save_pretrained)")
@@ -82,7 +84,10 @@ def reply(model: CompForConditionalGeneration, processor: CompProcessor, convers
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     ids = model.generate(**inputs, eos_token_id=stop_ids(processor.tokenizer), streamer=streamer,
                          generator=generator, **settings.kwargs())
-    return processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    if not answer.strip():
+        print(EMPTY_TURN, file=sys.stderr)
+    return answer
 
 
 def repl(model, processor, settings: GenerationSettings, images: list[Image.Image],
@@ -113,18 +118,19 @@ def repl(model, processor, settings: GenerationSettings, images: list[Image.Imag
         conversation.add_assistant(answer)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="comp chat",
-        description="Chat with a saved CoMP-MM about images; streams the answer. Without "
-                    "--prompt: an interactive session reading prompts from stdin.")
-    parser.add_argument("model", type=Path, help="CoMP-MM directory (model + processor)")
+        description="Chat with a saved CoMP-MM about images; streams the answer. Without --prompt:\n"
+                    "an interactive session reading prompts from stdin (/image PATH, /reset, /exit).")
+    parser.add_argument("model", help="CoMP-MM: directory or Hub id (a `comp train` output_dir, not an "
+                                      "encoder; encoders go to encode/probe)")
     parser.add_argument("--image", type=Path, action="append", default=[],
                         help="image for the (first) prompt; repeat for several")
     parser.add_argument("--prompt", default=None, help="one question; omit for interactive mode")
-    parser.add_argument("--max_new_tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=512, help="answer length limit")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     parser.add_argument("--max_num_vistoken", type=int, default=None,
                         help="pixel budget per image in merged tokens; default: the saved processor's")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -132,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt_format", choices=PROMPT_FORMATS, default="reference",
                         help="reference: Qwen2-VL's default system turn as in training (default); "
                              "inplace: no system turn")
+    parser.add_threads()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     image_kwargs = {} if args.max_num_vistoken is None else {"max_num_vistoken": args.max_num_vistoken}
     try:

@@ -6,18 +6,18 @@ Per image i (file stem s) the output holds ``{i}/{s}/tokens`` [h*w, D] in raster
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from comp.cliargs import ArgumentParser, apply_threads
 from comp.data.image import ImageLoadError
-from comp.eval.features import encode_files, load_encoder
+from comp.eval.features import add_budget_flags, budget_text, encode_files, load_encoder
 from comp.models.vision.model import POS_ORDERS
+from comp.models.weights import save_file
 
 FORMAT = "comp-encode/1"
 
@@ -34,43 +34,47 @@ def feature_tensors(paths: list[Path], tokens: list[torch.Tensor],
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="comp encode",
-        description="Encode images at native resolution with a vision encoder (HF SigLIP / "
-                    "DINOv2 / AIMv2 or CoMP-VFM directory); write token and pooled features.")
-    parser.add_argument("vfm", type=Path, help="encoder checkpoint directory")
-    parser.add_argument("images", type=Path, nargs="+", help="image files")
-    parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
-    parser.add_argument("--max_num_vistoken", type=int, default=None,
-                        help="pixel budget per image in merged (2x2) tokens; default: the "
-                             "processor's (1280)")
-    parser.add_argument("--batch_tokens", type=int, default=16384,
-                        help="encoder tokens per forward pass (images are never split)")
-    parser.add_argument("--use_rope", type=int, choices=(0, 1), default=None,
-                        help="2D RoPE on/off; default: the checkpoint's setting")
-    parser.add_argument("--pos_order", choices=POS_ORDERS, default=None,
-                        help="order of the absolute position table: merge, or raster as the "
-                             "reference code trained; default: the checkpoint's (raster when "
-                             "detected as reference-trained)")
-    parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0; default: CUDA when available")
-    args = parser.parse_args(argv)
+        description="Encode images at native resolution with a vision encoder (HF SigLIP / DINOv2 /\n"
+                    "AIMv2 or a CoMP-VFM); write token and pooled features to one .safetensors file.")
+    p.add_argument("vfm", help="encoder: directory or Hub id (org/name[@revision])")
+    p.add_argument("images", type=Path, nargs="+", help="image files")
+    p.add_out("output .safetensors file", type=Path)
+    add_budget_flags(p)
+    p.add_argument("--batch_tokens", type=int, default=16384,
+                   help="encoder tokens per forward pass (images are never split)")
+    p.add_switch("--use_rope", default=None, help="2D RoPE on/off; default: the checkpoint's setting")
+    p.add_argument("--pos_order", choices=POS_ORDERS, default=None,
+                   help="order of the absolute position table: merge, or raster as the reference "
+                        "code trained; default: the checkpoint's (raster when detected as "
+                        "reference-trained)")
+    p.add_argument("--device", default=None, help="e.g. cpu, cuda:0; default: CUDA when available")
+    p.add_threads()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
         print(f"comp encode: no such image file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    use_rope = None if args.use_rope is None else bool(args.use_rope)
+    apply_threads(args.threads)
     start = time.perf_counter()
     try:
-        encoder = load_encoder(args.vfm, use_rope=use_rope, max_num_vistoken=args.max_num_vistoken,
-                               device=args.device, pos_order=args.pos_order)
-        tokens, grid_N3 = encode_files(encoder, args.images, args.batch_tokens)
+        encoder = load_encoder(args.vfm, use_rope=args.use_rope, resolution=args.resolution,
+                               max_num_vistoken=args.max_num_vistoken, device=args.device,
+                               pos_order=args.pos_order)
+        print(f"comp encode: {budget_text(encoder)}", file=sys.stderr)
+        tokens, grid_N3 = encode_files(encoder, args.images, args.batch_tokens, desc="encode")
     except (ImageLoadError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"comp encode: {err}", file=sys.stderr)
         return 2
     metadata = {"format": FORMAT, "model": str(args.vfm), "order": "raster",
                 "files": json.dumps([str(p) for p in args.images]),
-                "setting": json.dumps(encoder.setting, sort_keys=True)}
+                "setting": json.dumps(encoder.setting, sort_keys=True), "budget": budget_text(encoder)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(feature_tensors(args.images, tokens, grid_N3), args.out, metadata=metadata)
     total = sum(len(t) for t in tokens)

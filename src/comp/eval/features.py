@@ -10,6 +10,7 @@ width, h x w an image's patch grid.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -17,13 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 from comp.data.image import CompImageProcessor, image_size
+from comp.hub import resolve_model_dir
 from comp.models.vision.model import CompVisionModel
+from comp.models.weights import save_file
 from comp.models.vision.packing import merge_window_perm
 
 CACHE_FORMAT = "comp-features/1"
+# Evaluation budget when none is given: the processor's default, not the budget the VFM was
+# trained with (a saved training config may hold Stage I's small one).
+DEFAULT_EVAL_TOKENS = 1280
 
 
 @dataclass
@@ -43,26 +50,60 @@ def default_device() -> str:
 def load_encoder(vfm_dir: str | Path, *, use_rope: bool | None = None, resolution: int | None = None,
                  max_num_vistoken: int | None = None, device: str | None = None,
                  pos_order: str | None = None) -> Encoder:
-    """An HF SigLIP / DINOv2 / AIMv2 or CoMP-VFM directory as a frozen per-token encoder.
+    """An HF SigLIP / DINOv2 / AIMv2 or CoMP-VFM (directory or Hub id) as a frozen per-token encoder.
 
     ``resolution`` N resizes every image to N x N first (``force_resize``); None keeps the
-    native size inside the ``max_num_vistoken`` budget (merged tokens, the processor's default
-    when None). A merger stored in the directory is dropped: probes read the encoder itself.
-    ``device`` None: CUDA when available. ``pos_order`` None: the directory's (raster for a
-    detected reference-trained encoder). Features always come back as float32 on the CPU.
+    native size inside the ``max_num_vistoken`` budget (merged tokens; None:
+    DEFAULT_EVAL_TOKENS, whatever budget the directory's training used). The image
+    normalisation comes from the directory. A merger stored there is dropped: probes read
+    the encoder itself. ``device`` None: CUDA when available. ``pos_order`` None: the
+    directory's (raster for a detected reference-trained encoder). Features come back as
+    float32 on the CPU.
     """
-    vfm_dir = Path(vfm_dir)
+    vfm_dir = resolve_model_dir(vfm_dir)
     overrides = {} if pos_order is None else {"pos_order": pos_order}
     model = CompVisionModel.from_pretrained(vfm_dir, use_rope=use_rope, w_merger=0, **overrides)
     model.requires_grad_(False).to(device or default_device())
-    kwargs = {"force_resize": resolution}
-    if max_num_vistoken is not None:
-        kwargs["max_num_vistoken"] = max_num_vistoken
-    processor = CompImageProcessor.from_pretrained(vfm_dir, **kwargs)
+    tokens = DEFAULT_EVAL_TOKENS if max_num_vistoken is None else max_num_vistoken
+    processor = CompImageProcessor.from_pretrained(vfm_dir, force_resize=resolution, max_num_vistoken=tokens,
+                                                   min_num_vistoken=4)
     setting = {"use_rope": bool(model.config.use_rope), "pos_order": model.config.pos_order,
-               "resolution": resolution,
+               "resolution": resolution, "max_num_vistoken": tokens,
                "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels}
     return Encoder(model, processor, vfm_dir, setting)
+
+
+def budget_text(encoder: Encoder) -> str:
+    """The resolution rule in words, printed and saved by encode and probe."""
+    s = encoder.setting
+    side = int(s["max_pixels"] ** 0.5)
+    native = (f"native resolution (each image at its own size, scaled down to at most "
+              f"{s['max_num_vistoken']} merged tokens = {s['max_pixels']} pixels, about {side}x{side})")
+    if s["resolution"] is None:
+        return native
+    return f"every image resized to {s['resolution']}x{s['resolution']} first, then " + native
+
+
+def _resolution(value: str) -> int | None:
+    if value == "native":
+        return None
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--resolution must be 'native' or a size in pixels, got {value!r}")
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"--resolution must be positive, got {size}")
+    return size
+
+
+def add_budget_flags(parser) -> None:
+    """--resolution and --max_num_vistoken, the same in encode and probe."""
+    parser.add_argument("--resolution", type=_resolution, default=None,
+                        help="'native' (default): each image at its own size within the budget; "
+                             "N: every image resized to N x N first")
+    parser.add_argument("--max_num_vistoken", type=int, default=None,
+                        help=f"pixel budget per image in merged (2x2) tokens (default {DEFAULT_EVAL_TOKENS}; "
+                             "not the budget the VFM was trained with)")
 
 
 def plan_batches(token_counts: list[int], budget: int) -> list[list[int]]:
@@ -98,12 +139,14 @@ def patch_counts(encoder: Encoder, paths: list[Path]) -> list[int]:
 
 
 @torch.no_grad()
-def encode_files(encoder: Encoder, paths: list[Path],
-                 batch_tokens: int = 16384) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """-> (tokens per image, each [n_i, D] float32 in raster order; grid_N3)."""
+def encode_files(encoder: Encoder, paths: list[Path], batch_tokens: int = 16384,
+                 desc: str | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """-> (tokens per image, each [n_i, D] float32 in raster order; grid_N3). A progress bar
+    (images) is shown on a terminal when ``desc`` is given."""
     model, merge = encoder.model, encoder.model.config.merge_size
     tokens: list[torch.Tensor] = []
     grids: list[torch.Tensor] = []
+    bar = tqdm(total=len(paths), desc=desc, unit="img", disable=None if desc else True, leave=False)
     for group in plan_batches(patch_counts(encoder, paths), batch_tokens):
         batch = encoder.processor([paths[i] for i in group], return_tensors="pt")
         grid_G3 = batch["image_grid_thw"]
@@ -112,6 +155,8 @@ def encode_files(encoder: Encoder, paths: list[Path],
         for (_, h, w), part in zip(grid_G3.tolist(), torch.split(feats_TD, lengths)):
             tokens.append(to_raster(part, h, w, merge).float().cpu())
         grids.append(grid_G3)
+        bar.update(len(group))
+    bar.close()
     return tokens, torch.cat(grids) if grids else torch.zeros(0, 3, dtype=torch.long)
 
 
@@ -141,17 +186,17 @@ def cache_key(encoder: Encoder, paths: list[Path]) -> str:
 
 
 def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path | None,
-                    batch_tokens: int = 16384) -> tuple[list[torch.Tensor], torch.Tensor]:
+                    batch_tokens: int = 16384, desc: str | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``encode_files`` through a safetensors cache under ``cache_dir`` (None: no cache), so
     several probes (or reruns) share one forward pass over the same images."""
     if cache_dir is None:
-        return encode_files(encoder, paths, batch_tokens)
+        return encode_files(encoder, paths, batch_tokens, desc)
     file = Path(cache_dir) / f"features-{cache_key(encoder, paths)}.safetensors"
     if file.exists():
         stored = load_file(file)
         lengths = stored["lengths_N"].tolist()
         return list(torch.split(stored["tokens_TD"], lengths)), stored["grid_N3"]
-    tokens, grid_N3 = encode_files(encoder, paths, batch_tokens)
+    tokens, grid_N3 = encode_files(encoder, paths, batch_tokens, desc)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
     save_file({"tokens_TD": torch.cat(tokens).contiguous(),

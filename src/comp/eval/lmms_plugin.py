@@ -35,6 +35,7 @@ from comp.data.image import load_image, to_rgb
 from comp.data.processor import CompProcessor
 from comp.data.records import PROMPT_FORMATS
 from comp.eval.chat import stop_ids
+from comp.hub import resolve_model_dir
 from comp.models.mllm import CompForConditionalGeneration
 from comp.models.vision.model import set_pos_order
 
@@ -148,7 +149,7 @@ class CompLMMS(lmms):
             raise ValueError(f"comp model: prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
         if dtype not in DTYPES:
             raise ValueError(f"comp model: dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        path = Path(pretrained)
+        path = resolve_model_dir(pretrained)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"comp model: {path} has no config.json; pretrained= must be a saved "
                                     "CoMP-MM directory (model.save_pretrained + processor.save_pretrained)")

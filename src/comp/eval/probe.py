@@ -3,10 +3,15 @@
 One forward pass per image (cached, see ``features``) feeds three probes:
 - linear: a linear classifier on the mean-pooled features, standardised with train statistics;
 - attentive: the paper's protocol, a learned query cross-attending to the frozen tokens
-  (then LayerNorm + linear), AdamW lr 1e-4, wd 0.05, 10 epochs by default;
+  (then LayerNorm + linear), AdamW, 10 epochs by default;
 - k-NN: cosine similarity of pooled features, the k (20, or fewer for small sets) nearest
   training images vote, weighted by exp(sim / 0.07) as in DINO's protocol.
-Everything random draws from the seed, so a seed gives the same accuracies.
+Learning rate and weight decay of the two trained probes are chosen as in DINOv2's and CLIP's
+linear evaluations: every (lr, wd) of a small grid is trained on the training split minus a
+held-out part (``--holdout``, per class), the best on the held-out part wins (ties: the
+earlier grid entry), and the winner is retrained on the whole training split; a single lr
+and wd skip the sweep. Everything random draws from the seed, so a seed gives the same
+accuracies.
 
 Shape legend: N images, B a batch, L tokens (padded), D encoder width, C classes, K neighbours.
 """
@@ -17,19 +22,24 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from comp.data.image import ImageLoadError
-from comp.eval.features import cached_features, load_encoder, mean_pool
+from comp.cliargs import ArgumentParser, apply_threads
+from comp.eval.features import add_budget_flags, budget_text, cached_features, load_encoder, mean_pool
 from comp.models.vision.model import POS_ORDERS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PROBES = ("linear", "attentive", "knn")
 KNN_TEMPERATURE = 0.07
+# The sweep: wide enough for a few hundred images (few steps) and for ImageNet-size sets.
+DEFAULT_LRS = (1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT_WDS = (0.0, 0.05)
 
 
 # ----------------------------------------------------------------------------- data
@@ -179,40 +189,74 @@ def top1(pred_N: torch.Tensor, labels_N: torch.Tensor) -> float:
     return float((pred_N == labels_N).float().mean())
 
 
+def holdout_split(labels_N: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit indices, held-out indices): ``fraction`` of each class held out (at least one
+    image of every class that has two or more), drawn from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    fit, held = [], []
+    for c in labels_N.unique().tolist():
+        idx = (labels_N == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_held = min(len(idx) - 1, max(1, round(fraction * len(idx)))) if len(idx) > 1 else 0
+        held.append(idx[:n_held])
+        fit.append(idx[n_held:])
+    return torch.cat(fit).sort().values, torch.cat(held).sort().values
+
+
+def select_setting(fit_predict, labels_N: torch.Tensor, settings: TrainSettings, lrs, wds,
+                   holdout: float, desc: str = "") -> tuple[TrainSettings, list[dict]]:
+    """The (lr, wd) of the grid whose probe, trained without the held-out part, is most
+    accurate on it. ``fit_predict(fit_idx, eval_idx, settings)`` -> predictions for eval_idx."""
+    grid = [(lr, wd) for lr in lrs for wd in wds]
+    if len(grid) == 1:
+        return replace(settings, lr=grid[0][0], wd=grid[0][1]), []
+    fit_idx, held_idx = holdout_split(labels_N, holdout, settings.seed)
+    if len(held_idx) == 0:
+        raise ValueError("the lr/wd sweep needs at least two training images in some class; "
+                         "pass one --lr and one --wd")
+    sweep = []
+    for lr, wd in tqdm(grid, desc=desc, unit="setting", disable=None, leave=False):
+        pred = fit_predict(fit_idx, held_idx, replace(settings, lr=lr, wd=wd))
+        sweep.append({"lr": lr, "wd": wd, "heldout_top1": top1(pred, labels_N[held_idx])})
+    best = max(sweep, key=lambda r: r["heldout_top1"])  # max keeps the first of equals
+    return replace(settings, lr=best["lr"], wd=best["wd"]), sweep
+
+
 def run_probes(train_tokens: list[torch.Tensor], train_y: torch.Tensor, val_tokens: list[torch.Tensor],
                val_y: torch.Tensor, num_classes: int, probes: list[str], settings: TrainSettings,
-               k: int = 20) -> dict[str, dict]:
-    """Top-1 of each probe in ``probes`` on the given frozen token features."""
+               k: int = 20, lrs=None, wds=None, holdout: float = 0.2) -> dict[str, dict]:
+    """Top-1 of each probe in ``probes`` on the given frozen token features; the trained
+    probes use the (lr, wd) of ``lrs`` x ``wds`` selected on a held-out part of train
+    (None: ``settings``' single values)."""
+    lrs = [settings.lr] if lrs is None else list(lrs)
+    wds = [settings.wd] if wds is None else list(wds)
     train_ND, val_ND = mean_pool(train_tokens), mean_pool(val_tokens)
     results: dict[str, dict] = {}
     for name in probes:
-        if name == "linear":
-            pred = linear_probe(train_ND, train_y, val_ND, num_classes, settings)
-            results[name] = {"top1": top1(pred, val_y)}
-        elif name == "attentive":
-            pred = attentive_probe(train_tokens, train_y, val_tokens, num_classes, settings)
-            results[name] = {"top1": top1(pred, val_y)}
-        elif name == "knn":
+        if name == "knn":
             pred = knn_predict(train_ND, train_y, val_ND, num_classes, k)
             results[name] = {"top1": top1(pred, val_y), "k": min(k, len(train_ND))}
+            continue
+        if name == "linear":
+            def fit_predict(fit_idx, eval_idx, s, x=train_ND, y=train_y, ex=None):
+                ex = x[eval_idx] if ex is None else ex
+                return linear_probe(x[fit_idx], y[fit_idx], ex, num_classes, s)
+        elif name == "attentive":
+            def fit_predict(fit_idx, eval_idx, s, x=train_tokens, y=train_y, ex=None):
+                ex = [x[i] for i in eval_idx.tolist()] if ex is None else ex
+                return attentive_probe([x[i] for i in fit_idx.tolist()], y[fit_idx], ex, num_classes, s)
         else:
             raise ValueError(f"unknown probe {name!r}; choose from {PROBES}")
+        chosen, sweep = select_setting(fit_predict, train_y, settings, lrs, wds, holdout, f"{name} sweep")
+        everything = torch.arange(len(train_y))
+        pred = fit_predict(everything, None, chosen, ex=val_ND if name == "linear" else val_tokens)
+        results[name] = {"top1": top1(pred, val_y), "lr": chosen.lr, "wd": chosen.wd}
+        if sweep:
+            results[name]["sweep"] = sweep
     return results
 
 
 # ----------------------------------------------------------------------------- CLI
-
-
-def _resolution(value: str) -> int | None:
-    if value == "native":
-        return None
-    try:
-        size = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--resolution must be 'native' or a size in pixels, got {value!r}")
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"--resolution must be positive, got {size}")
-    return size
 
 
 def _probe_list(value: str) -> list[str]:
@@ -223,63 +267,84 @@ def _probe_list(value: str) -> list[str]:
     return names
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _float_list(value: str) -> list[float]:
+    try:
+        values = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected a comma list of non-negative numbers, got {value!r}")
+    return values
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="comp probe",
-        description="Frozen-encoder probes (linear, attentive pooling, k-NN) on ImageFolder "
-                    "splits; prints top-1 per probe and writes a JSON result.")
-    p.add_argument("vfm", type=Path, help="encoder checkpoint directory (HF or CoMP-VFM)")
+        description="Frozen-encoder probes (linear, attentive pooling, k-NN) on ImageFolder splits\n"
+                    "(root/<class>/<image>); prints top-1 per probe and the lr/wd each trained\n"
+                    "probe chose on a held-out part of the training split.")
+    p.add_argument("vfm", help="encoder: directory or Hub id (HF SigLIP/DINOv2/AIMv2 or CoMP-VFM)")
     p.add_argument("--train", type=Path, required=True, help="ImageFolder root of the training split")
     p.add_argument("--val", type=Path, required=True, help="ImageFolder root of the validation split")
-    p.add_argument("--resolution", type=_resolution, default=None,
-                   help="'native' (default) or N: every image resized to N x N first")
-    p.add_argument("--max_num_vistoken", type=int, default=None,
-                   help="pixel budget per image in merged tokens (native resolution)")
-    p.add_argument("--use_rope", type=int, choices=(0, 1), default=None,
-                   help="2D RoPE on/off; default: the checkpoint's setting")
+    add_budget_flags(p)
+    p.add_switch("--use_rope", default=None, help="2D RoPE on/off; default: the checkpoint's setting")
     p.add_argument("--pos_order", choices=POS_ORDERS, default=None,
                    help="order of the absolute position table: merge, or raster as the reference "
                         "code trained; default: the checkpoint's (raster when detected as "
                         "reference-trained)")
     p.add_argument("--probes", type=_probe_list, default=list(PROBES),
                    help="comma list of linear,attentive,knn (default: all)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--wd", type=float, default=0.05)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=10, help="epochs of the linear and attentive probes")
+    p.add_argument("--lr", type=_float_list, default=list(DEFAULT_LRS),
+                   help="AdamW learning rate(s), comma list: swept with --wd "
+                        f"(default {','.join(map(str, DEFAULT_LRS))})")
+    p.add_argument("--wd", type=_float_list, default=list(DEFAULT_WDS),
+                   help=f"weight decay(s), comma list (default {','.join(map(str, DEFAULT_WDS))})")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of each training class held out to select lr and wd")
+    p.add_argument("--batch_size", type=int, default=32, help="probe training batch size")
     p.add_argument("--k", type=int, default=20, help="k-NN neighbours (capped at the train size)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the probes, the held-out split and the batches")
     p.add_argument("--batch_tokens", type=int, default=16384, help="encoder tokens per forward pass")
-    p.add_argument("--device", default=None, help="encoder device; default: CUDA when available")
+    p.add_argument("--device", default=None, help="encoder device, e.g. cpu, cuda:0; default: CUDA when available")
+    p.add_threads()
     p.add_argument("--cache", type=Path, default=None, help="feature cache directory (reused across runs)")
-    p.add_argument("--out", type=Path, default=None, help="JSON result file")
+    p.add_out("JSON result file", required=False, type=Path)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = TrainSettings(args.epochs, args.lr, args.wd, args.batch_size, args.seed)
+    if not 0 < args.holdout < 1:
+        print(f"comp probe: --holdout must be in (0, 1), got {args.holdout}", file=sys.stderr)
+        return 2
+    apply_threads(args.threads)
+    settings = TrainSettings(args.epochs, args.lr[0], args.wd[0], args.batch_size, args.seed)
     start = time.perf_counter()
     try:
         train_paths, train_labels, classes = read_image_folder(args.train)
         val_paths, val_labels, _ = read_image_folder(args.val, classes)
-        encoder = load_encoder(args.vfm, use_rope=None if args.use_rope is None else bool(args.use_rope),
-                               resolution=args.resolution, max_num_vistoken=args.max_num_vistoken,
-                               device=args.device, pos_order=args.pos_order)
-        train_tokens, _ = cached_features(encoder, train_paths, args.cache, args.batch_tokens)
-        val_tokens, _ = cached_features(encoder, val_paths, args.cache, args.batch_tokens)
+        encoder = load_encoder(args.vfm, use_rope=args.use_rope, resolution=args.resolution,
+                               max_num_vistoken=args.max_num_vistoken, device=args.device,
+                               pos_order=args.pos_order)
+        print(f"comp probe: {budget_text(encoder)}", file=sys.stderr)
+        train_tokens, _ = cached_features(encoder, train_paths, args.cache, args.batch_tokens, desc="encode train")
+        val_tokens, _ = cached_features(encoder, val_paths, args.cache, args.batch_tokens, desc="encode val")
+        results = run_probes(train_tokens, torch.tensor(train_labels), val_tokens, torch.tensor(val_labels),
+                             len(classes), args.probes, settings, args.k, args.lr, args.wd, args.holdout)
     except (ImageLoadError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"comp probe: {err}", file=sys.stderr)
         return 2
-    results = run_probes(train_tokens, torch.tensor(train_labels), val_tokens, torch.tensor(val_labels),
-                         len(classes), args.probes, settings, args.k)
     for name, res in results.items():
-        print(f"{name:>9}  top-1 {100 * res['top1']:.2f}")
+        chosen = (f"  (lr {res['lr']:g}, wd {res['wd']:g}" + (f", best of {len(res['sweep'])} on "
+                  f"{args.holdout:.0%} of train held out)" if "sweep" in res else ")")) if "lr" in res else ""
+        print(f"{name:>9}  top-1 {100 * res['top1']:.2f}{chosen}")
     report = {"model": str(args.vfm), "train": str(args.train), "val": str(args.val),
-              "resolution": args.resolution or "native", "encoder": encoder.setting,
-              "classes": classes, "n_train": len(train_paths), "n_val": len(val_paths),
-              "chance": 1 / len(classes), "settings": asdict(settings), "results": results,
-              "seconds": round(time.perf_counter() - start, 2)}
+              "resolution": args.resolution or "native", "budget": budget_text(encoder),
+              "encoder": encoder.setting, "classes": classes, "n_train": len(train_paths),
+              "n_val": len(val_paths), "chance": 1 / len(classes),
+              "settings": {**asdict(settings), "lr": args.lr, "wd": args.wd, "holdout": args.holdout},
+              "results": results, "seconds": round(time.perf_counter() - start, 2)}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -27,13 +27,14 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 from transformers.utils import ModelOutput
 
+from comp.hub import resolve_model_dir
 from comp.models.alignment import (UNIFORM_PRIOR, alignment_loss, log_word_prior, masked_mean_pool,
                                    pool_image_features)
 from comp.models.losses import chunked_causal_lm_loss
 from comp.models.positions import get_mrope_position_ids, packed_mrope_position_ids
 from comp.models.tiny import mrope_section_for
 from comp.models.vision.model import CompVisionConfig, CompVisionModel
-from comp.models.weights import load_state_dict
+from comp.models.weights import load_state_dict, no_progress_bars, normal_permissions
 
 # Fields of a Qwen2 config that carry over to the M-RoPE text config.
 _QWEN2_FIELDS = (
@@ -154,14 +155,14 @@ class CompForConditionalGeneration(CompPreTrainedModel):
     def from_components(cls, llm_dir: str | Path, vision_dir: str | Path, *, tokenizer=None,
                         use_rope: bool = True, torch_dtype: torch.dtype | None = None,
                         **config_overrides) -> "CompForConditionalGeneration":
-        """A CoMP-MM from a Qwen2/Qwen2.5 checkpoint and any directory ``CompVisionModel``
-        loads (original SigLIP / DINOv2 / AIMv2 or a CoMP-VFM). The merger starts random.
+        """A CoMP-MM from a Qwen2/Qwen2.5 checkpoint and any encoder ``CompVisionModel``
+        loads (directories or Hub ids, see ``comp.hub``) (original SigLIP / DINOv2 / AIMv2 or a CoMP-VFM). The merger starts random.
         The LLM tokenizer gets any missing vision tokens appended (embeddings resized)."""
         from comp.data.conversation import ensure_vision_tokens
 
         from transformers import AutoTokenizer
 
-        llm_dir = Path(llm_dir)
+        llm_dir, vision_dir = resolve_model_dir(llm_dir), resolve_model_dir(vision_dir)
         qwen2_config = AutoConfig.from_pretrained(llm_dir)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(llm_dir)
@@ -180,6 +181,23 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         if torch_dtype is not None:
             model.to(torch_dtype)
         return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loading, after ``comp.hub`` resolved a Hub id (``org/name[@rev]``) to
+        its cached snapshot, so ids resolve the same way as in every other CoMP loader."""
+        path = resolve_model_dir(pretrained_model_name_or_path, kwargs.pop("revision", None))
+        with no_progress_bars():  # a bar per load is noise for checkpoints this size
+            return super().from_pretrained(path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' saving, quiet, with normal permissions on the weight files (safetensors
+        writes them 0600)."""
+        with no_progress_bars():
+            result = super().save_pretrained(save_directory, *args, **kwargs)
+        if Path(save_directory).is_dir():
+            normal_permissions(*Path(save_directory).glob("*.safetensors"))
+        return result
 
     def _load_llm_weights(self, llm_dir: Path) -> None:
         state = load_state_dict(llm_dir)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from comp.models.weights import save_hf_model
+
 KINDS = ("siglip", "dinov2", "aimv2", "qwen2")
 
 # Normalisation constants of the real checkpoints' preprocessor configs.
@@ -84,7 +86,7 @@ def write_tiny_vision(out: str | Path, kind: str, seed: int = 0, image_size: int
     else:
         raise ValueError(f"unknown vision kind {kind!r}; expected siglip, dinov2 or aimv2")
     _randomise_(model, seed)
-    model.save_pretrained(out)
+    save_hf_model(model, out)
     _write_json(out / "preprocessor_config.json", _image_preprocessor(kind, image_size))
     return out
 
@@ -173,7 +175,7 @@ def write_tiny_qwen2(out: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = tf.Qwen2ForCausalLM(config)
     _randomise_(model, seed)
-    model.save_pretrained(out)
+    save_hf_model(model, out)
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -187,14 +189,18 @@ def write_tiny(out: str | Path, kind: str, seed: int = 0) -> Path:
     raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+def build_parser():
+    from comp.cliargs import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="comp tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="output directory")
-    parser.add_argument("--kind", required=True, choices=KINDS)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser = ArgumentParser(prog="comp tiny", description=__doc__.splitlines()[0])
+    parser.add_out("output directory")
+    parser.add_argument("--kind", required=True, choices=KINDS, help="which model family")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random weights")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     path = write_tiny(args.out, args.kind, args.seed)
     print(f"wrote tiny {args.kind} checkpoint to {path}")
     return 0

@@ -5,11 +5,14 @@ model class finds real checkpoints' weights the same way.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from safetensors.torch import save_file as _save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,3 +37,41 @@ def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     for path in weight_files(directory):
         state.update(load_file(path))
     return state
+
+
+def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' ``save_file`` with the permissions of any file we write (0666 minus the
+    umask; safetensors itself creates 0600 files, unreadable for the rest of a team)."""
+    _save_file(tensors, path, metadata=metadata)
+    normal_permissions(path)
+
+
+def normal_permissions(*paths: str | Path) -> None:
+    """Give files the mode a plain ``open(path, "w")`` would (0666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~umask)
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """transformers' "Loading weights" / "Writing model shards" bars off, then as before: a bar
+    per load is noise for checkpoints that load in seconds."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def save_hf_model(model, out: str | Path) -> None:
+    """``model.save_pretrained(out)`` of a transformers model, without its bar and with
+    normal permissions on the weight files."""
+    with no_progress_bars():
+        model.save_pretrained(out)
+    normal_permissions(*Path(out).glob("*.safetensors"))

@@ -6,7 +6,9 @@ the seed scripts' command lines run unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+import textwrap
+from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser, TrainingArguments
 
@@ -16,21 +18,21 @@ TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model", "mm_l
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "a Qwen2/Qwen2.5 LLM directory (a new CoMP-MM is "
-                                              "built around it) or a CoMP-MM directory (the previous step)"})
+    model_name_or_path: str = field(metadata={"help": "a Qwen2/Qwen2.5 LLM (a new CoMP-MM is built around it) "
+                                              "or a CoMP-MM (the previous step): directory or Hub id"})
     custom_visual_model: str | None = field(default=None, metadata={
-        "help": "encoder directory (original SigLIP/DINOv2/AIMv2 or a CoMP-VFM); only used when "
-                "model_name_or_path is an LLM"})
+        "help": "encoder (original SigLIP/DINOv2/AIMv2 or a CoMP-VFM): directory or Hub id; only used "
+                "when model_name_or_path is an LLM"})
     mm_tunable_parts: str = field(default="mm_mlp_adapter", metadata={
         "help": f"comma-separated subset of {','.join(TUNABLE_PARTS)}"})
-    use_rope: int = field(default=1, metadata={"help": "C-RoPE: 2D RoPE in every encoder layer (0/1)"})
+    use_rope: bool = field(default=True, metadata={"help": "C-RoPE: 2D RoPE in every encoder layer"})
     pos_interp_mode: str = field(default="bicubic", metadata={"help": "resizing of the absolute table"})
-    use_alignment_loss: int = field(default=0, metadata={"help": "add the alignment loss (0/1)"})
+    use_alignment_loss: bool = field(default=False, metadata={"help": "add the alignment loss"})
     loss_weight: float = field(default=0.05, metadata={"help": "weight of the alignment loss"})
-    embed_temp: float = 0.005
-    word_temp: float = 0.05
-    word_eps: float = 0.005
-    sinkhorn_iters: int = 3
+    embed_temp: float = field(default=0.005, metadata={"help": "temperature of the image-word similarities"})
+    word_temp: float = field(default=0.05, metadata={"help": "temperature of the word targets"})
+    word_eps: float = field(default=0.005, metadata={"help": "entropic regularisation of the Sinkhorn targets"})
+    sinkhorn_iters: int = field(default=3, metadata={"help": "Sinkhorn-Knopp iterations"})
     prior_mode: str = field(default="reference", metadata={"help": "reference | sinkhorn"})
     word_dist_path: str | None = field(default=None, metadata={
         "help": "word-frequency counts over the vocabulary (`comp data prior`), needed with the "
@@ -43,7 +45,7 @@ class ModelArguments:
     pos_order: str | None = field(default=None, metadata={
         "help": "merge | raster: order in which the encoder adds its position table; default: the "
                 "checkpoint's (raster for an encoder detected as trained by the reference code)"})
-    lm_loss_chunk_size: int = 4096
+    lm_loss_chunk_size: int = field(default=4096, metadata={"help": "tokens per chunk of the LM loss"})
 
 
 @dataclass
@@ -54,9 +56,9 @@ class DataArguments:
     data_root: str | None = field(default=None, metadata={
         "help": "root of relative json_path entries (default: the YAML's directory)"})
     max_num_vistoken: int = field(default=1024, metadata={"help": "max visual tokens per image after the 2x2 merge"})
-    min_num_vistoken: int = 4
+    min_num_vistoken: int = field(default=4, metadata={"help": "min visual tokens per image after the merge"})
     force_resize: int | None = field(default=None, metadata={"help": "resize to N x N before smart_resize"})
-    model_max_length: int = 4096
+    model_max_length: int = field(default=4096, metadata={"help": "longest token sequence of a sample"})
     max_skip_fraction: float = field(default=0.01, metadata={"help": "stop when more samples are skipped"})
     pack_length: int | None = field(default=None, metadata={"help": "pack samples into rows of N tokens"})
     length_cache_dir: str | None = field(default=None, metadata={
@@ -85,11 +87,20 @@ class CompTrainingArguments(TrainingArguments):
         "help": "warmup as a fraction of all steps (the reference's flag; transformers 5 spells "
                 "it --warmup_steps with a value below 1)"})
     remove_unused_columns: bool = False
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "'auto' (or True): continue from the newest complete checkpoint in output_dir, if "
+                "any (model, optimizer, scheduler, RNG, data position); or a checkpoint directory"})
 
     def __post_init__(self):
         if self.lm_loss_normalization not in LM_LOSS_NORMALIZATIONS:
             raise ValueError(f"--lm_loss_normalization must be one of {LM_LOSS_NORMALIZATIONS}, "
                              f"got {self.lm_loss_normalization!r}")
+        # --gradient_checkpointing is the reference's spelling, not a deprecated one here: pass it
+        # on under transformers 5's name so it does not warn on every run.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -97,8 +108,94 @@ class CompTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+ModelArguments._argument_group_name = "CoMP model"
+DataArguments._argument_group_name = "data"
+
+# `comp train --help`: CoMP's flags, then transformers' TrainingArguments by topic (first
+# matching prefix wins); `--help_all` prints transformers' full text.
+_CUSTOM = {f.name for f in fields(CompTrainingArguments)} - {f.name for f in fields(TrainingArguments)}
+TRAINING_GROUPS = (
+    ("CoMP training", tuple(sorted(_CUSTOM | {"resume_from_checkpoint", "output_dir"}))),
+    ("schedule and optimizer", ("num_train_epochs", "max_steps", "learning_rate", "lr_scheduler", "warmup",
+                                "optim", "weight_decay", "adam_", "max_grad_norm", "label_smoothing")),
+    ("batches and data loading", ("per_device_train", "gradient_accumulation", "average_tokens", "auto_find",
+                                  "dataloader_", "remove_unused", "label_names", "train_sampling",
+                                  "length_column", "group_by", "seed", "data_seed", "full_determinism")),
+    ("precision, memory and devices", ("bf16", "fp16", "tf32", "activation_checkpointing", "gradient_checkpointing",
+                                       "torch_compile", "use_liger", "liger", "use_cache", "torch_empty",
+                                       "use_cpu", "deepspeed", "fsdp", "ddp_", "local_rank", "accelerator",
+                                       "parallelism", "neftune")),
+    ("checkpoints and logging", ("save_", "enable_jit", "logging_", "log_", "include_num", "disable_tqdm",
+                                 "report_to", "run_name", "project", "trackio", "ignore_data_skip",
+                                 "restore_callback", "skip_memory", "debug", "push_to_hub", "hub_")),
+    ("evaluation (unused by CoMP's recipes)", ("eval_", "per_device_eval", "prediction", "include_for",
+                                                "batch_eval", "load_best", "metric_for", "greater_is",
+                                                "bf16_full", "fp16_full", "do_")),
+)
+
+
+def _one_line(text: str | None, width: int = 70) -> str:
+    text = " ".join((text or "").split())
+    first = text.split(". ")[0].rstrip(".")
+    return first if len(first) <= width else first[: width - 3].rstrip() + "..."
+
+
+class TrainArgumentParser(HfArgumentParser):
+    """HfArgumentParser with a help text a person can read: one line per flag, CoMP's first."""
+
+    def format_help(self) -> str:
+        actions = {a.dest: a for a in self._actions  # --no_x shares x's dest: keep --x
+                   if a.option_strings and a.dest != "help" and not a.option_strings[0].startswith("--no_")}
+        own = [g for g in self._action_groups if g.title in ("CoMP model", "data")]
+        lines = [f"usage: {self.prog} --model_name_or_path LLM_OR_COMP_MM [--custom_visual_model VFM]",
+                 "                  --data_path DATA.yaml --output_dir DIR [flags]", "",
+                 "Train one CoMP step (the reference scripts' flags). Flags take underscores or dashes;",
+                 "switches take 1/0/True/False (alone: on). --help_all: transformers' full help.", ""]
+
+        def section(title: str, group_actions, full: bool = False) -> None:
+            lines.append(f"{title}:")
+            for a in group_actions:
+                default = "" if a.default in (None, dataclasses.MISSING) or a.required else f" (default {a.default})"
+                flag = a.option_strings[0]
+                text = ("required: " if a.required else "") + (
+                    " ".join((a.help or "").split()) if full else _one_line(a.help)) + default
+                wrapped = textwrap.wrap(text, 70) or [""]
+                lines.append(f"  {flag:<30} {wrapped[0]}")
+                lines.extend(" " * 33 + more for more in wrapped[1:])
+            lines.append("")
+
+        shown: set[str] = set()
+        for group in own:
+            acts = [a for a in group._group_actions if a.option_strings and not a.option_strings[0].startswith("--no_")]
+            shown |= {a.dest for a in group._group_actions}
+            section(group.title, acts, full=True)
+        rest = [a for d, a in actions.items() if d not in shown]
+        for title, prefixes in TRAINING_GROUPS:
+            picked = [a for a in rest if a.dest.startswith(prefixes) and a.dest not in shown]
+            shown |= {a.dest for a in picked}
+            if picked:
+                section(title, picked, full=title == "CoMP training")
+        other = [a for a in rest if a.dest not in shown]
+        if other:
+            section("other TrainingArguments", other)
+        return "\n".join(lines)
+
+    def parse_args_into_dataclasses(self, args=None, **kwargs):
+        import sys
+
+        argv = list(sys.argv[1:] if args is None else args)
+        if "--help_all" in argv or "--help-all" in argv:
+            print(super().format_help())
+            raise SystemExit(0)
+        return super().parse_args_into_dataclasses(args=argv, **kwargs)
+
+
+def build_parser() -> TrainArgumentParser:
+    return TrainArgumentParser((ModelArguments, DataArguments, CompTrainingArguments), prog="comp train")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CompTrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, CompTrainingArguments))
+    parser = build_parser()
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     parts = [p.strip() for p in model_args.mm_tunable_parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(TUNABLE_PARTS))

@@ -168,19 +168,48 @@ def captured(log_file: Path, verbose: bool) -> Iterator[None]:
             transformers.logging.set_verbosity(hf_level)
 
 
+def stage_progress_callback():
+    from transformers import TrainerCallback
+    from tqdm.auto import tqdm
+
+    class StageProgress(TrainerCallback):
+        """A bar per training step on the terminal: optimizer steps, lm_loss, ETA."""
+
+        def __init__(self, name: str, stream):
+            self.name, self.stream, self.bar = name, stream, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, desc=f"[comp demo] {self.name}", unit="step",
+                            file=self.stream, disable=None, leave=False, initial=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "lm_loss" in logs:
+                self.bar.set_postfix(lm_loss=f"{logs['lm_loss']:.3f}", refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.bar.close()
+
+    return StageProgress
+
+
 def train_steps(assets: Assets, run_dir: Path, plan: Plan, seed: int, logs: Path, verbose: bool,
                 say) -> dict[str, list[dict]]:
     """The four steps, chained; -> per step, the logged training steps (trainer.state.log_history)."""
     from comp.train.args import parse_args
     from comp.train.run import train
 
+    StageProgress = stage_progress_callback()
     histories: dict[str, list[dict]] = {}
     previous = None
+    terminal = sys.stderr  # the phases' own output goes to OUT/logs; the bars stay on the terminal
     for step in STEPS:
         start = time.perf_counter()
         argv = step_argv(step, assets, run_dir, previous, max_steps=plan.steps, seed=seed)
         with captured(logs / f"{step.name}.log", verbose):
-            trainer = train(*parse_args(argv))
+            trainer = train(*parse_args(argv), callbacks=[StageProgress(step.name, terminal)])
         histories[step.name] = [h for h in trainer.state.log_history if "lm_loss" in h]
         plan.timings[step.name] = time.perf_counter() - start
         last = histories[step.name][-1]
@@ -416,7 +445,9 @@ def timed(plan: Plan, name: str) -> Iterator[None]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from comp.cliargs import ArgumentParser
+
+    p = ArgumentParser(
         prog="comp demo",
         description="The SigLIP recipe end to end on tiny random models and toyworld data: builds "
                     "the assets, trains the four steps, exports the CoMP-VFM and writes "
@@ -425,12 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seeds the tiny checkpoints, toyworld and training")
     p.add_argument("--steps", type=int, default=None,
                    help=f"optimizer steps per training step (default {Plan.steps}; {QUICK['steps']} with --quick)")
-    p.add_argument("--quick", action="store_true",
+    p.add_switch("--quick", default=False,
                    help="smoke-sized run: few steps, one probe attribute, few probe and retrieval images")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the tiny models' ops are too small to "
                         "share, and on a busy machine a second thread costs up to 10x)")
-    p.add_argument("--verbose", action="store_true", help="print the training logs instead of filing them in OUT/logs")
+    p.add_switch("--verbose", default=False, help="print the training logs instead of filing them in OUT/logs")
     return p
 
 

@@ -1,4 +1,4 @@
-"""``comp export-vfm CKPT OUT``: the trained encoder of a CoMP-MM checkpoint as a standalone
+"""``comp export-vfm CKPT --out OUT``: the trained encoder of a CoMP-MM checkpoint as a standalone
 CoMP-VFM directory (config.json, model.safetensors, preprocessor_config.json).
 
 The result loads with ``CompVisionModel.from_pretrained`` and works as
@@ -7,10 +7,11 @@ MLLM and is left out unless ``--keep_merger``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
+from comp.cliargs import ArgumentParser
+from comp.hub import resolve_model_dir
 from comp.models.mllm import CompForConditionalGeneration
 from comp.models.vision.model import CompVisionModel
 
@@ -18,7 +19,7 @@ PREPROCESSOR = "preprocessor_config.json"
 
 
 def export_vfm(checkpoint: str | Path, out: str | Path, *, keep_merger: bool = False) -> Path:
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = resolve_model_dir(checkpoint), Path(out)
     model = CompForConditionalGeneration.from_pretrained(checkpoint)
     visual: CompVisionModel = model.visual
     if not keep_merger:
@@ -32,12 +33,16 @@ def export_vfm(checkpoint: str | Path, out: str | Path, *, keep_merger: bool = F
     return visual.save_pretrained(out)
 
 
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="comp export-vfm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a CoMP-MM (a `comp train` output_dir): directory or Hub id")
+    parser.add_out("where to write the CoMP-VFM directory")
+    parser.add_switch("--keep_merger", default=False, help="also export the 2x2 merger")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="comp export-vfm", description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a CoMP-MM directory (a `comp train` output_dir)")
-    parser.add_argument("out", help="where to write the CoMP-VFM")
-    parser.add_argument("--keep_merger", action="store_true", help="also export the 2x2 merger")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     path = export_vfm(args.checkpoint, args.out, keep_merger=args.keep_merger)
     print(f"wrote CoMP-VFM to {path}")
     return 0

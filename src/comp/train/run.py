@@ -21,6 +21,7 @@ from comp.data.dataset import MixtureDataset
 from comp.data.lengths import shared_lengths
 from comp.data.processor import CompProcessor
 from comp.data.sampler import ModalityLengthGroupedSampler
+from comp.hub import resolve_model_dir
 from comp.models.alignment import UNIFORM_PRIOR
 from comp.models.mllm import CompForConditionalGeneration, file_sha256
 from comp.train.args import DataArguments, ModelArguments, CompTrainingArguments, parse_args
@@ -33,7 +34,7 @@ _ALIGNMENT_FIELDS = ("loss_weight", "embed_temp", "word_temp", "word_eps", "sink
 
 
 def is_comp_checkpoint(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
+    config = resolve_model_dir(path) / "config.json"
     return config.exists() and json.loads(config.read_text()).get("model_type") == "comp"
 
 
@@ -171,7 +172,7 @@ def start_deepspeed_comm(training_args: CompTrainingArguments) -> None:
 
 
 def train(model_args: ModelArguments, data_args: DataArguments,
-          training_args: CompTrainingArguments) -> CompTrainer:
+          training_args: CompTrainingArguments, callbacks: list | None = None) -> CompTrainer:
     transformers.set_seed(training_args.seed)
     start_deepspeed_comm(training_args)
     dtype = torch.bfloat16 if training_args.bf16 else None
@@ -183,7 +184,7 @@ def train(model_args: ModelArguments, data_args: DataArguments,
         vision_lr=training_args.mm_vision_tower_lr, projector_lr=training_args.mm_projector_lr,
         max_skip_fraction=data_args.max_skip_fraction, train_sampler=sampler,
         reference_groups=training_args.reference_optimizer_groups,
-        lm_loss_normalization=training_args.lm_loss_normalization)
+        lm_loss_normalization=training_args.lm_loss_normalization, callbacks=callbacks)
     resume = resume_point(training_args)
     if resume:
         check_resume_prior(resume, model.config)

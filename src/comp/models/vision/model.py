@@ -18,14 +18,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, PretrainedConfig
 
+from comp.hub import resolve_model_dir
+
 from ..merger import PatchMerger, init_merger
 from ..weights import SINGLE_FILE as WEIGHTS_NAME
-from ..weights import weight_files
+from ..weights import save_file, weight_files
 from .attention import BACKENDS, PackedContext
 from .packing import cu_seqlens, insert_first, rowcol_ids
 from .rope2d import rope_cos_sin
@@ -203,8 +204,10 @@ class CompVisionModel(nn.Module):
     # ---------------------------------------------------------------- loading / saving
     @classmethod
     def from_pretrained(cls, path: str | Path, use_rope: bool | None = None, w_merger: int | None = None,
-                        torch_dtype: torch.dtype | None = None, **overrides) -> "CompVisionModel":
-        """Load an HF SigLIP / DINOv2 / AIMv2 directory or a saved CoMP-VFM directory.
+                        torch_dtype: torch.dtype | None = None, revision: str | None = None,
+                        **overrides) -> "CompVisionModel":
+        """Load an HF SigLIP / DINOv2 / AIMv2 or a saved CoMP-VFM: a directory or a Hub id
+        (``org/name[@revision]``, see ``comp.hub``).
 
         use_rope / w_merger None keep the directory's setting (a plain HF checkpoint: rope
         off, no merger); ``w_merger=0`` drops a saved merger; a new merger is freshly
@@ -215,7 +218,7 @@ class CompVisionModel(nn.Module):
         its position table in raster order; when the directory shows it (see
         ``reference_trained``) ``pos_order`` defaults to "raster", logged. ``pos_order=`` wins.
         """
-        path = Path(path)
+        path = resolve_model_dir(path, revision)
         config, saved_merger = _config_for(path, overrides)
         why = reference_trained(path) if "pos_order" not in overrides else None
         if why and config.pos_order != "raster":
@@ -304,17 +307,59 @@ def _config_for(path: Path, overrides: dict) -> tuple[CompVisionConfig, int | No
         raise ValueError(f"{cfg_file}: model_type {model_type!r} is not a supported vision encoder; "
                          f"expected one of {sorted(MODEL_TYPES) + ['comp_vision']}")
     family = MODEL_TYPES[model_type]
-    fields = _family(family).config_from_hf(AutoConfig.from_pretrained(path))
+    with _quiet_transformers():  # e.g. a two-tower config's text token ids: not our concern
+        hf_config = AutoConfig.from_pretrained(path)
+    fields = _family(family).config_from_hf(hf_config)
     config = CompVisionConfig(family=family, **fields)
     for key, value in overrides.items():
         _set_field(config, key, value, path)
     return config, None
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings off while reading a source config: its checks cover the text
+    tower too, which CoMP never builds."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _set_field(config: CompVisionConfig, key: str, value, path: Path) -> None:
     if not hasattr(config, key):
         raise TypeError(f"from_pretrained({path}): unknown setting {key!r} (not a CompVisionConfig field)")
     setattr(config, key, value)
+
+
+# Tensors of the original checkpoints CoMP leaves out by design (comp-method.md: no pooling
+# head, no post-layernorm, no CLS/mask token); a SigLIP / CLIP two-tower file also holds the text tower.
+TEXT_TOWER = ("text_model.", "logit_scale", "logit_bias")
+DESIGNED_OUT = ("head.", "post_layernorm.", "embeddings.mask_token")
+
+
+def report_unused(path: Path, ignored: list[str], prefix: str) -> None:
+    """The text tower and the parts CoMP drops by design are one info line each; any other
+    unused tensor is a warning (a wrong checkpoint or a naming mismatch)."""
+    text = [k for k in ignored if k.startswith(TEXT_TOWER)]
+    rest = [k for k in ignored if k not in set(text)]
+    designed = [k for k in rest if k[len(prefix):].startswith(DESIGNED_OUT)]
+    unexpected = [k for k in rest if k not in set(designed)]
+    if text:
+        logger.info("%s: two-tower checkpoint; its text tower (%d tensors) is not used", path, len(text))
+    if designed:
+        logger.info("%s: %d tensors CoMP leaves out by design (%s)", path, len(designed), _groups(designed))
+    if unexpected:
+        logger.warning("%s: %d checkpoint tensors not used by CompVisionModel (%s)", path, len(unexpected),
+                       _groups(unexpected))
+
+
+def _groups(keys: list[str]) -> str:
+    return ", ".join(sorted({".".join(k.split(".")[:2]) for k in keys}))
 
 
 def _read_weights(path: Path, model: CompVisionModel, saved_merger: int | None) -> dict[str, torch.Tensor]:
@@ -347,10 +392,7 @@ def _read_weights(path: Path, model: CompVisionModel, saved_merger: int | None) 
                 if on_disk[s] == f:
                     state[k] = sf.get_tensor(s)
     ignored = sorted(set(on_disk) - set(source.values()))
-    if ignored:
-        groups = sorted({".".join(k.split(".")[:2]) for k in ignored})
-        logger.warning("%s: %d checkpoint tensors not used by CompVisionModel (%s)", path, len(ignored),
-                       ", ".join(groups))
+    report_unused(path, ignored, prefix)
     for k in zeros:
         state[k] = torch.zeros(model.get_parameter(k).shape)
     if merger_fresh:  # a new merger, initialised as the family's, materialised off the meta device
