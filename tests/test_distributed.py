@@ -149,7 +149,7 @@ def test_next_stage_and_export_read_the_zero3_checkpoint(assets, runs, tmp_path)
 
     from comp import CompVisionModel
 
-    run(["comp", "export-vfm", str(runs["zero3"]), str(tmp_path / "vfm")])
+    run(["comp", "export-vfm", str(runs["zero3"]), "--out", str(tmp_path / "vfm")])
     vfm = CompVisionModel.from_pretrained(tmp_path / "vfm")
     for name, tensor in vfm.state_dict().items():
         assert torch.equal(tensor, before["visual." + name]), name
