@@ -205,4 +205,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         parser.error(f"--prompt_format must be reference or inplace, got {data_args.prompt_format!r}")
     if model_args.pos_order not in (None, "merge", "raster"):
         parser.error(f"--pos_order must be merge or raster, got {model_args.pos_order!r}")
+    if training_args.fsdp:
+        parser.error("--fsdp is not supported: comp train shards with DeepSpeed ZeRO-3 "
+                     "(--deepspeed scripts/zero3.json) or ZeRO-2 (scripts/zero2.json), the engines "
+                     "its tests run; on CPU accelerate would silently replace FSDP with DDP")
     return model_args, data_args, training_args

@@ -1,5 +1,5 @@
 """CompTrainer: transformers' Trainer with CoMP's parameter groups, loss bookkeeping and
-crash-safe checkpoints. DeepSpeed ZeRO-2/3, FSDP, mixed precision, schedulers and logging
+crash-safe checkpoints. DeepSpeed ZeRO-2/3, mixed precision, schedulers and logging
 integrations come from transformers / accelerate unchanged.
 
 Loss normalisation: each optimizer step's loss is the LM loss summed over the step's
