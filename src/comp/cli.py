@@ -2,10 +2,16 @@
 
 Each command is ``module:function`` taking the remaining argv; modules are imported only
 when their command runs, so ``comp --help`` stays fast.
+
+Known errors (``comp.errors.UserError``) end with one line ``comp <cmd>: <what> (<file>): <fix>``
+and exit status 2; ``--debug`` (or COMP_DEBUG=1) shows their traceback too (for ``comp train``
+only before the command: after it, ``--debug`` is transformers' own flag).
+Other exceptions are bugs and keep their traceback.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -22,13 +28,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: comp <command> [args]", "", "commands:"]
+    lines = ["usage: comp [--debug] <command> [args]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug" or os.environ.get("COMP_DEBUG") == "1"
+    if argv and argv[0] == "--debug":
+        argv = argv[1:]
+    if argv and argv[0] != "train" and "--debug" in argv:  # train's --debug is transformers'
+        debug, argv = True, [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -38,7 +49,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    return run_command(f"comp {name}", func, rest, debug=debug)
+
+
+def run_command(prog: str, func, argv: list[str], *, debug: bool = False) -> int:
+    """``func(argv)``; a UserError becomes ``prog: <line>`` on stderr and exit status 2."""
+    from comp.errors import UserError
+
+    try:
+        return int(func(argv) or 0)
+    except UserError as err:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{prog}: {err.line()}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -21,5 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage if known else f"comp data: unknown command {argv[0]!r}\n\n{usage}",
               file=sys.stdout if known else sys.stderr)
         return 0 if known else 2
+    from comp.cli import run_command
+
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    return run_command(f"comp data {argv[0]}", module.main, argv[1:])

@@ -14,6 +14,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 LM_LOSS_NORMALIZATIONS = ("step", "micro_batch")
 TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model", "mm_lm_head")
+INTERP_MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
+PRIOR_MODES = ("reference", "sinkhorn")
 
 
 @dataclass
@@ -194,19 +196,65 @@ def build_parser() -> TrainArgumentParser:
     return TrainArgumentParser((ModelArguments, DataArguments, CompTrainingArguments), prog="comp train")
 
 
+def flag_problems(model_args: ModelArguments, data_args: DataArguments,
+                  training_args: CompTrainingArguments | None = None) -> list[str]:
+    """What is wrong with the numeric and choice flags, one message per flag (empty: all good).
+    Checked at parse time, so a bad value never reaches the first forward pass."""
+    m, d, t = model_args, data_args, training_args
+    checks = [
+        ("embed_temp", m.embed_temp > 0, "must be > 0"),
+        ("word_temp", m.word_temp > 0, "must be > 0"),
+        ("word_eps", m.word_eps > 0, "must be > 0"),
+        ("loss_weight", m.loss_weight >= 0, "must be >= 0"),
+        ("sinkhorn_iters", m.sinkhorn_iters >= 1, "must be >= 1"),
+        ("lm_loss_chunk_size", m.lm_loss_chunk_size > 0, "must be > 0"),
+        ("use_rope", m.use_rope in (0, 1), "must be 0 or 1"),
+        ("use_alignment_loss", m.use_alignment_loss in (0, 1), "must be 0 or 1"),
+        ("pos_interp_mode", m.pos_interp_mode in INTERP_MODES, f"must be one of {list(INTERP_MODES)}"),
+        ("prior_mode", m.prior_mode in PRIOR_MODES, f"must be one of {list(PRIOR_MODES)}"),
+        ("max_skip_fraction", 0 <= d.max_skip_fraction <= 1, "must be in [0, 1]"),
+        ("model_max_length", d.model_max_length > 0, "must be > 0"),
+        ("max_num_vistoken", d.max_num_vistoken > 0, "must be > 0"),
+        ("min_num_vistoken", 0 < d.min_num_vistoken <= d.max_num_vistoken,
+         "must be > 0 and <= --max_num_vistoken"),
+        ("force_resize", d.force_resize is None or d.force_resize > 0, "must be > 0"),
+        ("pack_length", d.pack_length is None or d.pack_length > 0, "must be > 0"),
+        ("prompt_format", d.prompt_format in ("reference", "inplace"), "must be reference or inplace"),
+        ("pos_order", m.pos_order in (None, "merge", "raster"), "must be merge or raster"),
+    ]
+    if t is not None:
+        checks += [
+            ("learning_rate", t.learning_rate >= 0, "must be >= 0"),
+            ("mm_vision_tower_lr", t.mm_vision_tower_lr is None or t.mm_vision_tower_lr >= 0, "must be >= 0"),
+            ("mm_projector_lr", t.mm_projector_lr is None or t.mm_projector_lr >= 0, "must be >= 0"),
+            ("weight_decay", t.weight_decay >= 0, "must be >= 0"),
+            ("max_grad_norm", t.max_grad_norm >= 0, "must be >= 0"),
+            ("per_device_train_batch_size", t.per_device_train_batch_size > 0, "must be > 0"),
+            ("gradient_accumulation_steps", t.gradient_accumulation_steps > 0, "must be > 0"),
+        ]
+    problems = [f"--{name} {fix}, got {_value(m, d, t, name)!r}" for name, ok, fix in checks if not ok]
+    parts = [p.strip() for p in m.mm_tunable_parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(TUNABLE_PARTS))
+    if unknown:
+        problems.append(f"--mm_tunable_parts: unknown part(s) {unknown}; choose from {list(TUNABLE_PARTS)}")
+    elif not parts:
+        problems.append(f"--mm_tunable_parts is empty; name at least one of {list(TUNABLE_PARTS)}")
+    return problems
+
+
+def _value(*args_and_name):
+    *objects, name = args_and_name
+    return next(getattr(o, name) for o in objects if o is not None and hasattr(o, name))
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CompTrainingArguments]:
     parser = build_parser()
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    parts = [p.strip() for p in model_args.mm_tunable_parts.split(",") if p.strip()]
-    unknown = sorted(set(parts) - set(TUNABLE_PARTS))
-    if unknown:
-        parser.error(f"--mm_tunable_parts: unknown part(s) {unknown}; choose from {list(TUNABLE_PARTS)}")
-    if data_args.prompt_format not in ("reference", "inplace"):
-        parser.error(f"--prompt_format must be reference or inplace, got {data_args.prompt_format!r}")
-    if model_args.pos_order not in (None, "merge", "raster"):
-        parser.error(f"--pos_order must be merge or raster, got {model_args.pos_order!r}")
     if training_args.fsdp:
         parser.error("--fsdp is not supported: comp train shards with DeepSpeed ZeRO-3 "
                      "(--deepspeed scripts/zero3.json) or ZeRO-2 (scripts/zero2.json), the engines "
                      "its tests run; on CPU accelerate would silently replace FSDP with DDP")
+    problems = flag_problems(model_args, data_args, training_args)
+    if problems:
+        parser.error("; ".join(problems))
     return model_args, data_args, training_args
