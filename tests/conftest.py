@@ -13,6 +13,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 QWEN2_TOKENIZER_DIR = SHARED / "tokenizers" / "qwen2"
 WORD_DIST_FIXTURE = SHARED / "fixtures" / "word_dist.pth"
 
+# Without a GPU, DeepSpeed (imported by transformers when saving) prints an accelerator
+# warning to stdout on first use, inside whichever test captures stdout first; naming the CPU
+# accelerator keeps that quiet.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 # Tiny models: one thread is fastest, and does not fight other processes for the 2 cores.
 torch.set_num_threads(1)
 

@@ -33,6 +33,7 @@ def make_mixed(root: Path) -> tuple[Path, dict[str, str | None]]:
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     Image.new("RGB", (30, 30)).save(root / "outside.png")
     Image.new("RGB", (402, 2)).save(images / "sliver.png")  # aspect ratio 201
+    (images / "folder.png").mkdir()  # a directory named like an image
     records = [
         ("good_one", {"image": "wide.png", "conversations": turn("<image>\nWhat is it?")}, None),
         ("good_two", {"image": ["wide.png", "tall.jpg"], "conversations": turn("<image> vs <image>")}, None),
@@ -40,6 +41,7 @@ def make_mixed(root: Path) -> tuple[Path, dict[str, str | None]]:
         ("good_text", {"conversations": turn("Say hi.", "hi")}, None),
         ("bad_missing", {"image": "nope.png", "conversations": turn("<image>")}, "missing_image"),
         ("bad_decode", {"image": "broken.png", "conversations": turn("<image>")}, "undecodable_image"),
+        ("bad_dir", {"image": "folder.png", "conversations": turn("<image>")}, "bad_image_path"),
         ("bad_escape", {"image": "../outside.png", "conversations": turn("<image>")}, "path_escape"),
         ("bad_aspect", {"image": "sliver.png", "conversations": turn("<image>")}, "unprocessable_image"),
         ("bad_count", {"image": "wide.png", "conversations": turn("<image><image>")}, "placeholder_mismatch"),

@@ -2,8 +2,10 @@
 
 Every record is inspected as the dataset would use it, without decoding pixels: images are
 opened for their header size only (EXIF orientation honoured; visual tokens = the
-processor's smart_resize rule for that size) and checked with PIL's cheap ``verify`` (headers and PNG checksums; ``--decode``
-decodes fully, to also catch truncated JPEG bodies). With ``--tokenizer`` every sample is
+processor's smart_resize rule for that size), refused when over the pixel limit from that
+header alone, checked for a JPEG end-of-image marker / PNG IEND chunk near the file's end
+(truncated files) and with PIL's cheap ``verify`` (headers and PNG checksums; ``--decode``
+decodes fully). Only regular files are images, as in training. With ``--tokenizer`` every sample is
 also tokenised, giving text/sequence lengths, samples over ``--model_max_length`` and the
 ``too_long`` / ``no_supervised_tokens`` skips. Records are scanned in parallel over index
 ranges. Exit status 1 when any error class is non-empty.
@@ -22,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from comp.data.conversation import encode_conversation, load_tokenizer
-from comp.data.dataset import Source, resolve_image_path
+from comp.data.dataset import Source, check_image_path, resolve_image_path
 from comp.data.index import JSONSyntaxError
 from comp.data.mixture import MixtureError, load_mixture
 from comp.data.records import SkipSample, prompt_messages
@@ -145,21 +147,33 @@ class CheckJob:
         return tally
 
     def _image_tokens(self, path: Path) -> int:
+        """Visual tokens of one image, refusing it for the reasons training would: missing,
+        not a regular file, over the pixel limit (from the header: never decoded), truncated
+        (end marker, cheap), corrupt (``verify``, or a full decode with ``--decode``)."""
         from PIL import Image
 
-        from comp.data.image import DEFAULT_MAX_IMAGE_PIXELS, image_size
+        from comp.data.image import (DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, decode, image_size,
+                                     truncation_problem)
 
-        if not path.is_file():
-            raise SkipSample("missing_image", f"image file {path} does not exist")
+        check_image_path(path)
         try:
             height, width = image_size(path)
-            with Image.open(path) as im:
-                im.load() if self.decode else im.verify()
-        except Exception as e:  # PIL raises many types for corrupt files
-            raise SkipSample("undecodable_image", f"{path}: {type(e).__name__}: {e}") from None
+        except ImageLoadError as e:
+            raise SkipSample("undecodable_image", f"{path}: {e}") from None
         if height * width > DEFAULT_MAX_IMAGE_PIXELS:  # load_image refuses it likewise
             raise SkipSample("undecodable_image", f"{path}: {width}x{height} pixels is above the "
                              f"limit of {DEFAULT_MAX_IMAGE_PIXELS:,}")
+        try:
+            if self.decode:
+                decode(path)
+            else:
+                with Image.open(path) as im:
+                    problem = truncation_problem(path, im.format)
+                    if problem:
+                        raise ImageLoadError(problem)
+                    im.verify()
+        except Exception as e:  # PIL raises many types for corrupt files
+            raise SkipSample("undecodable_image", f"{path}: {type(e).__name__}: {e}") from None
         try:
             return self.processor.num_visual_tokens(height, width)
         except ValueError as e:

@@ -44,9 +44,11 @@ def _num_images(sample: dict) -> int:
     return 0 if sample["image_grid_thw"] is None else len(sample["image_grid_thw"])
 
 
-def pad_rows(rows: list, pad_id: int, ids_key: str, mask_key: str, side: str = "right") -> dict:
-    """Pad 1-D id rows (tensors or lists) into ``[S, L]`` ids and mask, on the right or left."""
-    width = max((len(r) for r in rows), default=0)
+def pad_rows(rows: list, pad_id: int, ids_key: str, mask_key: str, side: str = "right",
+             min_width: int = 0) -> dict:
+    """Pad 1-D id rows (tensors or lists) into ``[S, L]`` ids and mask, on the right or left
+    (at least ``min_width`` wide)."""
+    width = max(max((len(r) for r in rows), default=0), min_width)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for k, r in enumerate(rows):
@@ -104,8 +106,10 @@ class DataCollator:
             "skipped": skipped,
         }
         if all("align_ids" in samples[i] for i in order):
+            # One column at least: a batch whose answers are all empty ("") still runs the
+            # alignment text pass (every rank makes the same calls); its rows are masked out.
             batch.update(pad_rows([samples[i]["align_ids"] for i in order], self.pad_token_id,
-                                   "align_input_ids", "align_attention_mask"))
+                                   "align_input_ids", "align_attention_mask", min_width=1))
         if self.pack_length:
             batch["sample_ids"] = sample_ids
             batch["cu_seqlens"] = cu_seqlens

@@ -96,11 +96,23 @@ def resolve_image_path(root: Path, relative: str) -> Path:
     return Path(path_n)
 
 
+def check_image_path(path: Path) -> None:
+    """SkipSample unless ``path`` is a regular file: missing_image, or bad_image_path for a
+    directory, pipe, socket, device or a name the file system refuses."""
+    from comp.data.image import ImagePathError, regular_file
+
+    try:
+        regular_file(path)
+    except ImagePathError as e:
+        if e.kind == "missing":
+            raise SkipSample("missing_image", f"image file {path} does not exist") from None
+        raise SkipSample("bad_image_path", str(e)) from None
+
+
 def open_image(path: Path, load_image):
-    """Load one image, telling a missing file from an undecodable one (``load_image`` raises
-    ImageLoadError, a ValueError, or an OSError from PIL)."""
-    if not path.is_file():
-        raise SkipSample("missing_image", f"image file {path} does not exist")
+    """Load one image, telling a missing file or a non-file from an undecodable one
+    (``load_image`` raises ImageLoadError, a ValueError, or an OSError from PIL)."""
+    check_image_path(path)
     try:
         return load_image(path)
     except (ValueError, OSError) as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,6 +41,61 @@ ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 class ImageLoadError(ValueError):
     """An image that cannot be used: missing, undecodable, truncated, or over the pixel limit."""
+
+
+class ImagePathError(ImageLoadError):
+    """An image path that names no usable file: ``missing`` (nothing there), ``not_a_file`` (a
+    directory, pipe, socket or device: opening a pipe would block forever) or ``bad_name`` (a
+    name the file system refuses, e.g. a component over 255 bytes)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+# Bytes at the end of a file searched for the end marker (some writers append padding).
+TAIL_BYTES = 4096
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
+
+
+def regular_file(path: str | os.PathLike) -> int:
+    """Size in bytes of the regular file at ``path`` (symlinks followed); ImagePathError
+    otherwise. Only regular files are images: a FIFO or device given as one hangs a reader."""
+    name = repr(os.fspath(path))
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImagePathError(f"cannot load image {name}: file not found", "missing") from None
+    except OSError as err:  # ENAMETOOLONG, ELOOP, EACCES, ...
+        raise ImagePathError(f"cannot load image {name}: {err.strerror or err}; fix the path "
+                             "(each path component must be at most 255 bytes)", "bad_name") from None
+    except ValueError as err:  # embedded NUL
+        raise ImagePathError(f"cannot load image {name}: {err}", "bad_name") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a named pipe" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device" if
+                stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise ImagePathError(f"cannot load image {name}: it is {kind}, not a regular file; "
+                             "only regular files are images", "not_a_file")
+    return st.st_size
+
+
+def truncation_problem(path: str | os.PathLike, image_format: str | None) -> str | None:
+    """Why a JPEG or PNG file is cut short (no end-of-image marker / IEND chunk near its
+    end), or None. Reads the last few KB only: cheap enough for every image of a dataset."""
+    marker = _END_MARKERS.get(image_format or "")
+    if marker is None:
+        return None
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - TAIL_BYTES))
+        tail = f.read()
+    if marker in tail:
+        return None
+    what = "end-of-image marker (FFD9)" if marker != b"IEND" else "IEND chunk"
+    return (f"the {image_format} file is truncated: no {what} in its last {TAIL_BYTES} bytes "
+            "(an interrupted download or copy?); re-fetch the file")
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -100,6 +156,10 @@ def decode(source: ImageSource, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
                 f"cannot load image {name}: {width}x{height} = {width * height:,} pixels is "
                 f"above the limit of {max_image_pixels:,} (a decompression bomb?); "
                 "raise max_image_pixels if the image is genuine")
+        if isinstance(source, (str, os.PathLike)):
+            problem = truncation_problem(source, image.format)
+            if problem:
+                raise ImageLoadError(f"cannot load image {name}: the data cannot be decoded: {problem}")
         image.load()
         return ImageOps.exif_transpose(image)
 
@@ -125,6 +185,8 @@ def image_size(source: str | os.PathLike | IO[bytes]) -> tuple[int, int]:
 def _opened(source: str | os.PathLike | IO[bytes]) -> Iterator[tuple[Image.Image, str]]:
     """Image.open (header only) with every failure, inside the block too, as ImageLoadError."""
     name = _source_name(source)
+    if isinstance(source, (str, os.PathLike)):
+        regular_file(source)
     try:
         with warnings.catch_warnings():  # the pixel limit in decode replaces Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -3,7 +3,7 @@
 Counts the tokens of every assistant answer of a mixture over the whole vocabulary
 (``len(tokenizer)``) and writes them with ``torch.save`` as a plain Python list of ints, the
 kind of file the reference's ``--word_dist_path`` takes (``torch.load(path,
-weights_only=True)``). Answers are tokenised without special tokens; malformed records are
+weights_only=True)``). Answers are tokenised as plain text, as training does; malformed records are
 skipped and counted.
 """
 from __future__ import annotations

@@ -32,7 +32,10 @@ SKIP_REASONS = {
     "malformed_record": "the record is not valid JSON or lacks/misshapes 'conversations' or 'image'",
     "placeholder_mismatch": "the number of <image> placeholders differs from the number of images",
     "missing_image": "an image file does not exist",
-    "undecodable_image": "an image file exists but cannot be decoded (or is over the pixel limit)",
+    "bad_image_path": "an image path is no regular file (directory, pipe, socket, device) or a "
+                      "name the file system refuses (e.g. a component over 255 bytes)",
+    "undecodable_image": "an image file exists but cannot be decoded, is truncated, or is over "
+                         "the pixel limit",
     "unprocessable_image": "the image processor refuses the image (e.g. aspect ratio over 200)",
     "path_escape": "an image path resolves outside the image root",
     "too_long": "model_max_length would cut an image span (truncation only cuts trailing text)",
@@ -81,6 +84,10 @@ def _images_of(obj: dict) -> list[str]:
     images = [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         raise _malformed(f"'image' must be a path or a list of paths, got {image!r:.80}")
+    for k, p in enumerate(images):
+        _check_encodable(p, f"image path {k}")
+        if "\0" in p:
+            raise _malformed(f"image path {k} holds a NUL character")
     return images
 
 
@@ -94,14 +101,24 @@ def _turn(turn, k: int) -> tuple[str, str]:
                          "(or user/assistant/system)")
     if not isinstance(text, str):
         raise _malformed(f"conversations[{k}] text must be a string, got {type(text).__name__}")
+    _check_encodable(text, f"conversations[{k}] text")
     return ROLES[role], text
+
+
+def _check_encodable(text: str, what: str) -> None:
+    """JSON may hold lone surrogates (``"\\ud800"``), which no tokenizer or file system takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _malformed(f"{what} holds {text[e.start:e.end]!r} at character {e.start}, which is "
+                         "not valid Unicode (a lone surrogate?); fix the JSON text") from None
 
 
 def parse_record(obj, position: int) -> Record:
     """Normalise one parsed JSON record; raises SkipSample for a bad one."""
     if not isinstance(obj, dict):
         raise _malformed(f"record is a {type(obj).__name__}, not an object")
-    rid = str(obj.get("id", position))
+    rid = str(obj.get("id", position)).encode("utf-8", "backslashreplace").decode("utf-8")
     try:
         return _parse(obj, rid)
     except SkipSample as e:
