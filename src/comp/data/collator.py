@@ -104,6 +104,7 @@ class DataCollator:
                 torch.arange(len(order)),
                 torch.tensor([_num_images(samples[i]) for i in order], dtype=torch.long)),
             "skipped": skipped,
+            "records": [samples[i].get("record") for i in order],
         }
         if all("align_ids" in samples[i] for i in order):
             # One column at least: a batch whose answers are all empty ("") still runs the

@@ -182,7 +182,9 @@ class MixtureDataset(Dataset):
         record = None
         try:
             record = source.record(r)
-            return self._encode(source, record, i)
+            sample = self._encode(source, record, i)
+            sample["record"] = source.where(r, record.id)  # named if the step's loss is not finite
+            return sample
         except SkipSample as e:
             return Skipped(e.reason, e.detail, source.where(r, record.id if record else e.record_id))
 

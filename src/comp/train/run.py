@@ -25,7 +25,9 @@ from comp.hub import resolve_model_dir
 from comp.models.alignment import UNIFORM_PRIOR
 from comp.models.mllm import CompForConditionalGeneration, file_sha256
 from comp.train.args import DataArguments, ModelArguments, CompTrainingArguments, parse_args
-from comp.train.trainer import CompTrainer, last_complete_checkpoint, set_tunable_parts
+from comp.errors import UserError, ensure_writable_dir
+from comp.train.trainer import (CompTrainer, checkpoint_fingerprint, checkpoint_problem,
+                                last_complete_checkpoint, model_fingerprint, set_tunable_parts)
 
 logger = logging.getLogger("comp.train")
 
@@ -144,15 +146,28 @@ def build_data(data_args: DataArguments, processor: CompProcessor, training_args
     return dataset, collator, sampler
 
 
-def resume_point(training_args: CompTrainingArguments) -> str | None:
-    """``--resume_from_checkpoint auto`` (or ``True``) = the newest complete checkpoint, if any."""
+def resume_point(training_args: CompTrainingArguments, model=None) -> str | None:
+    """``--resume_from_checkpoint auto`` (or ``True``) = the newest checkpoint that verifies
+    (newer ones that do not are named and skipped); a named checkpoint must verify. With
+    ``model``, a checkpoint of another architecture or vocabulary is refused."""
     wanted = training_args.resume_from_checkpoint
     if wanted in (None, "", "False", "false", "0"):
         return None
     if wanted in ("auto", "True", "true", "1"):
         found = last_complete_checkpoint(training_args.output_dir)
-        return str(found) if found else None
-    return wanted
+    else:
+        found = Path(wanted)
+        why = checkpoint_problem(found)
+        if why is not None:
+            raise UserError(f"cannot resume from this checkpoint: {why}", found,
+                            "name a checkpoint that `comp train` finished writing, or use auto")
+    if found is not None and model is not None:
+        theirs = checkpoint_fingerprint(found)
+        if theirs is not None and theirs != model_fingerprint(model):
+            raise UserError("the checkpoint belongs to another model (different parameters or "
+                            "shapes than this run's)", found,
+                            "use a fresh --output_dir, or the --model_name_or_path that wrote it")
+    return str(found) if found else None
 
 
 def start_deepspeed_comm(training_args: CompTrainingArguments) -> None:
@@ -175,8 +190,13 @@ def train(model_args: ModelArguments, data_args: DataArguments,
           training_args: CompTrainingArguments, callbacks: list | None = None) -> CompTrainer:
     transformers.set_seed(training_args.seed)
     start_deepspeed_comm(training_args)
+    if training_args.should_save:
+        ensure_writable_dir(training_args.output_dir)
     dtype = torch.bfloat16 if training_args.bf16 else None
     model, processor = build_model(model_args, data_args, dtype)
+    resume = resume_point(training_args, model)  # verified and of this model, before any work
+    if resume:
+        check_resume_prior(resume, model.config)
     dataset, collator, sampler = build_data(data_args, processor, training_args)
     trainer = CompTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator,
@@ -185,9 +205,6 @@ def train(model_args: ModelArguments, data_args: DataArguments,
         max_skip_fraction=data_args.max_skip_fraction, train_sampler=sampler,
         reference_groups=training_args.reference_optimizer_groups,
         lm_loss_normalization=training_args.lm_loss_normalization, callbacks=callbacks)
-    resume = resume_point(training_args)
-    if resume:
-        check_resume_prior(resume, model.config)
     trainer.train(resume_from_checkpoint=resume)
     logger.info("data: %s", trainer.skip_stats.summary())
     trainer.save_model(training_args.output_dir)

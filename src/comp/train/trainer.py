@@ -11,8 +11,10 @@ each micro-batch's token mean, divided by the accumulation steps and averaged ov
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -23,6 +25,7 @@ import torch
 from transformers import Trainer
 
 from comp.data.dataset import SkipStats
+from comp.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,14 @@ COMPLETE_MARKER = "COMPLETE"
 SKIP_VERDICT_SAMPLES = 1000
 CHECKPOINT_PREFIX = "checkpoint-"
 # Batch entries that are bookkeeping, not model inputs.
-NON_MODEL_KEYS = ("skipped", "has_image", "images_per_row", "sample_ids")
+NON_MODEL_KEYS = ("skipped", "has_image", "images_per_row", "sample_ids", "records")
+# What a checkpoint needs to resume the run exactly (besides its weights).
+STATE_FILES = ("trainer_state.json",)
+OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
+
+
+class NonFiniteError(UserError):
+    """The loss or the gradient norm is NaN or infinite: training stops, nothing is saved."""
 
 
 @dataclass
@@ -120,14 +130,85 @@ def is_complete(checkpoint: Path) -> bool:
     return (checkpoint / COMPLETE_MARKER).exists()
 
 
-def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest checkpoint whose writing finished (half-written ones are ignored)."""
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the parameter names and full shapes: the same architecture and vocabulary give
+    the same value, another model's checkpoints a different one."""
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3: the unpartitioned shape
+        h.update(f"{name}:{shape};".encode())
+    return h.hexdigest()[:16]
+
+
+def checkpoint_manifest(checkpoint: Path) -> dict[str, int]:
+    """Every file under ``checkpoint`` (relative path -> size in bytes), the marker aside."""
+    files = {}
+    for path in sorted(checkpoint.rglob("*")):
+        if path.is_file() and path.name not in (COMPLETE_MARKER, COMPLETE_MARKER + ".tmp"):
+            files[str(path.relative_to(checkpoint))] = path.stat().st_size
+    return files
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot resume the run exactly, or None when it verifies: the marker
+    lists every file with its size (a truncated or missing file fails), the trainer state
+    must parse, and the optimizer and scheduler state must be there unless the marker says
+    the checkpoint holds the model only."""
+    marker = checkpoint / COMPLETE_MARKER
+    if not marker.exists():
+        return "no COMPLETE marker (its writing never finished)"
+    try:
+        info = json.loads(marker.read_text())
+        files = info["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {COMPLETE_MARKER} marker lists no files (unreadable, or written by an older version)"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, the marker recorded {size} (truncated?)"
+    for name in STATE_FILES:
+        if name not in files:
+            return f"it has no {name}"
+        try:
+            json.loads((checkpoint / name).read_text())
+        except (OSError, ValueError) as err:
+            return f"{name} does not parse ({err})"
+    has_deepspeed_state = any(name.startswith("global_step") for name in files)
+    if not info.get("model_only") and not has_deepspeed_state:
+        lacking = [name for name in OPTIMIZER_FILES if name not in files]
+        if lacking:
+            return f"it has no {' or '.join(lacking)}: resuming would restart the optimizer and schedule"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | Path, *, report=None) -> Path | None:
+    """The newest checkpoint that verifies (``checkpoint_problem``); each newer one that does
+    not is passed to ``report(path, why)`` (default: a warning) and skipped."""
     candidates = []
     for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         suffix = path.name[len(CHECKPOINT_PREFIX):]
         if suffix.isdigit() and is_complete(path):
             candidates.append((int(suffix), path))
-    return max(candidates)[1] if candidates else None
+    for _, path in sorted(candidates, reverse=True):
+        why = checkpoint_problem(path)
+        if why is None:
+            return path
+        (report or _warn_skipped)(path, why)
+    return None
+
+
+def _warn_skipped(path: Path, why: str) -> None:
+    logger.warning("not resuming from %s: %s; trying the previous checkpoint", path, why)
+
+
+def checkpoint_fingerprint(checkpoint: Path) -> str | None:
+    """The model fingerprint a checkpoint's marker recorded (None for older markers)."""
+    try:
+        return json.loads((checkpoint / COMPLETE_MARKER).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class CompTrainer(Trainer):
@@ -168,6 +249,8 @@ class CompTrainer(Trainer):
         both = torch.tensor([tokens, align], dtype=torch.float64, device=device)
         if self.args.world_size > 1:
             both = self.accelerator.gather(both.view(1, 2)).sum(0)
+        self._empty_step = bool(both.sum() == 0)  # every sample of the step (all ranks) skipped
+        self._step_records = [r for b in batch_samples for r in b.get("records", [])]
         self._step_visual_tokens = sum(
             int(b["image_grid_thw"].prod(-1).sum()) if b.get("image_grid_thw") is not None else 0
             for b in batch_samples)
@@ -186,7 +269,55 @@ class CompTrainer(Trainer):
             for g in groups:
                 g.pop("names")
             self.optimizer = cls(groups, **kwargs)
+            self.optimizer.step = self._unless_empty_step(self.optimizer.step, "optimizer")
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            super().create_scheduler(num_training_steps, optimizer)
+            self.lr_scheduler = SkippableScheduler(self.lr_scheduler, self)
+        return self.lr_scheduler
+
+    def _unless_empty_step(self, step, what: str = "optimizer"):
+        """``step`` that does nothing in an optimizer step whose samples were all skipped: zero
+        gradients would still move the weights (AdamW momentum, weight decay) and the
+        learning-rate schedule would advance."""
+        def guarded(*args, **kwargs):
+            if getattr(self, "_empty_step", False):
+                if what == "optimizer":
+                    logger.warning("step %d: every sample was skipped; the weights, optimizer and "
+                                   "schedule stay as they are", self.state.global_step + 1)
+                return None
+            return step(*args, **kwargs)
+        return guarded
+
+    # ---------------------------------------------------------------- non-finite numbers
+    def _stop_if_non_finite(self, loss: torch.Tensor, parts: dict[str, float], inputs: dict) -> None:
+        """Raise NonFiniteError on every rank when any rank's loss is NaN or infinite, naming
+        the step, the loss parts and the micro-batch's records (before backward: the weights
+        and the last good checkpoint stay as they are)."""
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=loss.device)
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if float(bad) > 0:
+            shown = ", ".join(f"{k} {v:.6g}" for k, v in parts.items())
+            records = list(inputs.get("records", []))
+            raise NonFiniteError(
+                f"step {self.state.global_step + 1}: the loss is not finite ({shown}) on records "
+                f"{records[:8]}{' ...' if len(records) > 8 else ''}", self.args.output_dir,
+                "nothing was saved; lower --learning_rate, check --embed_temp/--word_temp/"
+                "--loss_weight and these records, then resume from the last checkpoint")
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            records = getattr(self, "_step_records", [])
+            raise NonFiniteError(
+                f"step {self.state.global_step + 1}: the gradient norm is {float(grad_norm)} "
+                f"(records {records[:8]}{' ...' if len(records) > 8 else ''})", self.args.output_dir,
+                "nothing was saved; lower --learning_rate or check the loss settings, then resume "
+                "from the last checkpoint")
+        return grad_norm
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counts: StepCounts | None = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
@@ -204,6 +335,9 @@ class CompTrainer(Trainer):
         outputs = model(**model_inputs)
         scale = self.accelerator.num_processes if counts is not None else 1
         loss = outputs.loss * scale
+        self._stop_if_non_finite(outputs.loss, {
+            "loss": float(outputs.loss), "lm_loss": float(outputs.lm_loss),
+            **({"align_loss": float(outputs.align_loss)} if outputs.align_loss is not None else {})}, inputs)
         self._parts_sum["lm_loss"] += float(outputs.lm_loss) * scale
         if outputs.align_loss is not None:
             self._parts_sum["align_loss"] += float(outputs.align_loss) * scale
@@ -246,7 +380,10 @@ class CompTrainer(Trainer):
         if self.args.should_save:
             run_dir = Path(self._get_output_dir(trial=trial))
             checkpoint = run_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-            _write_marker(checkpoint, {"global_step": self.state.global_step})
+            _write_marker(checkpoint, {"global_step": self.state.global_step,
+                                       "model": model_fingerprint(self.model),
+                                       "model_only": bool(self.args.save_only_model),
+                                       "files": checkpoint_manifest(checkpoint)})
             _rotate(run_dir, limit)
         self.accelerator.wait_for_everyone()
 
@@ -266,6 +403,21 @@ def micro_batch_normalizer(labels: torch.Tensor, grad_accum_steps: int, num_proc
     over ranks and micro-batches of each micro-batch's token mean."""
     tokens = (labels[..., 1:] != -100).sum().clamp(min=1)
     return tokens.double() * grad_accum_steps * num_processes
+
+
+class SkippableScheduler:
+    """A learning-rate scheduler that stands still in optimizer steps whose samples were all
+    skipped (``trainer._empty_step``); everything else, state_dict included, is the inner one's."""
+
+    def __init__(self, scheduler, trainer: CompTrainer):
+        self.scheduler, self._trainer = scheduler, trainer
+
+    def step(self, *args, **kwargs):
+        if not getattr(self._trainer, "_empty_step", False):
+            self.scheduler.step(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["scheduler"], name)
 
 
 def _align_mask(batch: dict) -> torch.Tensor:
