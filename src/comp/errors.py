@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 
 
-class UserError(Exception):
-    """``what`` went wrong with ``path`` (may be None); ``fix`` says what to do about it."""
+class UserError(ValueError):
+    """``what`` went wrong with ``path`` (may be None); ``fix`` says what to do about it.
+    A ValueError, so the commands' existing handlers of bad input print it the same way."""
 
     def __init__(self, what: str, path: str | os.PathLike | None = None, fix: str = ""):
         self.what, self.path, self.fix = what, None if path is None else os.fspath(path), fix

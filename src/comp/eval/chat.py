@@ -23,6 +23,7 @@ from comp.data.processor import CompProcessor
 from comp.data.records import PROMPT_FORMATS
 from comp.eval.features import default_device
 from comp.hub import resolve_model_dir
+from comp.models.kinds import load_comp_mm
 from comp.models.mllm import CompForConditionalGeneration
 
 END_OF_TURN = "<|im_end|>"
@@ -52,10 +53,7 @@ def load_chat_model(model_dir: str | Path, device: str | None = None, *,
                     prompt_format: str = "reference", **image_kwargs) -> tuple[CompForConditionalGeneration, CompProcessor]:
     """A saved CoMP-MM (model + processor) on ``device`` (None: CUDA when available)."""
     model_dir = resolve_model_dir(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir}: no config.json; expected a CoMP-MM directory "
-                                "(model.save_pretrained + processor.save_pretrained)")
-    model = CompForConditionalGeneration.from_pretrained(model_dir).to(device or default_device()).eval()
+    model = load_comp_mm(model_dir).to(device or default_device()).eval()
     return model, CompProcessor.from_pretrained(model_dir, prompt_format=prompt_format, **image_kwargs)
 
 

@@ -24,6 +24,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, Qwen2VLTextConfig
 from transformers.cache_utils import DynamicCache
+from transformers.configuration_utils import SubConfigSpec
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 from transformers.utils import ModelOutput
 
@@ -51,7 +52,16 @@ class CompConfig(PreTrainedConfig):
     (``text_config``), special-token ids and the alignment-loss settings of the reference."""
 
     model_type = "comp"
-    sub_configs_defaults = {"vision_config": CompVisionConfig, "text_config": Qwen2VLTextConfig}
+    # A CompConfig built without a text config (a directory that is no CoMP-MM, a bare
+    # CompConfig()) gets a tiny LLM, never Qwen2-VL's default 8192-wide, 80-layer one that
+    # would eat the host's memory; real models always carry their text_config.
+    sub_configs_defaults = {"vision_config": CompVisionConfig,
+                            "text_config": SubConfigSpec(Qwen2VLTextConfig, init_kwargs=dict(
+                                vocab_size=1024, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                 "mrope_section": mrope_section_for(16)}))}
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None

@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from comp.cliargs import ArgumentParser
+from comp.errors import UserError
 from comp.hub import resolve_model_dir
-from comp.models.mllm import CompForConditionalGeneration
+from comp.models.kinds import load_comp_mm
 from comp.models.vision.model import CompVisionModel
 
 PREPROCESSOR = "preprocessor_config.json"
@@ -20,15 +21,15 @@ PREPROCESSOR = "preprocessor_config.json"
 
 def export_vfm(checkpoint: str | Path, out: str | Path, *, keep_merger: bool = False) -> Path:
     checkpoint, out = resolve_model_dir(checkpoint), Path(out)
-    model = CompForConditionalGeneration.from_pretrained(checkpoint)
+    model = load_comp_mm(checkpoint)  # its kind checked; no tensor left random
     visual: CompVisionModel = model.visual
     if not keep_merger:
         visual.merger = None
         visual.config.w_merger = None
     preprocessor = checkpoint / PREPROCESSOR
     if not preprocessor.exists():
-        raise FileNotFoundError(f"{checkpoint}: no {PREPROCESSOR}; export from a directory written by "
-                                "`comp train` (model and processor together)")
+        raise UserError(f"no {PREPROCESSOR}", checkpoint, "export from a directory written by "
+                        "`comp train` (model and processor together)")
     visual.preprocessor_config = json.loads(preprocessor.read_text())
     return visual.save_pretrained(out)
 

@@ -21,11 +21,11 @@ from comp.data.dataset import MixtureDataset
 from comp.data.lengths import shared_lengths
 from comp.data.processor import CompProcessor
 from comp.data.sampler import ModalityLengthGroupedSampler
-from comp.hub import resolve_model_dir
 from comp.models.alignment import UNIFORM_PRIOR
 from comp.models.mllm import CompForConditionalGeneration, file_sha256
 from comp.train.args import DataArguments, ModelArguments, CompTrainingArguments, parse_args
 from comp.errors import UserError, ensure_writable_dir
+from comp.models.kinds import load_comp_mm, require_kind
 from comp.train.trainer import (CompTrainer, checkpoint_fingerprint, checkpoint_problem,
                                 last_complete_checkpoint, model_fingerprint, set_tunable_parts)
 
@@ -33,11 +33,6 @@ logger = logging.getLogger("comp.train")
 
 _ALIGNMENT_FIELDS = ("loss_weight", "embed_temp", "word_temp", "word_eps", "sinkhorn_iters",
                      "prior_mode", "lm_loss_chunk_size")
-
-
-def is_comp_checkpoint(path: str | Path) -> bool:
-    config = resolve_model_dir(path) / "config.json"
-    return config.exists() and json.loads(config.read_text()).get("model_type") == "comp"
 
 
 def image_settings(data_args: DataArguments) -> dict:
@@ -50,16 +45,19 @@ def image_settings(data_args: DataArguments) -> dict:
 def build_model(model_args: ModelArguments, data_args: DataArguments,
                 dtype: torch.dtype | None = None) -> tuple[CompForConditionalGeneration, CompProcessor]:
     source = model_args.model_name_or_path
-    if is_comp_checkpoint(source):
+    kind = require_kind(source, "comp-mm", "llm")
+    if kind == "comp-mm":
         if model_args.custom_visual_model:
             logger.warning("--custom_visual_model is ignored: %s is a CoMP-MM checkpoint whose "
                            "encoder continues training", source)
-        model = CompForConditionalGeneration.from_pretrained(source, dtype=dtype)
+        model = load_comp_mm(source, dtype=dtype)
         processor = CompProcessor.from_pretrained(source, **image_settings(data_args))
     else:
         if not model_args.custom_visual_model:
-            raise SystemExit(f"{source} is not a CoMP-MM checkpoint: name the encoder with "
-                             "--custom_visual_model (a SigLIP/DINOv2/AIMv2 or CoMP-VFM directory)")
+            raise UserError("this LLM is no CoMP-MM checkpoint, so a new one is built around it",
+                            source, "name its encoder with --custom_visual_model (a SigLIP/DINOv2/"
+                            "AIMv2 or CoMP-VFM directory)")
+        require_kind(model_args.custom_visual_model, "vfm", "comp-vfm")
         processor = CompProcessor.from_components(source, model_args.custom_visual_model,
                                                   **image_settings(data_args))
         model = CompForConditionalGeneration.from_components(

@@ -292,15 +292,17 @@ class CompTrainer(Trainer):
         return guarded
 
     # ---------------------------------------------------------------- non-finite numbers
-    def _stop_if_non_finite(self, loss: torch.Tensor, parts: dict[str, float], inputs: dict) -> None:
+    def _stop_if_non_finite(self, outputs, inputs: dict) -> None:
         """Raise NonFiniteError on every rank when any rank's loss is NaN or infinite, naming
         the step, the loss parts and the micro-batch's records (before backward: the weights
         and the last good checkpoint stay as they are)."""
-        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=loss.device)
+        loss = outputs.loss.detach()
+        bad = (~torch.isfinite(loss)).any().float().view(1)
         if self.args.world_size > 1:
             bad = self.accelerator.reduce(bad, reduction="sum")
         if float(bad) > 0:
-            shown = ", ".join(f"{k} {v:.6g}" for k, v in parts.items())
+            parts = {"loss": outputs.loss, "lm_loss": outputs.lm_loss, "align_loss": outputs.align_loss}
+            shown = ", ".join(f"{k} {float(v.detach()):.6g}" for k, v in parts.items() if v is not None)
             records = list(inputs.get("records", []))
             raise NonFiniteError(
                 f"step {self.state.global_step + 1}: the loss is not finite ({shown}) on records "
@@ -335,9 +337,7 @@ class CompTrainer(Trainer):
         outputs = model(**model_inputs)
         scale = self.accelerator.num_processes if counts is not None else 1
         loss = outputs.loss * scale
-        self._stop_if_non_finite(outputs.loss, {
-            "loss": float(outputs.loss), "lm_loss": float(outputs.lm_loss),
-            **({"align_loss": float(outputs.align_loss)} if outputs.align_loss is not None else {})}, inputs)
+        self._stop_if_non_finite(outputs, inputs)
         self._parts_sum["lm_loss"] += float(outputs.lm_loss) * scale
         if outputs.align_loss is not None:
             self._parts_sum["align_loss"] += float(outputs.align_loss) * scale
