@@ -72,13 +72,70 @@ class Conversation:
     def add_assistant(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
 
+    def drop_last_user(self) -> None:
+        """Take back the last user turn and its images (a prompt that was refused)."""
+        last = self.messages.pop()
+        n = sum(item.get("type") == "image" for item in last["content"]) if isinstance(last["content"], list) else 0
+        if n:
+            del self.images[-n:]
+
+    def drop_oldest_exchange(self) -> None:
+        """Remove the first user turn (and its images) and the assistant turn after it."""
+        first = self.messages.pop(0)
+        if isinstance(first["content"], list):
+            n = sum(item.get("type") == "image" for item in first["content"])
+            del self.images[:n]
+        if self.messages and self.messages[0]["role"] == "assistant":
+            self.messages.pop(0)
+
+
+def attach_image(processor: CompProcessor, path: str | Path) -> Image.Image:
+    """Load an image for the conversation, refusing (ImageLoadError) what the processor
+    cannot take, so a bad ``/image`` never reaches generation."""
+    image = load_image(path)
+    try:
+        processor.image_processor.resized_size(image.height, image.width)
+    except ValueError as err:
+        raise ImageLoadError(f"cannot use image {str(path)!r}: {err}") from None
+    return image
+
+
+def context_length(model) -> int:
+    return int(model.config.text_config.max_position_embeddings)
+
+
+def fit_to_context(model, processor: CompProcessor, conversation: Conversation,
+                   settings: GenerationSettings) -> dict:
+    """The prompt's inputs, within the model's context. Truncation rule: the oldest exchanges
+    (a user turn with its images, and the answer to it) are dropped, with a warning, until
+    prompt + ``max_new_tokens`` fit; a newest prompt that does not fit alone is refused."""
+    limit = context_length(model)
+    dropped = 0
+    while True:
+        prompt = processor.apply_chat_template(conversation.messages, add_generation_prompt=True)
+        inputs = processor(prompt, images=conversation.images or None)
+        length = int(inputs["input_ids"].shape[1])
+        if length + settings.max_new_tokens <= limit:
+            break
+        if len(conversation.messages) <= 1:
+            raise ValueError(f"the prompt has {length} tokens, and with --max_new_tokens "
+                             f"{settings.max_new_tokens} it exceeds the model's context of {limit} "
+                             "tokens; shorten it, attach fewer or smaller images, or lower "
+                             "--max_new_tokens")
+        conversation.drop_oldest_exchange()
+        dropped += 1
+    if dropped:
+        print(f"comp chat: warning: the conversation exceeded the model's context of {limit} "
+              f"tokens; dropped the {dropped} oldest exchange(s)", file=sys.stderr)
+    return inputs
+
 
 @torch.no_grad()
 def reply(model: CompForConditionalGeneration, processor: CompProcessor, conversation: Conversation,
           settings: GenerationSettings, streamer=None, generator: torch.Generator | None = None) -> str:
-    """Generate the assistant's next turn (streamed to ``streamer`` as tokens arrive)."""
-    prompt = processor.apply_chat_template(conversation.messages, add_generation_prompt=True)
-    inputs = processor(prompt, images=conversation.images or None)
+    """Generate the assistant's next turn (streamed to ``streamer`` as tokens arrive); see
+    ``fit_to_context`` for prompts longer than the model's context."""
+    inputs = fit_to_context(model, processor, conversation, settings)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     ids = model.generate(**inputs, eos_token_id=stop_ids(processor.tokenizer), streamer=streamer,
                          generator=generator, **settings.kwargs())
@@ -103,16 +160,21 @@ def repl(model, processor, settings: GenerationSettings, images: list[Image.Imag
         if text == "/reset":
             conversation, pending = Conversation(), []
             continue
-        if text.startswith("/image "):
+        if text == "/image" or text.startswith("/image "):
             try:
-                pending.append(load_image(text[len("/image "):].strip()))
-            except ImageLoadError as err:
-                print(f"comp chat: {err}", file=sys.stderr)
+                pending.append(attach_image(processor, text[len("/image"):].strip()))
+            except (ImageLoadError, ValueError, OSError) as err:
+                print(f"comp chat: {err}; the conversation goes on without it", file=sys.stderr)
             continue
         conversation.add_user(text, pending)
         pending = []
-        answer = reply(model, processor, conversation, settings, TextStreamer(
-            processor.tokenizer, skip_special_tokens=True), generator)
+        try:
+            answer = reply(model, processor, conversation, settings, TextStreamer(
+                processor.tokenizer, skip_special_tokens=True), generator)
+        except ValueError as err:  # a prompt the context cannot hold: refuse it, keep the rest
+            conversation.drop_last_user()
+            print(f"comp chat: {err}", file=sys.stderr)
+            continue
         conversation.add_assistant(answer)
 
 
@@ -147,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     image_kwargs = {} if args.max_num_vistoken is None else {"max_num_vistoken": args.max_num_vistoken}
     try:
-        images = [load_image(p) for p in args.image]
         model, processor = load_chat_model(args.model, args.device, prompt_format=args.prompt_format,
                                            **image_kwargs)
+        images = [attach_image(processor, p) for p in args.image]
     except (ImageLoadError, FileNotFoundError, ValueError, OSError) as err:
         print(f"comp chat: {err}", file=sys.stderr)
         return 2
@@ -158,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         return repl(model, processor, settings, images, sys.stdin, generator)
     conversation = Conversation()
     conversation.add_user(args.prompt, images)
-    reply(model, processor, conversation, settings,
-          TextStreamer(processor.tokenizer, skip_special_tokens=True), generator)
+    try:
+        reply(model, processor, conversation, settings,
+              TextStreamer(processor.tokenizer, skip_special_tokens=True), generator)
+    except ValueError as err:
+        print(f"comp chat: {err}", file=sys.stderr)
+        return 2
     return 0

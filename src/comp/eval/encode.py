@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from comp.cliargs import ArgumentParser, apply_threads
-from comp.data.image import ImageLoadError
+from comp.data.image import ImageLoadError, load_image
+from comp.errors import UserError, ensure_writable_dir
 from comp.eval.features import add_budget_flags, budget_text, encode_files, load_encoder
 from comp.models.vision.model import POS_ORDERS
 from comp.models.weights import save_file
@@ -57,21 +58,27 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    missing = [str(p) for p in args.images if not p.is_file()]
-    if missing:
-        print(f"comp encode: no such image file: {', '.join(missing)}", file=sys.stderr)
-        return 2
     apply_threads(args.threads)
     start = time.perf_counter()
     try:
+        if args.out.is_dir():
+            raise UserError("--out is a directory", args.out, "name a .safetensors file")
+        ensure_writable_dir(args.out.parent, "--out directory")
         encoder = load_encoder(args.vfm, use_rope=args.use_rope, resolution=args.resolution,
                                max_num_vistoken=args.max_num_vistoken, device=args.device,
                                pos_order=args.pos_order)
         print(f"comp encode: {budget_text(encoder)}", file=sys.stderr)
-        tokens, grid_N3 = encode_files(encoder, args.images, args.batch_tokens, desc="encode")
+        images, bad = usable_images(encoder, args.images)
+        for path, why in bad:
+            print(f"comp encode: skipping {path}: {why}", file=sys.stderr)
+        if not images:
+            raise UserError("none of the images can be encoded", args.images[0],
+                            "give readable image files")
+        tokens, grid_N3 = encode_files(encoder, images, args.batch_tokens, desc="encode")
     except (ImageLoadError, FileNotFoundError, ValueError, KeyError) as err:
         print(f"comp encode: {err}", file=sys.stderr)
         return 2
+    args.images = images
     metadata = {"format": FORMAT, "model": str(args.vfm), "order": "raster",
                 "files": json.dumps([str(p) for p in args.images]),
                 "setting": json.dumps(encoder.setting, sort_keys=True), "budget": budget_text(encoder)}
@@ -80,4 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(len(t) for t in tokens)
     print(f"comp encode: {len(tokens)} images, {total} tokens of width {tokens[0].shape[1]} in "
           f"{time.perf_counter() - start:.1f} s -> {args.out}")
+    if bad:
+        print(f"comp encode: {len(bad)} of {len(bad) + len(images)} images skipped: "
+              f"{', '.join(str(p) for p, _ in bad)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def usable_images(encoder, paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(images the encoder can take, [(path, why not)]): each is decoded once and sized by the
+    processor, so one bad file is named and left out instead of ending the whole run."""
+    good, bad = [], []
+    for path in paths:
+        try:
+            image = load_image(path)
+            encoder.processor.resized_size(image.height, image.width)
+        except (ImageLoadError, ValueError, OSError) as err:
+            bad.append((path, str(err)))
+        else:
+            good.append(path)
+    return good, bad
