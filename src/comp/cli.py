@@ -63,8 +63,17 @@ def run_command(prog: str, func, argv: list[str], *, debug: bool = False) -> int
             import traceback
 
             traceback.print_exc()
+        _close_progress_bars()
         print(f"{prog}: {err.line()}", file=sys.stderr)
         return 2
+
+
+def _close_progress_bars() -> None:
+    """Close progress bars an interrupted loop left open, so that they do not redraw after
+    (below) the error line when the interpreter exits."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
 
 
 if __name__ == "__main__":

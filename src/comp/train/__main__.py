@@ -1,5 +1,5 @@
 import sys
 
-from comp.train.run import main
+from comp.cli import main
 
-sys.exit(main())
+sys.exit(main(["train", *sys.argv[1:]]))
