@@ -26,7 +26,7 @@ from comp.data.conversation import encode_conversation, load_tokenizer
 from comp.data.dataset import MixtureDataset, Skipped
 from comp.data.image import CompImageProcessor
 from comp.data.mixture import load_mixture
-from comp.train.trainer import (COMPLETE_MARKER, checkpoint_problem, last_complete_checkpoint)
+from comp.train.trainer import COMPLETE_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 256
@@ -132,11 +132,11 @@ def _parse(rec):
 
 
 def test_empty_answers_with_alignment_loss_train(tiny_mm_dir, tmp_path, images):
-    from comp.models.kinds import load_comp_mm
+    from comp import CompForConditionalGeneration
     from comp.data.processor import CompProcessor
 
     processor = CompProcessor.from_pretrained(tiny_mm_dir)
-    model = load_comp_mm(tiny_mm_dir)
+    model = CompForConditionalGeneration.from_pretrained(tiny_mm_dir)
     model.config.use_alignment_loss = True
     data = _write_jsonl(tmp_path / "d.jsonl", [_record("e1", answer=""), _record("e2", answer="")])
     ds = MixtureDataset(load_mixture(str(data), image_folder=str(images)), processor.tokenizer,
@@ -367,6 +367,8 @@ def test_complete_marker_lists_files_and_sizes(checkpointed):
 
 @pytest.mark.parametrize("damage", ["no_optimizer", "no_scheduler", "truncated_weights", "bad_state"])
 def test_auto_resume_skips_a_checkpoint_that_does_not_verify(checkpointed, tmp_path, damage):
+    from comp.train.trainer import checkpoint_problem, last_complete_checkpoint
+
     run = _copy_run(checkpointed, tmp_path)
     ckpt = run / "checkpoint-2"
     if damage == "no_optimizer":

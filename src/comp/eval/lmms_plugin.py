@@ -36,7 +36,7 @@ from comp.data.processor import CompProcessor
 from comp.data.records import PROMPT_FORMATS
 from comp.eval.chat import stop_ids
 from comp.hub import resolve_model_dir
-from comp.models.mllm import CompForConditionalGeneration
+from comp.models.kinds import load_comp_mm
 from comp.models.vision.model import set_pos_order
 
 IMAGE_MARKER = "<image>"
@@ -156,7 +156,7 @@ class CompLMMS(lmms):
         self._device = torch.device(device or _default_device())
         image_kwargs = {} if max_num_vistoken is None else {"max_num_vistoken": int(max_num_vistoken)}
         self.processor = CompProcessor.from_pretrained(path, prompt_format=prompt_format, **image_kwargs)
-        model = CompForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype])
+        model = load_comp_mm(path, dtype=DTYPES[dtype])  # kind checked, no tensor left random
         if pos_order is not None:  # e.g. raster for a reference-trained encoder
             set_pos_order(model.visual, pos_order)
         self.model = model.to(self._device).eval()
