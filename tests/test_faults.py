@@ -138,6 +138,7 @@ def test_empty_answers_with_alignment_loss_train(tiny_mm_dir, tmp_path, images):
     processor = CompProcessor.from_pretrained(tiny_mm_dir)
     model = CompForConditionalGeneration.from_pretrained(tiny_mm_dir)
     model.config.use_alignment_loss = True
+    model.set_word_prior("uniform")
     data = _write_jsonl(tmp_path / "d.jsonl", [_record("e1", answer=""), _record("e2", answer="")])
     ds = MixtureDataset(load_mixture(str(data), image_folder=str(images)), processor.tokenizer,
                         processor.image_processor, model_max_length=MAX_LEN)
@@ -338,6 +339,7 @@ def _flags(assets, out, *extra, steps=2, vision=None, data=None):
             "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model", "--learning_rate", "1e-3",
             "--max_steps", str(steps), "--per_device_train_batch_size", "2", "--logging_steps", "1",
             "--max_num_vistoken", "16", "--model_max_length", "512", "--use_alignment_loss", "1",
+            "--word_dist_path", "uniform",
             "--report_to", "none", "--use_cpu", "True", "--seed", "3", "--dataloader_num_workers", "0",
             "--save_strategy", "no", *extra]
 

@@ -194,7 +194,7 @@ def test_short_training_run_skips_exactly_what_check_reports(tmp_path, tiny_dir)
              "--mm_tunable_parts", "mm_mlp_adapter,mm_language_model", "--learning_rate", "1e-3",
              "--max_steps", str(math.ceil(len(by_check) / batch)), "--per_device_train_batch_size", str(batch),
              "--max_num_vistoken", str(VISTOKENS), "--model_max_length", str(MAX_LEN),
-             "--use_alignment_loss", "1", "--max_skip_fraction", "1", "--group_by_modality_length", "True",
+             "--use_alignment_loss", "1", "--word_dist_path", "uniform", "--max_skip_fraction", "1", "--group_by_modality_length", "True",
              "--report_to", "none", "--use_cpu", "True", "--seed", "0", "--logging_steps", "1",
              "--dataloader_num_workers", "0", "--save_strategy", "no"]
     trainer = train(*parse_args(flags))
