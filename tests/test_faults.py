@@ -273,7 +273,7 @@ def test_default_config_is_tiny():
 def test_commands_check_the_directory_kind(cmd, tiny_dir, tmp_path):
     for wrong, kind in ((tiny_dir("qwen2"), "LLM"), (tiny_dir("siglip"), "original vision encoder"),
                         (tmp_path, "no config.json")):
-        args = [cmd, wrong, "--prompt", "hi"] if cmd == "chat" else [cmd, wrong, tmp_path / "out"]
+        args = [cmd, wrong, "--prompt", "hi"] if cmd == "chat" else [cmd, wrong, "--out", tmp_path / "out"]
         line = _one_line_error(_cli(*args), f"comp {cmd}")
         assert kind in line and (kind == "no config.json" or "CoMP-MM" in line), line
     assert not (tmp_path / "out").exists()
@@ -299,7 +299,7 @@ def test_missing_tensors_are_an_error_not_random_weights(tiny_mm_dir, tmp_path):
     state = load_file(mm / "model.safetensors")
     del state["visual.merger.ln_q.weight"]
     save_file(state, mm / "model.safetensors", metadata={"format": "pt"})
-    for args, prog in (([ "export-vfm", mm, tmp_path / "vfm"], "comp export-vfm"),
+    for args, prog in ((["export-vfm", mm, "--out", tmp_path / "vfm"], "comp export-vfm"),
                        (["chat", mm, "--prompt", "hi"], "comp chat")):
         line = _one_line_error(_cli(*args), prog)
         assert "visual.merger.ln_q.weight" in line and "random" in line
@@ -309,7 +309,7 @@ def test_missing_tensors_are_an_error_not_random_weights(tiny_mm_dir, tmp_path):
 def test_corrupt_weights_and_escaping_shard_index_are_named(tiny_mm_dir, tmp_path):
     mm = _copy_mm(tiny_mm_dir, tmp_path)
     _truncate(mm / "model.safetensors", 0.5)
-    line = _one_line_error(_cli("export-vfm", mm, tmp_path / "vfm"), "comp export-vfm")
+    line = _one_line_error(_cli("export-vfm", mm, "--out", tmp_path / "vfm"), "comp export-vfm")
     assert str(mm / "model.safetensors") in line and "truncated or corrupt" in line
 
     sharded = tmp_path / "sharded"
@@ -318,7 +318,7 @@ def test_corrupt_weights_and_escaping_shard_index_are_named(tiny_mm_dir, tmp_pat
     names = list(load_file(tmp_path / "outside.safetensors"))
     (sharded / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {n: "../outside.safetensors" for n in names}}))
-    line = _one_line_error(_cli("export-vfm", sharded, tmp_path / "vfm"), "comp export-vfm")
+    line = _one_line_error(_cli("export-vfm", sharded, "--out", tmp_path / "vfm"), "comp export-vfm")
     assert "outside the checkpoint directory" in line and "model.safetensors.index.json" in line
 
 
@@ -534,8 +534,8 @@ def test_encode_skips_and_names_bad_files(tiny_dir, images, tmp_path):
 
 
 def test_debug_shows_the_traceback(tiny_dir, tmp_path):
-    quiet = _cli("export-vfm", tiny_dir("qwen2"), tmp_path / "o")
+    quiet = _cli("export-vfm", tiny_dir("qwen2"), "--out", tmp_path / "o")
     _one_line_error(quiet, "comp export-vfm")
-    loud = _cli("--debug", "export-vfm", tiny_dir("qwen2"), tmp_path / "o")
+    loud = _cli("--debug", "export-vfm", tiny_dir("qwen2"), "--out", tmp_path / "o")
     assert loud.returncode == 2 and "Traceback" in loud.stderr
     assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip().splitlines()[-1]
