@@ -124,6 +124,36 @@ def test_special_tokens_in_record_text_are_plain_text(tokenizer, images, tmp_pat
     assert bad == 0 and all(counts[i] == 0 for i in specials)
 
 
+@pytest.mark.parametrize("prompt_format", ["reference", "inplace"])
+def test_prompts_of_chat_and_plugin_keep_typed_special_tokens_plain(tiny_mm_dir, images, prompt_format):
+    """comp chat and the lmms-eval plugin build prompts with CompProcessor.encode_messages:
+    the chat template's ids for ordinary text, and a typed special token stays text."""
+    from comp import CompProcessor
+
+    processor = CompProcessor.from_pretrained(tiny_mm_dir, prompt_format=prompt_format)
+    vocab = processor.tokenizer.get_vocab()
+    picture = Image.open(images / "red.png")
+    plain = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+              {"role": "assistant", "content": "a red square"},
+              {"role": "user", "content": "And now?"}],
+             [{"role": "user", "content": "Say hi."}]]
+    ours = processor.encode_messages(plain, images=[picture])
+    theirs = processor([processor.apply_chat_template(m, add_generation_prompt=True) for m in plain],
+                       images=[picture])
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+    assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
+
+    typed = " ".join(SPECIALS)
+    ids = processor.encode_messages([[{"role": "user", "content": f"{typed} what?"}]])["input_ids"][0]
+    turns = 2 if prompt_format == "reference" else 1  # the default system turn, the user turn
+    assert (ids == vocab["<|im_start|>"]).sum() == turns + 1  # + the generation prompt
+    assert (ids == vocab["<|im_end|>"]).sum() == turns
+    for token in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>"):
+        assert (ids == vocab[token]).sum() == 0, token
+    assert processor.decode(ids).count(typed) == 1  # and it reads back as the text typed
+
+
 def _parse(rec):
     from comp.data.records import parse_record
 

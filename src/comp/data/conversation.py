@@ -79,8 +79,12 @@ def render_text(messages: list[dict]) -> str:
     return "".join(out)
 
 
-def _pieces(messages: list[dict], image_token_counts: list[int], ids: dict[str, int]):
+def _pieces(messages: list[dict], image_token_counts: list[int], ids: dict[str, int], *,
+            add_generation_prompt: bool = False):
     """Yield ("special", id, supervised), ("image", n) or ("text", str, supervised) in order."""
+    n_slots = sum(p["type"] == "image" for m in messages for p in m["content"])
+    if n_slots != len(image_token_counts):
+        raise ValueError(f"{n_slots} image items but {len(image_token_counts)} token counts")
     images = iter(image_token_counts)
     for m in messages:
         answer = m["role"] == "assistant"
@@ -93,54 +97,69 @@ def _pieces(messages: list[dict], image_token_counts: list[int], ids: dict[str, 
                 yield "text", p["text"], answer
         yield "special", ids["<|im_end|>"], answer
         yield "text", "\n", False
+    if add_generation_prompt:
+        yield "special", ids["<|im_start|>"], False
+        yield "text", "assistant\n", False
 
 
-def encode_conversation(tokenizer, messages: list[dict], image_token_counts: list[int], *,
-                        max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids [L], labels [L]) int64; raises SkipSample (too_long, no_supervised_tokens)."""
-    ids = special_ids(tokenizer)
-    n_slots = sum(p["type"] == "image" for m in messages for p in m["content"])
-    if n_slots != len(image_token_counts):
-        raise ValueError(f"{n_slots} image items but {len(image_token_counts)} token counts")
+def _encode_pieces(tokenizer, pieces, ids: dict[str, int]) -> tuple[list[int], list[bool], int]:
+    """(token ids, supervised flag per token, end of the last image span) of ``_pieces``."""
     # Group into runs: maximal text stretches between specials, as the tokenizer splits them.
-    layout: list[tuple] = []  # ("run", k) | ("ids", [id...], supervised)
+    layout: list[tuple] = []  # ("run", k) | ("ids", [id...], supervised, is_image)
     runs: list[list[tuple[str, bool]]] = []
-    for piece in _pieces(messages, image_token_counts, ids):
+    for piece in pieces:
         if piece[0] == "text":
             if not layout or layout[-1][0] != "run":
                 layout.append(("run", len(runs)))
                 runs.append([])
             runs[layout[-1][1]].append(piece[1:])
         elif piece[0] == "special":
-            layout.append(("ids", [piece[1]], piece[2]))
+            layout.append(("ids", [piece[1]], piece[2], False))
         else:
-            n = piece[1]
-            layout.append(("ids", [ids["<|vision_start|>"]] + [ids["<|image_pad|>"]] * n
-                           + [ids["<|vision_end|>"]], False, "image"))
-    texts = ["".join(t for t, _ in run) for run in runs]
-    enc = encode_plain_text(tokenizer, texts, offsets=True)
+            layout.append(("ids", [ids["<|vision_start|>"]] + [ids["<|image_pad|>"]] * piece[1]
+                           + [ids["<|vision_end|>"]], False, True))
+    enc = encode_plain_text(tokenizer, ["".join(t for t, _ in run) for run in runs], offsets=True)
     input_ids: list[int] = []
-    labels: list[int] = []
+    supervised: list[bool] = []
     image_end = 0  # position just after the last image span
     for item in layout:
         if item[0] == "ids":
             input_ids += item[1]
-            labels += item[1] if item[2] else [IGNORE_INDEX] * len(item[1])
-            if len(item) == 4:
+            supervised += [item[2]] * len(item[1])
+            if item[3]:
                 image_end = len(input_ids)
             continue
         k = item[1]
-        bounds, supervised, at = [], [], 0
+        bounds, flags, at = [], [], 0
         for text, sup in runs[k]:
             at += len(text)
             bounds.append(at)
-            supervised.append(sup)
+            flags.append(sup)
         frag = 0
         for tok, (start, _) in zip(enc["input_ids"][k], enc["offset_mapping"][k]):
             while frag < len(bounds) - 1 and start >= bounds[frag]:
                 frag += 1
             input_ids.append(tok)
-            labels.append(tok if supervised[frag] else IGNORE_INDEX)
+            supervised.append(flags[frag])
+    return input_ids, supervised, image_end
+
+
+def encode_prompt(tokenizer, messages: list[dict], image_token_counts: list[int], *,
+                  add_generation_prompt: bool = True) -> list[int]:
+    """Ids of a prompt (inference): the rendering of ``encode_conversation``, message text
+    as plain text, and ``<|im_start|>assistant\n`` after it when asked."""
+    ids = special_ids(tokenizer)
+    pieces = _pieces(messages, image_token_counts, ids, add_generation_prompt=add_generation_prompt)
+    return _encode_pieces(tokenizer, pieces, ids)[0]
+
+
+def encode_conversation(tokenizer, messages: list[dict], image_token_counts: list[int], *,
+                        max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids [L], labels [L]) int64; raises SkipSample (too_long, no_supervised_tokens)."""
+    ids = special_ids(tokenizer)
+    input_ids, supervised, image_end = _encode_pieces(
+        tokenizer, _pieces(messages, image_token_counts, ids), ids)
+    labels = [t if sup else IGNORE_INDEX for t, sup in zip(input_ids, supervised)]
     truncated = len(input_ids) > max_length
     if truncated:
         if image_end > max_length:

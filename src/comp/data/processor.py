@@ -12,9 +12,9 @@ import torch
 from transformers import AutoTokenizer, BatchFeature
 
 from comp.data.collator import pad_rows
-from comp.data.conversation import CHAT_TEMPLATE_PATH, ensure_vision_tokens
+from comp.data.conversation import CHAT_TEMPLATE_PATH, encode_prompt, ensure_vision_tokens
 from comp.data.image import CompImageProcessor
-from comp.data.records import PROMPT_FORMATS
+from comp.data.records import PROMPT_FORMATS, system_message
 from comp.hub import resolve_model_dir
 
 IMAGE_PAD = "<|image_pad|>"
@@ -112,6 +112,49 @@ class CompProcessor:
         data.update(pad_rows(enc["input_ids"], self.tokenizer.pad_token_id, "input_ids",
                              "attention_mask", side=padding_side))
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def encode_messages(self, conversations: list[list[dict]], images=None, *,
+                        padding_side: str = "left", return_tensors: str = "pt") -> BatchFeature:
+        """Generation prompts of message lists (images in message order across the batch):
+        the ids ``self(self.apply_chat_template(m, add_generation_prompt=True), images)``
+        gives, except that message text stays plain text. A special-token string a user
+        types or a benchmark question holds (``<|im_end|>``, ``<|image_pad|>``) never becomes
+        a control token, as in training (comp.data.conversation)."""
+        rows = [self._template_messages(m) for m in conversations]
+        data: dict = {}
+        tokens_per_image: list[int] = []
+        if images is not None and not (isinstance(images, list) and not images):
+            vision = self.image_processor(images, return_tensors="pt")
+            data.update(vision)
+            tokens_per_image = (vision["image_grid_thw"].prod(-1) // self.merge_size ** 2).tolist()
+        ids, start = [], 0
+        for messages in rows:
+            count = sum(p["type"] == "image" for m in messages for p in m["content"])
+            ids.append(encode_prompt(self.tokenizer, messages, tokens_per_image[start:start + count]))
+            start += count
+        if start != len(tokens_per_image):
+            raise ValueError(f"{len(tokens_per_image)} images were given but the messages hold "
+                             f"{start} image items")
+        data.update(pad_rows(ids, self.tokenizer.pad_token_id, "input_ids", "attention_mask",
+                             side=padding_side))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _template_messages(self, messages: list[dict]) -> list[dict]:
+        """Messages as the chat template sees them: content as items, the default system
+        turn of the "reference" format first."""
+        out = []
+        for m in messages:
+            content = m["content"]
+            items = [{"type": "text", "text": content}] if isinstance(content, str) else []
+            for part in [] if isinstance(content, str) else content:
+                if part.get("type") == "image" or "image" in part:
+                    items.append({"type": "image"})
+                elif part.get("type") == "text":
+                    items.append({"type": "text", "text": part["text"]})
+            out.append({"role": m["role"], "content": items})
+        if self.prompt_format == "reference" and out and out[0]["role"] != "system":
+            out.insert(0, system_message())
+        return out
 
     def batch_decode(self, ids, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(ids, **kwargs)

@@ -112,8 +112,7 @@ def fit_to_context(model, processor: CompProcessor, conversation: Conversation,
     limit = context_length(model)
     dropped = 0
     while True:
-        prompt = processor.apply_chat_template(conversation.messages, add_generation_prompt=True)
-        inputs = processor(prompt, images=conversation.images or None)
+        inputs = processor.encode_messages([conversation.messages], images=conversation.images or None)
         length = int(inputs["input_ids"].shape[1])
         if length + settings.max_new_tokens <= limit:
             break

@@ -187,8 +187,9 @@ class CompLMMS(lmms):
             return []
         return as_images(doc_to_visual(self.task_dict[task][split][doc_id]))
 
-    def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        inputs = self.processor(prompts, images=images or None, padding_side="left")
+    def _encode(self, conversations: list[list[dict]], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Generation prompts; benchmark text stays plain text (see CompProcessor.encode_messages)."""
+        inputs = self.processor.encode_messages(conversations, images=images or None, padding_side="left")
         return {k: v.to(self._device) for k, v in inputs.items()}
 
     @torch.no_grad()
@@ -200,14 +201,13 @@ class CompLMMS(lmms):
         bar = tqdm(total=len(args), disable=self.rank != 0, desc="comp: generating")
         for batch in batches_by_settings(contexts, gen_kwargs, self.batch_size):
             settings, until = generation_settings(gen_kwargs[batch[0]])
-            prompts, images = [], []
+            conversations, images = [], []
             for i in batch:
                 _, _, doc_to_visual, doc_id, task, split = args[i]
                 doc_images = self._doc_images(doc_to_visual, doc_id, task, split)
-                prompts.append(self.processor.apply_chat_template(
-                    self._messages(contexts[i], len(doc_images)), add_generation_prompt=True))
+                conversations.append(self._messages(contexts[i], len(doc_images)))
                 images += doc_images
-            inputs = self._encode(prompts, images)
+            inputs = self._encode(conversations, images)
             ids = self.model.generate(**inputs, eos_token_id=self.stop_ids, **settings)
             new_ids = ids[:, inputs["input_ids"].shape[1]:]
             for i, text in zip(batch, self.processor.batch_decode(new_ids, skip_special_tokens=True)):
@@ -233,9 +233,7 @@ class CompLMMS(lmms):
             context, target, doc_to_visual, doc_id, task, split = request.args
             continuation = target if isinstance(target, str) else str(target(self.task_dict[task][split][doc_id]))
             images = self._doc_images(doc_to_visual, doc_id, task, split)
-            prompt = self.processor.apply_chat_template(self._messages(context, len(images)),
-                                                        add_generation_prompt=True)
-            inputs = self._encode([prompt], images)
+            inputs = self._encode([self._messages(context, len(images))], images)
             cont_ids = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
             if cont_ids.shape[1] == 0:
                 raise ValueError(f"comp model: empty continuation for doc {doc_id} of task {task!r}")
