@@ -21,11 +21,11 @@ from comp.data.dataset import MixtureDataset
 from comp.data.lengths import shared_lengths
 from comp.data.processor import CompProcessor
 from comp.data.sampler import ModalityLengthGroupedSampler
+from comp.errors import UserError, ensure_writable_dir
 from comp.models.alignment import UNIFORM_PRIOR
+from comp.models.kinds import checkpoint_kind, load_comp_mm, require_kind
 from comp.models.mllm import CompForConditionalGeneration, file_sha256
 from comp.train.args import DataArguments, ModelArguments, CompTrainingArguments, parse_args
-from comp.errors import UserError, ensure_writable_dir
-from comp.models.kinds import checkpoint_kind, load_comp_mm, require_kind
 from comp.train.trainer import (CompTrainer, checkpoint_fingerprint, checkpoint_problem,
                                 last_complete_checkpoint, model_fingerprint, set_tunable_parts)
 
@@ -91,11 +91,11 @@ def word_prior_for_step(config, wanted: str | None) -> str | None:
         logger.info("word prior: uniform, as the checkpoint trained")
         return UNIFORM_PRIOR
     if not Path(recorded).is_file():
-        raise ValueError(f"the checkpoint trained with the word prior {recorded} (sha256 {sha}), which "
-                         "no longer exists there; pass --word_dist_path")
+        raise UserError(f"the checkpoint trained with this word prior (sha256 {sha}), which no "
+                        "longer exists", recorded, "pass --word_dist_path")
     if sha and file_sha256(recorded) != sha:
-        raise ValueError(f"the word prior {recorded} changed since the checkpoint trained with it "
-                         f"(sha256 {sha}); pass --word_dist_path to use it anyway")
+        raise UserError(f"the word prior changed since the checkpoint trained with it (sha256 {sha})",
+                        recorded, "pass --word_dist_path to use it anyway")
     logger.info("word prior: %s, as the checkpoint trained (sha256 %s)", recorded, (sha or "")[:12])
     return recorded
 
@@ -109,9 +109,9 @@ def check_resume_prior(checkpoint: str | Path, config) -> None:
     before = _prior_identity(raw.get("word_prior_source"), raw.get("word_prior_sha256"))
     now = _prior_identity(config.word_prior_source, config.word_prior_sha256)
     if raw.get("word_prior_source") and before != now:
-        raise ValueError(f"{checkpoint} trained with the word prior {raw.get('word_prior_source')} "
-                         f"({before}) but this run uses {config.word_prior_source} ({now}); "
-                         "resume with the same --word_dist_path")
+        raise UserError(f"the checkpoint trained with the word prior {raw.get('word_prior_source')} "
+                        f"({before}) but this run uses {config.word_prior_source} ({now})",
+                        checkpoint, "resume with the same --word_dist_path")
 
 
 def _prior_identity(source: str | None, sha: str | None) -> str | None:
