@@ -20,7 +20,8 @@ from comp import CompForConditionalGeneration, CompProcessor, CompVisionModel
 from comp.data.image import CompImageProcessor
 from comp.hub import resolve_model_dir, split_revision
 from comp.train.args import DataArguments, ModelArguments
-from comp.train.run import build_model, is_comp_checkpoint
+from comp.models.kinds import checkpoint_kind
+from comp.train.run import build_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 ORG = "tiny-org"
@@ -129,7 +130,7 @@ def test_mllm_from_components_and_pretrained_by_id(tiny_dir, tiny_mm_dir, offlin
 
 def test_train_builds_from_ids(offline):
     """`comp train --model_name_or_path ID --custom_visual_model ID`, as the recipes default."""
-    assert is_comp_checkpoint(f"{ORG}/comp-mm") and not is_comp_checkpoint(f"{ORG}/qwen2")
+    assert checkpoint_kind(f"{ORG}/comp-mm") == "comp-mm" and checkpoint_kind(f"{ORG}/qwen2") == "llm"
     data = DataArguments(data_path="unused.yaml", max_num_vistoken=64)
     model, processor = build_model(ModelArguments(f"{ORG}/qwen2", custom_visual_model=f"{ORG}/siglip"), data)
     assert model.config.vision_config.family == "siglip" and processor.image_processor.max_pixels == 64 * 28 * 28

@@ -10,11 +10,12 @@ Image paths are joined to the dataset's image root (see ``comp.data.mixture``); 
 that they stay inside it is lexical (``..`` and absolute paths), so symlinks inside the root
 are trusted.
 
-``lengths`` / ``modality_lengths`` (for the length-grouped sampler) parse every record once:
-text tokens are estimated as UTF-8 bytes / 4 of the turns, plus per image either the
-processor's exact count from the image header size (``visual_tokens_per_image=None``, one file
-open per image, no decoding, EXIF orientation honoured) or a given constant. ``modality_lengths`` is negative for
-text-only samples, as LLaVA's sampler expects.
+``estimate_lengths`` / ``modality_lengths`` (for the length-grouped sampler) parse each
+record: text tokens are estimated as UTF-8 bytes / 4 of the turns, plus per image the
+processor's exact count from the size the record ships (``width``/``height``,
+``image_sizes``) or else from the image header (one file open, no decoding, EXIF orientation
+honoured), or a given constant. Lengths are negative for text-only samples, as LLaVA's
+sampler expects. Training computes them once per run and data (comp.data.lengths).
 """
 from __future__ import annotations
 
@@ -261,9 +262,6 @@ class MixtureDataset(Dataset):
             self._lengths = self.estimate_lengths()
         return self._lengths
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.abs(self.modality_lengths)
 
 
 def shipped_image_sizes(obj: dict, num_images: int) -> list[tuple[int, int]] | None:
@@ -282,11 +280,4 @@ def shipped_image_sizes(obj: dict, num_images: int) -> list[tuple[int, int]] | N
             return None
         sizes.append((pair[1], pair[0]))
     return sizes
-
-
-def skip_fraction_guard(stats: SkipStats, batch: dict, max_skip_fraction: float = 0.01,
-                        min_samples: int = 1000) -> None:
-    """Training-loop hook: account one collated batch and stop past the skip limit."""
-    stats.update(len(batch["has_image"]), batch["skipped"])
-    stats.check(max_skip_fraction, min_samples=min_samples)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from transformers import AutoTokenizer, BatchFeature
 
 from comp.data.collator import pad_rows

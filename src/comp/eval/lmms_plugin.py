@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance

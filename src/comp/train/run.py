@@ -23,7 +23,7 @@ from comp.data.processor import CompProcessor
 from comp.data.sampler import ModalityLengthGroupedSampler
 from comp.errors import UserError, ensure_writable_dir
 from comp.models.alignment import UNIFORM_PRIOR
-from comp.models.kinds import checkpoint_kind, load_comp_mm, require_kind
+from comp.models.kinds import load_comp_mm, require_kind
 from comp.models.mllm import CompForConditionalGeneration, file_sha256
 from comp.train.args import DataArguments, ModelArguments, CompTrainingArguments, parse_args
 from comp.train.trainer import (CompTrainer, checkpoint_fingerprint, checkpoint_problem,
@@ -33,14 +33,6 @@ logger = logging.getLogger("comp.train")
 
 _ALIGNMENT_FIELDS = ("loss_weight", "embed_temp", "word_temp", "word_eps", "sinkhorn_iters",
                      "prior_mode", "lm_loss_chunk_size")
-
-
-def is_comp_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` (a directory or cached Hub id) holds a CoMP-MM."""
-    try:
-        return checkpoint_kind(path) == "comp-mm"
-    except UserError:
-        return False
 
 
 def image_settings(data_args: DataArguments) -> dict:
