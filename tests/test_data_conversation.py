@@ -9,7 +9,8 @@ import pytest
 from transformers import AutoTokenizer
 
 import comp
-from comp.data.conversation import IGNORE_INDEX, encode_conversation, load_tokenizer, render_text
+from comp.data.conversation import encode_conversation, load_tokenizer, render_text
+from comp.tokens import IGNORE_INDEX
 from comp.data.records import PROMPT_FORMATS, SkipSample, parse_record, prompt_messages
 
 CHAT_TEMPLATE = Path(comp.__file__).parent / "chat_template.jinja"

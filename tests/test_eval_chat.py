@@ -10,6 +10,7 @@ import torch
 
 from comp.data.image import load_image
 from comp.eval import chat
+from comp.tokens import IM_END, stop_ids
 
 SKIMAGE_DATA = Path(skimage.__file__).parent / "data"
 PHOTOS = [SKIMAGE_DATA / "chelsea.png", SKIMAGE_DATA / "page.png"]  # RGB 451x300, L 384x191
@@ -24,7 +25,7 @@ def _direct_answer(model, processor, messages, images, max_new_tokens):
     """The oracle: the model's own generate on the rendered prompt, decoded."""
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(prompt, images=images or None)
-    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=chat.stop_ids(processor.tokenizer))
+    ids = model.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(processor.tokenizer))
     return processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -42,7 +43,7 @@ class Recorder:
 
 def test_stop_ids_are_end_of_turn_and_end_of_text(loaded):
     tok = loaded[1].tokenizer
-    assert chat.stop_ids(tok) == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id})
+    assert stop_ids(tok) == sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id})
 
 
 def test_reply_streams_each_new_token(loaded):
@@ -142,6 +143,6 @@ def test_an_empty_turn_is_announced(tiny_mm_dir, capsys):
     model.lm_head = always(word)
     assert chat.reply(model, processor, conversation, settings).strip()
     assert chat.EMPTY_TURN not in capsys.readouterr().err
-    model.lm_head = always(processor.tokenizer.convert_tokens_to_ids(chat.END_OF_TURN))
+    model.lm_head = always(processor.tokenizer.convert_tokens_to_ids(IM_END))
     assert chat.reply(model, processor, conversation, settings) == ""
     assert chat.EMPTY_TURN in capsys.readouterr().err

@@ -21,7 +21,7 @@ from transformers import Qwen2ForCausalLM  # noqa: E402
 
 from comp import CompForConditionalGeneration, CompProcessor  # noqa: E402
 from comp.eval import lmms_plugin  # noqa: E402
-from comp.eval.chat import stop_ids  # noqa: E402
+from comp.tokens import stop_ids  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow"]
 GEN_UNTIL = ["\n\n", "dad"]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2ForCausalLM
 
 from comp import CompForConditionalGeneration, CompProcessor
-from comp.data.conversation import ensure_vision_tokens
+from comp.tokens import ensure_vision_tokens
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from comp.data.conversation import IGNORE_INDEX, encode_conversation, load_tokenizer, render_text
+from comp.data.conversation import encode_conversation, load_tokenizer, render_text
+from comp.tokens import IGNORE_INDEX
 from comp.data.processor import CompProcessor
 from comp.data.records import parse_record, prompt_messages
 from comp.data.show import SUPERVISED_CLOSE, SUPERVISED_OPEN

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from comp.data.conversation import IGNORE_INDEX
 from comp.data.dataset import Skipped
+from comp.tokens import IGNORE_INDEX
 
 
 def first_fit(lengths: list[int], capacity: int) -> list[list[int]]:

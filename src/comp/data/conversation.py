@@ -20,26 +20,11 @@ A sample left with no supervised token is skipped as ``no_supervised_tokens``.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from comp.data.records import SkipSample
-
-IGNORE_INDEX = -100
-CHAT_SPECIALS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-CHAT_TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "chat_template.jinja"
-
-
-def ensure_vision_tokens(tokenizer) -> list[str]:
-    """Append the Qwen vision special tokens a tokenizer lacks, after its existing ids.
-    Returns the tokens added (a model must resize its embeddings to ``len(tokenizer)``)."""
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in VISION_TOKENS if t not in vocab]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    return missing
+from comp.tokens import (IGNORE_INDEX, IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START,
+                         ensure_vision_tokens, image_span, special_ids)
 
 
 def load_tokenizer(directory):
@@ -53,15 +38,6 @@ def load_tokenizer(directory):
     return tokenizer
 
 
-def special_ids(tokenizer) -> dict[str, int]:
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in CHAT_SPECIALS}
-    missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
-    if missing:
-        raise ValueError(f"the tokenizer lacks {', '.join(missing)}: add them as special tokens "
-                         "(tokenizer.add_special_tokens) and resize the LLM embeddings")
-    return ids
-
-
 def encode_plain_text(tokenizer, texts: str | list[str], *, offsets: bool = False):
     """Token ids of record text, special-token strings in it split as plain text. The one
     place data text is tokenised (conversations, alignment text, word prior)."""
@@ -73,9 +49,8 @@ def render_text(messages: list[dict]) -> str:
     """The chat-template string (one ``<|image_pad|>`` per image), for checks and logs."""
     out = []
     for m in messages:
-        body = "".join("<|vision_start|><|image_pad|><|vision_end|>" if p["type"] == "image"
-                       else p["text"] for p in m["content"])
-        out.append(f"<|im_start|>{m['role']}\n{body}<|im_end|>\n")
+        body = "".join(image_span(1) if p["type"] == "image" else p["text"] for p in m["content"])
+        out.append(f"{IM_START}{m['role']}\n{body}{IM_END}\n")
     return "".join(out)
 
 
@@ -88,17 +63,17 @@ def _pieces(messages: list[dict], image_token_counts: list[int], ids: dict[str, 
     images = iter(image_token_counts)
     for m in messages:
         answer = m["role"] == "assistant"
-        yield "special", ids["<|im_start|>"], False
+        yield "special", ids[IM_START], False
         yield "text", f"{m['role']}\n", False
         for p in m["content"]:
             if p["type"] == "image":
                 yield "image", next(images)
             else:
                 yield "text", p["text"], answer
-        yield "special", ids["<|im_end|>"], answer
+        yield "special", ids[IM_END], answer
         yield "text", "\n", False
     if add_generation_prompt:
-        yield "special", ids["<|im_start|>"], False
+        yield "special", ids[IM_START], False
         yield "text", "assistant\n", False
 
 
@@ -116,8 +91,8 @@ def _encode_pieces(tokenizer, pieces, ids: dict[str, int]) -> tuple[list[int], l
         elif piece[0] == "special":
             layout.append(("ids", [piece[1]], piece[2], False))
         else:
-            layout.append(("ids", [ids["<|vision_start|>"]] + [ids["<|image_pad|>"]] * piece[1]
-                           + [ids["<|vision_end|>"]], False, True))
+            layout.append(("ids", [ids[VISION_START]] + [ids[IMAGE_PAD]] * piece[1]
+                           + [ids[VISION_END]], False, True))
     enc = encode_plain_text(tokenizer, ["".join(t for t, _ in run) for run in runs], offsets=True)
     input_ids: list[int] = []
     supervised: list[bool] = []

@@ -11,12 +11,11 @@ from pathlib import Path
 from transformers import AutoTokenizer, BatchFeature
 
 from comp.data.collator import pad_rows
-from comp.data.conversation import CHAT_TEMPLATE_PATH, encode_prompt, ensure_vision_tokens
+from comp.data.conversation import encode_prompt
 from comp.data.image import CompImageProcessor
 from comp.data.records import PROMPT_FORMATS, system_message
 from comp.hub import resolve_model_dir
-
-IMAGE_PAD = "<|image_pad|>"
+from comp.tokens import CHAT_TEMPLATE_PATH, IMAGE_PAD, ensure_vision_tokens
 
 
 class CompProcessor:

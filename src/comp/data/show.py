@@ -16,26 +16,25 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from comp.data.conversation import IGNORE_INDEX, load_tokenizer
+from comp.data.conversation import load_tokenizer
 from comp.data.dataset import MixtureDataset, Skipped
 from comp.data.mixture import MixtureError, load_mixture
 from comp.data.records import PROMPT_FORMATS, SkipSample, prompt_messages
+from comp.tokens import IGNORE_INDEX, IM_END, IM_START, IMAGE_PAD, image_span
 
 SUPERVISED_OPEN, SUPERVISED_CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧
-IMAGE_PAD = "<|image_pad|>"
 
 
 def marked_template_text(messages: list[dict]) -> str:
     """The chat-template text (one pad per image) with each answer + ``<|im_end|>`` marked."""
     out = []
     for m in messages:
-        body = "".join("<|vision_start|><|image_pad|><|vision_end|>" if p["type"] == "image"
-                       else p["text"] for p in m["content"])
+        body = "".join(image_span(1) if p["type"] == "image" else p["text"] for p in m["content"])
         if m["role"] == "assistant":
-            body = f"{SUPERVISED_OPEN}{body}<|im_end|>{SUPERVISED_CLOSE}"
+            body = f"{SUPERVISED_OPEN}{body}{IM_END}{SUPERVISED_CLOSE}"
         else:
-            body += "<|im_end|>"
-        out.append(f"<|im_start|>{m['role']}\n{body}\n")
+            body += IM_END
+        out.append(f"{IM_START}{m['role']}\n{body}\n")
     return "".join(out)
 
 

@@ -25,8 +25,8 @@ from comp.eval.features import default_device
 from comp.hub import resolve_model_dir
 from comp.models.kinds import load_comp_mm
 from comp.models.mllm import CompForConditionalGeneration
+from comp.tokens import stop_ids
 
-END_OF_TURN = "<|im_end|>"
 EMPTY_TURN = "(the model ended its turn without text)"
 
 
@@ -39,14 +39,6 @@ class GenerationSettings:
     def kwargs(self) -> dict:
         return dict(max_new_tokens=self.max_new_tokens, do_sample=self.temperature > 0,
                     temperature=self.temperature or 1.0, top_p=self.top_p)
-
-
-def stop_ids(tokenizer) -> list[int]:
-    """End of an assistant turn: ``<|im_end|>``, and the tokenizer's end-of-text."""
-    ids = {tokenizer.convert_tokens_to_ids(END_OF_TURN)}
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id)
 
 
 def load_chat_model(model_dir: str | Path, device: str | None = None, *,

@@ -33,10 +33,10 @@ from tqdm import tqdm
 from comp.data.image import load_image, to_rgb
 from comp.data.processor import CompProcessor
 from comp.data.records import PROMPT_FORMATS
-from comp.eval.chat import stop_ids
 from comp.hub import resolve_model_dir
 from comp.models.kinds import load_comp_mm
 from comp.models.vision.model import set_pos_order
+from comp.tokens import stop_ids
 
 IMAGE_MARKER = "<image>"
 DEFAULT_MAX_NEW_TOKENS = 128

@@ -36,6 +36,7 @@ from comp.models.positions import get_mrope_position_ids, packed_mrope_position_
 from comp.models.tiny import mrope_section_for
 from comp.models.vision.model import CompVisionConfig, CompVisionModel
 from comp.models.weights import load_state_dict, no_progress_bars, normal_permissions
+from comp.tokens import IMAGE_PAD, config_token_ids, ensure_vision_tokens
 
 # Fields of a Qwen2 config that carry over to the M-RoPE text config.
 _QWEN2_FIELDS = (
@@ -168,8 +169,6 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         """A CoMP-MM from a Qwen2/Qwen2.5 checkpoint and any encoder ``CompVisionModel``
         loads (directories or Hub ids, see ``comp.hub``) (original SigLIP / DINOv2 / AIMv2 or a CoMP-VFM). The merger starts random.
         The LLM tokenizer gets any missing vision tokens appended (embeddings resized)."""
-        from comp.data.conversation import ensure_vision_tokens
-
         from transformers import AutoTokenizer
 
         llm_dir, vision_dir = resolve_model_dir(llm_dir), resolve_model_dir(vision_dir)
@@ -182,7 +181,7 @@ class CompForConditionalGeneration(CompPreTrainedModel):
         config = CompConfig(
             vision_config=visual.config, text_config=text_config_from_qwen2(qwen2_config),
             tie_word_embeddings=bool(getattr(qwen2_config, "tie_word_embeddings", False)),
-            num_prototypes=len(tokenizer), **special_token_ids(tokenizer), **config_overrides)
+            num_prototypes=len(tokenizer), **config_token_ids(tokenizer), **config_overrides)
         model = cls(config)
         model.visual.load_state_dict(visual.state_dict())
         model._load_llm_weights(llm_dir)
@@ -459,18 +458,11 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def special_token_ids(tokenizer) -> dict[str, int]:
-    """The vision special-token ids of a tokenizer, as CompConfig fields."""
-    names = {"image_token_id": "<|image_pad|>", "vision_start_token_id": "<|vision_start|>",
-             "vision_end_token_id": "<|vision_end|>"}
-    return {field: tokenizer.convert_tokens_to_ids(tok) for field, tok in names.items()}
-
-
 def _mismatch_message(tokens_per_row, num_features: int, sample_ids) -> str:
     rows = ", ".join(
         f"{sample_ids[i] if sample_ids else f'row {i}'}: {int(n)} image tokens"
         for i, n in enumerate(tokens_per_row.tolist()))
-    return (f"the batch has {int(tokens_per_row.sum())} <|image_pad|> tokens but the encoder "
+    return (f"the batch has {int(tokens_per_row.sum())} {IMAGE_PAD} tokens but the encoder "
             f"produced {num_features} merged features ({rows}); each image needs exactly "
             "(h/2)*(w/2) pads - build prompts with CompProcessor, which expands them per image")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from comp.models.weights import save_hf_model
+from comp.tokens import CHAT_TEMPLATE_PATH, END_OF_TEXT, IM_END, IM_START, VISION_TOKENS
 
 KINDS = ("siglip", "dinov2", "aimv2", "qwen2")
 
@@ -26,10 +27,9 @@ CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0
 
 # Qwen2.5 specials in their real order (ids 151643.. in the real vocabulary).
 QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    END_OF_TEXT, IM_START, IM_END,
     "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-    "<|quad_start|>", "<|quad_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|quad_start|>", "<|quad_end|>", *VISION_TOKENS,
 )
 
 # Same pre-tokenisation regex as the real Qwen2 tokenizer.
@@ -139,11 +139,9 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
     tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-        pad_token="<|endoftext|>", unk_token=None, model_max_length=32768,
+        tokenizer_object=tok, bos_token=None, eos_token=IM_END,
+        pad_token=END_OF_TEXT, unk_token=None, model_max_length=32768,
         clean_up_tokenization_spaces=False, split_special_tokens=False)
-    from comp.data.conversation import CHAT_TEMPLATE_PATH
-
     fast.chat_template = CHAT_TEMPLATE_PATH.read_text()
     return fast
 
@@ -165,13 +163,13 @@ def write_tiny_qwen2(out: str | Path, seed: int = 0) -> Path:
     tokenizer = build_tiny_tokenizer()
     n_tok = len(tokenizer)
     padded_vocab = ((n_tok + 63) // 64) * 64  # Qwen pads its table (151,936 rows for 151,665 tokens)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TEXT, IM_END)}
     config = tf.Qwen2Config(
         vocab_size=padded_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"], use_sliding_window=False)
+        bos_token_id=ids[END_OF_TEXT], eos_token_id=ids[IM_END],
+        pad_token_id=ids[END_OF_TEXT], use_sliding_window=False)
     torch.manual_seed(seed)
     model = tf.Qwen2ForCausalLM(config)
     _randomise_(model, seed)
