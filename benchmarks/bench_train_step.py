@@ -57,13 +57,10 @@ from transformers import Qwen2Config, Trainer
 
 from comp.data.toyworld import write_toyworld
 from comp.models.alignment import alignment_loss, masked_mean_pool, pool_image_features
-from comp.models.mllm import (
-    CompConfig,
-    CompForConditionalGeneration,
-    text_config_from_qwen2,
-)
+from comp.models.configuration import CompConfig, text_config_from_qwen2
+from comp.models.mllm import CompForConditionalGeneration
 from comp.models.tiny import write_tiny
-from comp.models.vision.model import CompVisionConfig
+from comp.models.vision.configuration import CompVisionConfig
 from comp.train.args import parse_args
 from comp.train.run import build_data, build_model
 from comp.train.trainer import NON_MODEL_KEYS, StepCounts, param_groups

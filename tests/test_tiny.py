@@ -3,7 +3,8 @@ import hashlib
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from comp.models.tiny import mrope_section_for, write_tiny
+from comp.models.configuration import mrope_section_for
+from comp.models.tiny import write_tiny
 
 
 @pytest.mark.parametrize("kind, model_type", [

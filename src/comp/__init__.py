@@ -23,10 +23,10 @@ logging.getLogger("DeepSpeed").addFilter(_NoCpuFallbackNotice())
 _PUBLIC = {
     "CompImageProcessor": "comp.data.image",
     "ImageLoadError": "comp.data.image",
-    "CompVisionConfig": "comp.models.vision.model",
+    "CompVisionConfig": "comp.models.vision.configuration",
     "CompVisionModel": "comp.models.vision.model",
     "CompProcessor": "comp.data.processor",
-    "CompConfig": "comp.models.mllm",
+    "CompConfig": "comp.models.configuration",
     "CompForConditionalGeneration": "comp.models.mllm",
 }
 

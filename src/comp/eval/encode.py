@@ -17,7 +17,7 @@ from comp.cliargs import ArgumentParser, apply_threads
 from comp.data.image import ImageLoadError, load_image
 from comp.errors import UserError, ensure_writable_dir
 from comp.eval.features import add_budget_flags, budget_text, encode_files, load_encoder
-from comp.models.vision.model import POS_ORDERS
+from comp.models.vision.configuration import POS_ORDERS
 from comp.models.weights import save_file
 
 FORMAT = "comp-encode/1"

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from comp.data.image import ImageLoadError
 from comp.cliargs import ArgumentParser, apply_threads
 from comp.eval.features import add_budget_flags, budget_text, cached_features, load_encoder, mean_pool
-from comp.models.vision.model import POS_ORDERS
+from comp.models.vision.configuration import POS_ORDERS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 PROBES = ("linear", "attentive", "knn")

@@ -23,7 +23,7 @@ def checkpoint_kind(directory: str | Path) -> str:
     """The kind of ``directory`` (or cached Hub id; see the module doc); UserError when it is
     none of them."""
     from comp.hub import resolve_model_dir
-    from comp.models.vision.model import MODEL_TYPES
+    from comp.models.vision.configuration import MODEL_TYPES
 
     try:
         directory = resolve_model_dir(directory)

@@ -146,14 +146,6 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def mrope_section_for(head_dim: int) -> list[int]:
-    """Qwen2-VL's [16, 24, 24] (head_dim 128) scaled to another head dim (sum = head_dim/2)."""
-    scale = head_dim / 128
-    section = [int(16 * scale), int(24 * scale), int(24 * scale)]
-    section[0] += head_dim // 2 - sum(section)
-    return section
-
-
 def write_tiny_qwen2(out: str | Path, seed: int = 0) -> Path:
     """A tiny Qwen2 causal LM (tied embeddings like Qwen2.5-0.5B, padded embedding table)."""
     import transformers as tf

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .configuration import ATTN_BACKENDS as BACKENDS
 from .rope2d import apply_rope
 
-BACKENDS = ("auto", "flash", "varlen", "sdpa")
 
 
 def _has_flash() -> bool:

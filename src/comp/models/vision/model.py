@@ -11,7 +11,6 @@ config.json and the source preprocessor_config.json.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -20,99 +19,26 @@ import torch
 from safetensors import safe_open
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig
 
 from comp.hub import resolve_model_dir
 
 from ..merger import PatchMerger, init_merger
 from ..weights import SINGLE_FILE as WEIGHTS_NAME
 from ..weights import save_file, weight_files
-from .attention import BACKENDS, PackedContext
+from .attention import PackedContext
+from .configuration import MODEL_TYPES, POS_ORDERS, CompVisionConfig
+from . import aimv2, dinov2, siglip
 from .packing import cu_seqlens, insert_first, rowcol_ids
 from .rope2d import rope_cos_sin
 
 logger = logging.getLogger(__name__)
+FAMILY_MODULES = {"siglip": siglip, "dinov2": dinov2, "aimv2": aimv2}
 
-FAMILIES = ("siglip", "dinov2", "aimv2")
-# config.json model_type -> family
-MODEL_TYPES = {"siglip": "siglip", "siglip_vision_model": "siglip", "dinov2": "dinov2",
-               "aimv2": "aimv2", "aimv2_vision_model": "aimv2"}
 PREPROCESSOR_NAME = "preprocessor_config.json"
-POS_ORDERS = ("merge", "raster")
 # Tensors a reference-trained (CoMP-MM code) encoder lacks; unused when CLS is dropped, they
 # load as zeros then.
 _OPTIONAL_WITHOUT_CLS = ("embeddings.cls_token",)
-
-
-def _family(name: str):
-    if name not in FAMILIES:
-        raise ValueError(f"unknown vision family {name!r}; expected one of {FAMILIES}")
-    return importlib.import_module(f"{__package__}.{name}")
-
-
-class CompVisionConfig(PretrainedConfig):
-    """Architecture of the source VFM (``family`` + its dimensions) and the CoMP settings.
-
-    use_rope: 2D RoPE on q, k in every layer (C-RoPE); False = the plain VFM with the
-        interpolated absolute table only.
-    pos_interp_mode / pos_interp_antialias: how the learned table is resized to an image grid.
-    pos_order: "merge" (correct) or "raster" (the reference code's permuted positions).
-    keep_cls: DINOv2 only; CoMP drops the CLS token.
-    w_merger: output width of the 2x2 merger, or None for per-token features.
-    attn_backend: one of attention.BACKENDS.
-    """
-
-    model_type = "comp_vision"
-
-    def __init__(self, family: str = "siglip", hidden_size: int = 32, intermediate_size: int = 64,
-                 num_hidden_layers: int = 2, num_attention_heads: int = 2, num_channels: int = 3,
-                 image_size: int = 56, patch_size: int = 14, hidden_act: str = "gelu_pytorch_tanh",
-                 norm_eps: float = 1e-6, qkv_bias: bool = True, mlp_bias: bool = True,
-                 use_rope: bool = False, rope_theta: float = 10000.0,
-                 pos_interp_mode: str = "bicubic", pos_interp_antialias: bool = False,
-                 pos_order: str = "merge", keep_cls: bool = False, merge_size: int = 2,
-                 w_merger: int | None = None, attn_backend: str = "auto", **kwargs):
-        self.family = family
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_channels = num_channels
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.hidden_act = hidden_act
-        self.norm_eps = norm_eps
-        self.qkv_bias = qkv_bias
-        self.mlp_bias = mlp_bias
-        self.use_rope = use_rope
-        self.rope_theta = rope_theta
-        self.pos_interp_mode = pos_interp_mode
-        self.pos_interp_antialias = pos_interp_antialias
-        self.pos_order = pos_order
-        self.keep_cls = keep_cls
-        self.merge_size = merge_size
-        self.w_merger = w_merger
-        self.attn_backend = attn_backend
-        super().__init__(**kwargs)
-        self.validate()
-
-    def validate(self) -> None:
-        _family(self.family)
-        if self.pos_order not in POS_ORDERS:
-            raise ValueError(f"pos_order must be 'merge' or 'raster', got {self.pos_order!r}")
-        if self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend must be one of {BACKENDS}, got {self.attn_backend!r}")
-        if self.keep_cls and self.family != "dinov2":
-            raise ValueError(f"keep_cls=True needs a CLS token; the {self.family} family has none")
-        if self.keep_cls and self.w_merger:
-            raise ValueError("keep_cls=True cannot be combined with a merger (CLS breaks the 2x2 windows)")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"{self.num_attention_heads} heads")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 class CompVisionModel(nn.Module):
@@ -122,7 +48,7 @@ class CompVisionModel(nn.Module):
     def __init__(self, config: CompVisionConfig):
         super().__init__()
         self.config = config
-        fam = _family(config.family)
+        fam = FAMILY_MODULES[config.family]
         self.embeddings = fam.Embeddings(config)
         self.encoder = fam.Encoder(config)
         self._final_norm_name = fam.FINAL_NORM
@@ -309,7 +235,7 @@ def _config_for(path: Path, overrides: dict) -> tuple[CompVisionConfig, int | No
     family = MODEL_TYPES[model_type]
     with _quiet_transformers():  # e.g. a two-tower config's text token ids: not our concern
         hf_config = AutoConfig.from_pretrained(path)
-    fields = _family(family).config_from_hf(hf_config)
+    fields = FAMILY_MODULES[family].config_from_hf(hf_config)
     config = CompVisionConfig(family=family, **fields)
     for key, value in overrides.items():
         _set_field(config, key, value, path)

@@ -1,0 +1,79 @@
+"""CompVisionConfig: the encoder's architecture and CoMP settings, importable without the
+modeling code (``AutoConfig`` reads it, the standalone export ships it).
+"""
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+FAMILIES = ("siglip", "dinov2", "aimv2")
+# config.json model_type of an original checkpoint -> family
+MODEL_TYPES = {"siglip": "siglip", "siglip_vision_model": "siglip", "dinov2": "dinov2",
+               "aimv2": "aimv2", "aimv2_vision_model": "aimv2"}
+POS_ORDERS = ("merge", "raster")
+ATTN_BACKENDS = ("auto", "flash", "varlen", "sdpa")  # see comp.models.vision.attention
+
+
+class CompVisionConfig(PreTrainedConfig):
+    """Architecture of the source VFM (``family`` + its dimensions) and the CoMP settings.
+
+    use_rope: 2D RoPE on q, k in every layer (C-RoPE); False = the plain VFM with the
+        interpolated absolute table only.
+    pos_interp_mode / pos_interp_antialias: how the learned table is resized to an image grid.
+    pos_order: "merge" (correct) or "raster" (the reference code's permuted positions).
+    keep_cls: DINOv2 only; CoMP drops the CLS token.
+    w_merger: output width of the 2x2 merger, or None for per-token features.
+    attn_backend: one of attention.BACKENDS.
+    """
+
+    model_type = "comp_vision"
+
+    def __init__(self, family: str = "siglip", hidden_size: int = 32, intermediate_size: int = 64,
+                 num_hidden_layers: int = 2, num_attention_heads: int = 2, num_channels: int = 3,
+                 image_size: int = 56, patch_size: int = 14, hidden_act: str = "gelu_pytorch_tanh",
+                 norm_eps: float = 1e-6, qkv_bias: bool = True, mlp_bias: bool = True,
+                 use_rope: bool = False, rope_theta: float = 10000.0,
+                 pos_interp_mode: str = "bicubic", pos_interp_antialias: bool = False,
+                 pos_order: str = "merge", keep_cls: bool = False, merge_size: int = 2,
+                 w_merger: int | None = None, attn_backend: str = "auto", **kwargs):
+        self.family = family
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_channels = num_channels
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.hidden_act = hidden_act
+        self.norm_eps = norm_eps
+        self.qkv_bias = qkv_bias
+        self.mlp_bias = mlp_bias
+        self.use_rope = use_rope
+        self.rope_theta = rope_theta
+        self.pos_interp_mode = pos_interp_mode
+        self.pos_interp_antialias = pos_interp_antialias
+        self.pos_order = pos_order
+        self.keep_cls = keep_cls
+        self.merge_size = merge_size
+        self.w_merger = w_merger
+        self.attn_backend = attn_backend
+        super().__init__(**kwargs)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown vision family {self.family!r}; expected one of {FAMILIES}")
+        if self.pos_order not in POS_ORDERS:
+            raise ValueError(f"pos_order must be 'merge' or 'raster', got {self.pos_order!r}")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
+        if self.keep_cls and self.family != "dinov2":
+            raise ValueError(f"keep_cls=True needs a CLS token; the {self.family} family has none")
+        if self.keep_cls and self.w_merger:
+            raise ValueError("keep_cls=True cannot be combined with a merger (CLS breaks the 2x2 windows)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"{self.num_attention_heads} heads")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
