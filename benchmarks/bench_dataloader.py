@@ -128,7 +128,7 @@ def loader_pass(ds: MixtureDataset, collator: DataCollator, indices: list[int], 
                         collate_fn=collator)
     first, delivered = None, 0
     for batch in loader:
-        delivered += len(batch["has_image"]) + len(batch["skipped"])
+        delivered += batch.num_samples + len(batch.skipped)
         if first is None:
             first = time.perf_counter()
     del loader, batch

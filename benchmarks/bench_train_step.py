@@ -55,6 +55,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Qwen2Config, Trainer
 
+from comp.data.collator import Batch
 from comp.data.toyworld import write_toyworld
 from comp.models.alignment import alignment_loss, masked_mean_pool, pool_image_features
 from comp.models.configuration import CompConfig, text_config_from_qwen2
@@ -63,7 +64,7 @@ from comp.models.tiny import write_tiny
 from comp.models.vision.configuration import CompVisionConfig
 from comp.train.args import parse_args
 from comp.train.run import build_data, build_model
-from comp.train.trainer import NON_MODEL_KEYS, StepCounts, param_groups
+from comp.train.trainer import StepCounts, param_groups
 
 PHASES = ("data wait", "vision", "LLM forward", "alignment text pass", "loss: LM",
           "loss: alignment", "backward", "optimizer step")
@@ -95,46 +96,45 @@ class PhaseClock:
 # ------------------------------------------------------------------------------ the step
 
 
-def step_counts(batches: list[dict]) -> StepCounts:
+def step_counts(batches: list[Batch]) -> StepCounts:
     """The Trainer's step-global denominators (CompTrainer._get_num_items_in_batch, one rank)."""
-    tokens = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batches)
-    align = sum(int((b["has_image"] & (b["align_attention_mask"].sum(1) > 0)).sum()) for b in batches)
-    device = batches[0]["labels"].device
+    tokens = sum(int((b.inputs["labels"][..., 1:] != -100).sum()) for b in batches)
+    align = sum(int((b.has_image_S & (b.inputs["align_attention_mask"].sum(1) > 0)).sum()) for b in batches)
+    device = batches[0].inputs["labels"].device
     return StepCounts(supervised_tokens=torch.tensor(float(max(tokens, 1)), dtype=torch.float64, device=device),
                       align_samples=torch.tensor(float(max(align, 1)), dtype=torch.float64, device=device))
 
 
-def model_inputs(batch: dict, counts: StepCounts) -> dict:
+def model_inputs(batch: Batch, counts: StepCounts) -> dict:
     """What CompTrainer.compute_loss passes to the model."""
-    inputs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
-    return {**inputs, "lm_loss_normalizer": counts.supervised_tokens, "align_normalizer": counts.align_samples}
+    return {**batch.inputs, "lm_loss_normalizer": counts.supervised_tokens, "align_normalizer": counts.align_samples}
 
 
-def decomposed_loss(model: CompForConditionalGeneration, batch: dict, counts: StepCounts,
+def decomposed_loss(model: CompForConditionalGeneration, batch: Batch, counts: StepCounts,
                     clock: PhaseClock) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, lm_loss, align_loss) of ``model.forward`` with labels, piece by piece."""
     cfg = model.config
-    ids_BL, mask_BL, grid_N3 = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
+    ids_BL, mask_BL, grid_N3 = batch.inputs["input_ids"], batch.inputs["attention_mask"], batch.inputs["image_grid_thw"]
     if grid_N3 is None:
         raise SystemExit("a Stage II batch without images; the decomposition covers image batches only")
     with clock("vision"):
-        feats_MD = model.image_features(batch["pixel_values"], grid_N3)
+        feats_MD = model.image_features(batch.inputs["pixel_values"], grid_N3)
     with clock("LLM forward"):
         embeds_BLD = model.insert_image_features(ids_BL, model.model.embed_tokens(ids_BL), feats_MD)
         pos_3BL, _ = model.position_ids(ids_BL, grid_N3, mask_BL)
         hidden_BLD = model.model(inputs_embeds=embeds_BLD, attention_mask=mask_BL, position_ids=pos_3BL,
                                  use_cache=False).last_hidden_state
     with clock("loss: LM"):
-        lm_sum, _ = model.lm_head(hidden_BLD, batch["labels"], chunk_size=cfg.lm_loss_chunk_size,
+        lm_sum, _ = model.lm_head(hidden_BLD, batch.inputs["labels"], chunk_size=cfg.lm_loss_chunk_size,
                                   reduction="sum")
         lm_loss = lm_sum / counts.supervised_tokens
-    align_ids_SL, align_mask_SL = batch["align_input_ids"], batch["align_attention_mask"]
+    align_ids_SL, align_mask_SL = batch.inputs["align_input_ids"], batch.inputs["align_attention_mask"]
     with clock("alignment text pass"), torch.no_grad():
         text_SLD = model.model(input_ids=align_ids_SL, attention_mask=align_mask_SL).last_hidden_state
         f_t_SD = masked_mean_pool(text_SLD.float(), align_mask_SL)
     with clock("loss: alignment"):
         tokens_per_image_N = grid_N3.prod(-1) // cfg.spatial_merge_size ** 2
-        sample_index_M = torch.repeat_interleave(batch["image_sample_index"].to(grid_N3.device), tokens_per_image_N)
+        sample_index_M = torch.repeat_interleave(batch.inputs["image_sample_index"].to(grid_N3.device), tokens_per_image_N)
         f_v_SD, has_image_S = pool_image_features(feats_MD, sample_index_M, align_ids_SL.shape[0])
         keep_S = has_image_S & (align_mask_SL.sum(1) > 0).to(has_image_S.device)
         mean = alignment_loss(f_v_SD.float(), f_t_SD, model.lm_head.weight[:model.num_prototypes],
@@ -145,7 +145,7 @@ def decomposed_loss(model: CompForConditionalGeneration, batch: dict, counts: St
     return loss, lm_loss, align
 
 
-def check_decomposition(model, batches: list[dict], counts: StepCounts, rtol: float) -> float:
+def check_decomposition(model, batches: list[Batch], counts: StepCounts, rtol: float) -> float:
     """Largest relative difference of (loss, lm_loss, align_loss) between the pieces and ``model(**inputs)``."""
     worst = 0.0
     with torch.no_grad():
@@ -235,8 +235,8 @@ def timed_steps(model, optimizer, next_batches, steps: int, sync=lambda: None) -
                 plain_step(model, optimizer, batches, counts)
             sync()
             record[variant] = time.perf_counter() - start + clock.seconds["data wait"]
-        record.update(clock.seconds, tokens=sum(int(b["attention_mask"].sum()) for b in batches),
-                      patches=sum(int(b["pixel_values"].shape[0]) for b in batches))
+        record.update(clock.seconds, tokens=sum(int(b.inputs["attention_mask"].sum()) for b in batches),
+                      patches=sum(int(b.inputs["pixel_values"].shape[0]) for b in batches))
         records.append(record)
     return records
 
@@ -293,7 +293,7 @@ def run_smoke(args) -> None:
         optimizer = make_optimizer(model, training_args)
         stream = iter(())
 
-        def next_batches() -> list[dict]:
+        def next_batches() -> list[Batch]:
             nonlocal stream
             batches = []
             while len(batches) < training_args.gradient_accumulation_steps:
@@ -342,7 +342,7 @@ def merge_grid(visual_tokens: int) -> tuple[int, int]:
 
 
 def synthetic_batch(batch_size: int, visual_tokens: int, prompt: int, answer: int, patch_dim: int,
-                    device, dtype, gen: torch.Generator) -> dict:
+                    device, dtype, gen: torch.Generator) -> Batch:
     """Stage-II-shaped samples: user turn (one image + a prompt), one assistant answer."""
     h, w = merge_grid(visual_tokens)
     rows, labels = [], []
@@ -355,18 +355,17 @@ def synthetic_batch(batch_size: int, visual_tokens: int, prompt: int, answer: in
         labels.append([-100] * (len(user) + 2) + reply + [-100])
     grid_N3 = torch.tensor([[1, 2 * h, 2 * w]] * batch_size)
     answers_SL = torch.tensor([r[len(r) - answer - 2:len(r) - 2] for r in rows])
-    return {
+    return Batch(has_image_S=torch.ones(batch_size, dtype=torch.bool, device=device), inputs={
         "input_ids": torch.tensor(rows, device=device),
         "labels": torch.tensor(labels, device=device),
         "attention_mask": torch.ones(batch_size, len(rows[0]), dtype=torch.long, device=device),
         "pixel_values": torch.randn(batch_size * 4 * h * w, patch_dim, generator=gen).to(device, dtype),
         "image_grid_thw": grid_N3.to(device),
-        "has_image": torch.ones(batch_size, dtype=torch.bool, device=device),
         "image_sample_index": torch.arange(batch_size, device=device),
         "align_input_ids": answers_SL.to(device),
         "align_attention_mask": torch.ones_like(answers_SL, device=device),
-        "skipped": [],
-    }
+        "record_ids": [f"synthetic-{i}" for i in range(batch_size)],
+    })
 
 
 def parameter_counts(model: CompForConditionalGeneration) -> dict[str, int]:
@@ -382,14 +381,14 @@ def parameter_counts(model: CompForConditionalGeneration) -> dict[str, int]:
             "LLM non-embedding": n(model.model.parameters()) - embed}
 
 
-def step_flops(cfg: CompConfig, counts: dict[str, int], batch: dict) -> dict[str, float]:
+def step_flops(cfg: CompConfig, counts: dict[str, int], batch: Batch) -> dict[str, float]:
     """Model FLOPs of one training step on ``batch`` (formula in the module docstring)."""
     tc, vc = cfg.text_config, cfg.vision_config
     d_llm = tc.num_attention_heads * (tc.hidden_size // tc.num_attention_heads)
-    lengths_S = batch["attention_mask"].sum(1).double()
-    align_S = batch["align_attention_mask"].sum(1).double()
-    patches_N = batch["image_grid_thw"].prod(-1).double()
-    tokens, supervised = float(lengths_S.sum()), float((batch["labels"][:, 1:] != -100).sum())
+    lengths_S = batch.inputs["attention_mask"].sum(1).double()
+    align_S = batch.inputs["align_attention_mask"].sum(1).double()
+    patches_N = batch.inputs["image_grid_thw"].prod(-1).double()
+    tokens, supervised = float(lengths_S.sum()), float((batch.inputs["labels"][:, 1:] != -100).sum())
     enc_params = counts["encoder"] - counts["encoder position table"]
     return {
         "LLM": 6 * counts["LLM non-embedding"] * tokens
@@ -420,15 +419,15 @@ def run_real_widths(args) -> None:
     batch = synthetic_batch(args.batch_size, args.visual_tokens, args.prompt_tokens, args.answer_tokens,
                             vc.num_channels * vc.patch_size ** 2, "cpu", dtype, gen)
     flops = step_flops(cfg, counts, batch)
-    print(f"batch: {args.batch_size} samples x {batch['input_ids'].shape[1]} tokens "
+    print(f"batch: {args.batch_size} samples x {batch.inputs['input_ids'].shape[1]} tokens "
           f"({args.visual_tokens} visual = {merge_grid(args.visual_tokens)} merge windows), "
-          f"{batch['pixel_values'].shape[0]:,} patches")
+          f"{batch.inputs['pixel_values'].shape[0]:,} patches")
     print("model FLOPs per step: " + ", ".join(f"{k} {v / 1e12:,.1f} T" for k, v in flops.items())
           + f"; total {sum(flops.values()) / 1e12:,.1f} TFLOP")
     if args.dry_run:
         return
 
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = batch.to(device)
     model.set_word_prior("uniform")  # uniform prior (random init, no data)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()

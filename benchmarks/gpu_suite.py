@@ -61,12 +61,6 @@ def env_report() -> dict:
 # ------------------------------------------------------------------------------ parity
 
 
-def batch_to(batch: dict, device) -> dict:
-    import torch
-
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def parity(args) -> dict:
     """One training forward of a tiny CoMP-MM (alignment loss on) on one toyworld Stage II
     batch, in fp32 and in bf16 with the same weights: relative loss difference and the
@@ -89,10 +83,9 @@ def parity(args) -> dict:
     dataset = MixtureDataset.from_yaml(str(assets / "toyworld" / "stage2.yaml"), processor.tokenizer,
                                        processor.image_processor, model_max_length=1024, seed=0)
     items = [dataset[i] for i in range(min(args.samples, len(dataset)))]
-    batch = DataCollator(pad_token_id=processor.tokenizer.pad_token_id)(items)
-    if batch.get("pixel_values") is None:
+    batch = DataCollator(pad_token_id=processor.tokenizer.pad_token_id)(items).to(device).inputs
+    if batch["pixel_values"] is None:
         raise SystemExit(f"parity: the first {len(items)} toyworld Stage II samples carry no image")
-    batch = batch_to(batch, device)
 
     results = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

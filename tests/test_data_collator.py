@@ -38,33 +38,34 @@ def test_padding_images_and_skip_markers():
     batch = DataCollator(pad_token_id=PAD)([SAMPLES[0], marker, SAMPLES[1], SAMPLES[2]])
     lengths = [len(SAMPLES[i]["input_ids"]) for i in (0, 1, 2)]
     L = max(lengths)
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (3, L)
+    assert batch.inputs["input_ids"].shape == batch.inputs["labels"].shape == batch.inputs["attention_mask"].shape == (3, L)
     for row, (i, n) in enumerate(zip((0, 1, 2), lengths)):  # right padding
-        assert torch.equal(batch["input_ids"][row, :n], SAMPLES[i]["input_ids"])
-        assert torch.equal(batch["labels"][row, :n], SAMPLES[i]["labels"])
-        assert (batch["input_ids"][row, n:] == PAD).all() and (batch["labels"][row, n:] == -100).all()
-        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (L - n)
-    assert batch["has_image"].tolist() == [True, False, True]
-    assert torch.equal(batch["pixel_values"], torch.cat([SAMPLES[0]["pixel_values"], SAMPLES[2]["pixel_values"]]))
-    assert batch["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4], [1, 4, 2]]
-    assert batch["skipped"] == [marker]
-    assert "cu_seqlens" not in batch
+        assert torch.equal(batch.inputs["input_ids"][row, :n], SAMPLES[i]["input_ids"])
+        assert torch.equal(batch.inputs["labels"][row, :n], SAMPLES[i]["labels"])
+        assert (batch.inputs["input_ids"][row, n:] == PAD).all() and (batch.inputs["labels"][row, n:] == -100).all()
+        assert batch.inputs["attention_mask"][row].tolist() == [1] * n + [0] * (L - n)
+    assert batch.has_image_S.tolist() == [True, False, True]
+    assert torch.equal(batch.inputs["pixel_values"], torch.cat([SAMPLES[0]["pixel_values"], SAMPLES[2]["pixel_values"]]))
+    assert batch.inputs["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 4], [1, 4, 2]]
+    assert batch.skipped == [marker]
+    assert "cu_seqlens" not in batch.inputs
+    assert batch.record_ids == [SAMPLES[i].get("record") for i in (0, 1, 2)]
 
 
 def test_left_padding():
     batch = DataCollator(pad_token_id=PAD, padding_side="left")([SAMPLES[1], SAMPLES[3]])
-    assert batch["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1], [1] * 7]
-    assert torch.equal(batch["input_ids"][0, 3:], SAMPLES[1]["input_ids"])
-    assert (batch["labels"][0, :3] == -100).all()
+    assert batch.inputs["attention_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1], [1] * 7]
+    assert torch.equal(batch.inputs["input_ids"][0, 3:], SAMPLES[1]["input_ids"])
+    assert (batch.inputs["labels"][0, :3] == -100).all()
     with pytest.raises(ValueError, match="right-padded"):
         DataCollator(pad_token_id=PAD, pack_length=8, padding_side="left")
 
 
 def test_all_skipped_and_text_only_batches():
     batch = DataCollator(pad_token_id=PAD)([Skipped("too_long", "", "r0")])
-    assert batch["input_ids"].shape == (0, 0) and len(batch["skipped"]) == 1
+    assert batch.inputs["input_ids"].shape == (0, 0) and len(batch.skipped) == 1
     batch = DataCollator(pad_token_id=PAD)([SAMPLES[1], SAMPLES[3]])
-    assert batch["pixel_values"] is None and batch["image_grid_thw"] is None
+    assert batch.inputs["pixel_values"] is None and batch.inputs["image_grid_thw"] is None
 
 
 def test_first_fit():
@@ -78,26 +79,26 @@ def test_packing_boundaries_and_positions():
     batch = DataCollator(pad_token_id=PAD, pack_length=15)(SAMPLES)
     rows = first_fit(lengths, 15)
     assert rows == [[0, 1], [2], [3]]
-    assert [c.tolist() for c in batch["cu_seqlens"]] == [[0, 9, 13], [0, 13], [0, 7]]
-    assert all(c.dtype == torch.int32 for c in batch["cu_seqlens"])
-    assert batch["input_ids"].shape == (3, 13)
-    assert batch["sample_ids"].tolist() == [[0] * 9 + [1] * 4, [0] * 13, [0] * 7 + [-1] * 6]
-    assert (batch["input_ids"][2, 7:] == PAD).all() and (batch["labels"][2, 7:] == -100).all()
-    assert batch["images_per_row"].tolist() == [1, 2, 0]
-    assert batch["has_image"].tolist() == [True, False, True, False]
-    assert torch.equal(batch["attention_mask"], (batch["sample_ids"] >= 0).long())
+    assert [c.tolist() for c in batch.inputs["cu_seqlens"]] == [[0, 9, 13], [0, 13], [0, 7]]
+    assert all(c.dtype == torch.int32 for c in batch.inputs["cu_seqlens"])
+    assert batch.inputs["input_ids"].shape == (3, 13)
+    assert batch.inputs["attention_mask"].tolist() == [[1] * 13, [1] * 13, [1] * 7 + [0] * 6]
+    assert (batch.inputs["input_ids"][2, 7:] == PAD).all() and (batch.inputs["labels"][2, 7:] == -100).all()
+    assert batch.has_image_S.tolist() == [True, False, True, False]
     # Positions per packed row equal each sample's own unpacked positions.
-    grids = batch["image_grid_thw"].split(batch["images_per_row"].tolist())
+    images_per_row = [sum(len(SAMPLES[i]["image_grid_thw"]) for i in row if SAMPLES[i]["has_image"]) for row in rows]
+    assert images_per_row == [1, 2, 0]
+    grids = batch.inputs["image_grid_thw"].split(images_per_row)
     for b, row in enumerate(rows):
-        packed_3L = packed_mrope_position_ids(batch["input_ids"][b], grids[b], batch["cu_seqlens"][b],
+        packed_3L = packed_mrope_position_ids(batch.inputs["input_ids"][b], grids[b], batch.inputs["cu_seqlens"][b],
                                               image_token_id=IMG, vision_start_token_id=VS)
         for k, i in enumerate(row):
-            start, end = batch["cu_seqlens"][b][k:k + 2].tolist()
+            start, end = batch.inputs["cu_seqlens"][b][k:k + 2].tolist()
             alone, _ = get_mrope_position_ids(SAMPLES[i]["input_ids"][None], SAMPLES[i]["image_grid_thw"],
                                               image_token_id=IMG, vision_start_token_id=VS)
             assert torch.equal(packed_3L[:, start:end], alone[:, 0])
-            assert torch.equal(batch["labels"][b, start:end], SAMPLES[i]["labels"])
-            assert batch["labels"][b, start] == -100  # no loss term crosses a sample boundary
+            assert torch.equal(batch.inputs["labels"][b, start:end], SAMPLES[i]["labels"])
+            assert batch.inputs["labels"][b, start] == -100  # no loss term crosses a sample boundary
 
 
 # -- sampler ------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_dataloader_workers_bring_skips_to_the_main_process(mixed, tokenizer):
                                          collate_fn=DataCollator(tokenizer.pad_token_id))
     stats = SkipStats()
     for batch in loader:
-        stats.update(len(batch["has_image"]), batch["skipped"])
+        stats.update(batch.num_samples, batch.skipped)
     assert stats.kept == 4 and stats.skipped == len(expected) - 4
     assert set(stats.examples) == set(SKIP_REASONS)
     with pytest.raises(TooManySkips, match="too many bad samples") as info:

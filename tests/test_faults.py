@@ -173,9 +173,8 @@ def test_empty_answers_with_alignment_loss_train(tiny_mm_dir, tmp_path, images):
     ds = MixtureDataset(load_mixture(str(data), image_folder=str(images)), processor.tokenizer,
                         processor.image_processor, model_max_length=MAX_LEN)
     batch = DataCollator(processor.tokenizer.pad_token_id)([ds[0], ds[1]])
-    assert batch["align_input_ids"].shape == (2, 1) and batch["align_attention_mask"].sum() == 0
-    inputs = {k: v for k, v in batch.items() if k not in ("skipped", "has_image", "records")}
-    out = model(**inputs)
+    assert batch.inputs["align_input_ids"].shape == (2, 1) and batch.inputs["align_attention_mask"].sum() == 0
+    out = model(**batch.inputs)
     assert torch.isfinite(out.loss) and float(out.align_loss) == 0.0
 
 

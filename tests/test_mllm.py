@@ -172,9 +172,9 @@ def test_packed_rows_give_the_same_logits_as_unpacked(model, processor, tiny_dir
         samples.append({"input_ids": ids, "labels": ids.clone(), "has_image": imgs is not None,
                         "pixel_values": enc.get("pixel_values"), "image_grid_thw": enc.get("image_grid_thw")})
     pad = processor.tokenizer.pad_token_id
-    packed = DataCollator(pad_token_id=pad, pack_length=4096)(samples)
+    packed = DataCollator(pad_token_id=pad, pack_length=4096)(samples).inputs
     assert packed["input_ids"].shape[0] == 1
-    unpacked = DataCollator(pad_token_id=pad)(samples)
+    unpacked = DataCollator(pad_token_id=pad)(samples).inputs
     keep = ("input_ids", "pixel_values", "image_grid_thw")
     with torch.no_grad():
         logits_packed = model(**{k: packed[k] for k in keep}, cu_seqlens=packed["cu_seqlens"]).logits[0]

@@ -45,12 +45,17 @@ def encode_plain_text(tokenizer, texts: str | list[str], *, offsets: bool = Fals
                      return_offsets_mapping=offsets)
 
 
-def render_text(messages: list[dict]) -> str:
-    """The chat-template string (one ``<|image_pad|>`` per image), for checks and logs."""
+def render_text(messages: list[dict], answer_marks: tuple[str, str] = ("", "")) -> str:
+    """The chat-template string (one ``<|image_pad|>`` per image), for checks and logs; each
+    answer with its ``<|im_end|>`` (the supervised text) between ``answer_marks``."""
     out = []
     for m in messages:
         body = "".join(image_span(1) if p["type"] == "image" else p["text"] for p in m["content"])
-        out.append(f"{IM_START}{m['role']}\n{body}{IM_END}\n")
+        if m["role"] == "assistant":
+            body = f"{answer_marks[0]}{body}{IM_END}{answer_marks[1]}"
+        else:
+            body += IM_END
+        out.append(f"{IM_START}{m['role']}\n{body}\n")
     return "".join(out)
 
 

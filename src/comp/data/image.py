@@ -25,15 +25,14 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 # Qwen2-VL's smart_resize refuses images whose long side is more than 200 times the short one.
 MAX_ASPECT_RATIO = 200
 # Refuse images above 2**27 (~134 M) pixels before decoding: about 400 MB as RGB, well above
 # any training photo, and below Pillow's own hard limit, so this check and its message win.
 DEFAULT_MAX_IMAGE_PIXELS = 2**27
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CONFIG_NAME = "preprocessor_config.json"
 
 ImageSource = Union[str, os.PathLike, IO[bytes], Image.Image]
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -316,8 +315,8 @@ class CompImageProcessor:
     max_pixels: int | None = None
     patch_size: int = 14
     merge_size: int = 2
-    image_mean: Sequence[float] = OPENAI_CLIP_MEAN
-    image_std: Sequence[float] = OPENAI_CLIP_STD
+    image_mean: Sequence[float] = tuple(OPENAI_CLIP_MEAN)
+    image_std: Sequence[float] = tuple(OPENAI_CLIP_STD)
     resample: int = int(Image.Resampling.BICUBIC)
     force_resize: int | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
@@ -429,8 +428,8 @@ class CompImageProcessor:
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path / CONFIG_NAME
+        (path / IMAGE_PROCESSOR_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path / IMAGE_PROCESSOR_NAME
 
     @classmethod
     def from_pretrained(cls, pretrained: str | os.PathLike, revision: str | None = None,
@@ -445,7 +444,7 @@ class CompImageProcessor:
             path = resolve_model_dir(pretrained, revision)
         except FileNotFoundError as err:
             raise ValueError(f"cannot read the image processor config: {err}") from err
-        path = path / CONFIG_NAME if path.is_dir() else path
+        path = path / IMAGE_PROCESSOR_NAME if path.is_dir() else path
         try:
             config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:

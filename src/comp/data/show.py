@@ -16,26 +16,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from comp.data.conversation import load_tokenizer
+from comp.data.conversation import load_tokenizer, render_text
 from comp.data.dataset import MixtureDataset, Skipped
 from comp.data.mixture import MixtureError, load_mixture
 from comp.data.records import PROMPT_FORMATS, SkipSample, prompt_messages
-from comp.tokens import IGNORE_INDEX, IM_END, IM_START, IMAGE_PAD, image_span
+from comp.tokens import IGNORE_INDEX, IMAGE_PAD
 
 SUPERVISED_OPEN, SUPERVISED_CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧
 
 
 def marked_template_text(messages: list[dict]) -> str:
     """The chat-template text (one pad per image) with each answer + ``<|im_end|>`` marked."""
-    out = []
-    for m in messages:
-        body = "".join(image_span(1) if p["type"] == "image" else p["text"] for p in m["content"])
-        if m["role"] == "assistant":
-            body = f"{SUPERVISED_OPEN}{body}{IM_END}{SUPERVISED_CLOSE}"
-        else:
-            body += IM_END
-        out.append(f"{IM_START}{m['role']}\n{body}\n")
-    return "".join(out)
+    return render_text(messages, (SUPERVISED_OPEN, SUPERVISED_CLOSE))
 
 
 def marked_token_text(tokenizer, ids: list[int], labels: list[int]) -> str:

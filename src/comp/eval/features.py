@@ -44,7 +44,10 @@ class Encoder:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's GPU (``LOCAL_RANK`` under a launcher), else the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
 
 def load_encoder(vfm_dir: str | Path, *, use_rope: bool | None = None, resolution: int | None = None,

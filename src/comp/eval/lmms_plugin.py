@@ -33,6 +33,7 @@ from tqdm import tqdm
 from comp.data.image import load_image, to_rgb
 from comp.data.processor import CompProcessor
 from comp.data.records import PROMPT_FORMATS
+from comp.eval.features import default_device
 from comp.hub import resolve_model_dir
 from comp.models.kinds import load_comp_mm
 from comp.models.vision.model import set_pos_order
@@ -152,7 +153,7 @@ class CompLMMS(lmms):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"comp model: {path} has no config.json; pretrained= must be a saved "
                                     "CoMP-MM directory (model.save_pretrained + processor.save_pretrained)")
-        self._device = torch.device(device or _default_device())
+        self._device = torch.device(device or default_device())
         image_kwargs = {} if max_num_vistoken is None else {"max_num_vistoken": int(max_num_vistoken)}
         self.processor = CompProcessor.from_pretrained(path, prompt_format=prompt_format, **image_kwargs)
         model = load_comp_mm(path, dtype=DTYPES[dtype])  # kind checked, no tensor left random
@@ -251,9 +252,3 @@ class CompLMMS(lmms):
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("comp model: multi-round generation is not supported; use tasks "
                                   "whose output_type is generate_until or multiple_choice/loglikelihood")
-
-
-def _default_device() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"

@@ -24,7 +24,6 @@ from comp.models.weights import load_state_dict
 REFERENCE_TRUNK_PREFIX = "visual.vision_model."
 _REFERENCE_UNUSED = ("visual.vision_model.post_layernorm.", "visual.vision_model.head.", "vocab_dist")
 _ABSENT_IN_REFERENCE = ("visual.embeddings.cls_token",)  # DINOv2: loads as zeros when CLS is dropped
-_OURS_OUTSIDE_TRUNK = ("visual.merger.",)
 
 
 def reference_to_comp(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -38,17 +37,6 @@ def reference_to_comp(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
         else:
             mapped[name] = tensor
     return mapped, dropped
-
-
-def comp_to_reference(state: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
-    """Ours -> the reference layout (SigLIP / AIMv2 trunks move under ``visual.vision_model.``)."""
-    if family == "dinov2":
-        return dict(state)
-    out = {}
-    for name, tensor in state.items():
-        in_trunk = name.startswith("visual.") and not name.startswith(_OURS_OUTSIDE_TRUNK)
-        out[REFERENCE_TRUNK_PREFIX + name[len("visual."):] if in_trunk else name] = tensor
-    return out
 
 
 def load_reference_checkpoint(ckpt_dir: str | Path, *, llm_dir: str | Path, vision_dir: str | Path,

@@ -14,16 +14,19 @@ import json
 from pathlib import Path
 
 import torch
+from transformers.image_utils import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_STANDARD_MEAN,
+                                      IMAGENET_STANDARD_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from comp.models.weights import save_hf_model
 from comp.tokens import CHAT_TEMPLATE_PATH, END_OF_TEXT, IM_END, IM_START, VISION_TOKENS
 
 KINDS = ("siglip", "dinov2", "aimv2", "qwen2")
 
-# Normalisation constants of the real checkpoints' preprocessor configs.
-SIGLIP_MEAN_STD = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
-IMAGENET_MEAN_STD = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-CLIP_MEAN_STD = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
+# Normalisation constants of the real checkpoints' preprocessor configs (transformers' names).
+SIGLIP_MEAN_STD = (list(IMAGENET_STANDARD_MEAN), list(IMAGENET_STANDARD_STD))
+IMAGENET_MEAN_STD = (list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
+CLIP_MEAN_STD = (list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD))
 
 # Qwen2.5 specials in their real order (ids 151643.. in the real vocabulary).
 QWEN_SPECIAL_TOKENS = (
@@ -87,7 +90,7 @@ def write_tiny_vision(out: str | Path, kind: str, seed: int = 0, image_size: int
         raise ValueError(f"unknown vision kind {kind!r}; expected siglip, dinov2 or aimv2")
     _randomise_(model, seed)
     save_hf_model(model, out)
-    _write_json(out / "preprocessor_config.json", _image_preprocessor(kind, image_size))
+    _write_json(out / IMAGE_PROCESSOR_NAME, _image_preprocessor(kind, image_size))
     return out
 
 

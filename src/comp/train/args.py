@@ -14,6 +14,11 @@ from transformers import HfArgumentParser, TrainingArguments
 
 LM_LOSS_NORMALIZATIONS = ("step", "micro_batch")
 TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model", "mm_lm_head")
+
+
+def parse_tunable_parts(text: str) -> list[str]:
+    """``--mm_tunable_parts`` as a list: comma-separated, blanks ignored (validated in flag_problems)."""
+    return [p.strip() for p in text.split(",") if p.strip()]
 INTERP_MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
 PRIOR_MODES = ("reference", "sinkhorn")
 
@@ -233,7 +238,7 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
             ("gradient_accumulation_steps", t.gradient_accumulation_steps > 0, "must be > 0"),
         ]
     problems = [f"--{name} {fix}, got {_value(m, d, t, name)!r}" for name, ok, fix in checks if not ok]
-    parts = [p.strip() for p in m.mm_tunable_parts.split(",") if p.strip()]
+    parts = parse_tunable_parts(m.mm_tunable_parts)
     unknown = sorted(set(parts) - set(TUNABLE_PARTS))
     if unknown:
         problems.append(f"--mm_tunable_parts: unknown part(s) {unknown}; choose from {list(TUNABLE_PARTS)}")

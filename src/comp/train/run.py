@@ -25,7 +25,8 @@ from comp.errors import UserError, ensure_writable_dir
 from comp.models.alignment import UNIFORM_PRIOR
 from comp.models.kinds import load_comp_mm, require_kind
 from comp.models.mllm import CompForConditionalGeneration, file_sha256
-from comp.train.args import DataArguments, ModelArguments, CompTrainingArguments, parse_args
+from comp.train.args import (CompTrainingArguments, DataArguments, ModelArguments, parse_args,
+                             parse_tunable_parts)
 from comp.train.trainer import (CompTrainer, checkpoint_fingerprint, checkpoint_problem,
                                 last_complete_checkpoint, model_fingerprint, set_tunable_parts)
 
@@ -123,8 +124,7 @@ def configure(model: CompForConditionalGeneration, model_args: ModelArguments) -
     if model.config.use_alignment_loss:
         model.set_word_prior(word_prior_for_step(model.config, model_args.word_dist_path),
                              pad=model_args.word_dist_pad)
-    parts = [p.strip() for p in model_args.mm_tunable_parts.split(",") if p.strip()]
-    set_tunable_parts(model, parts)
+    set_tunable_parts(model, parse_tunable_parts(model_args.mm_tunable_parts))
 
 
 def build_data(data_args: DataArguments, processor: CompProcessor, training_args: CompTrainingArguments):
@@ -198,7 +198,7 @@ def train(model_args: ModelArguments, data_args: DataArguments,
     dataset, collator, sampler = build_data(data_args, processor, training_args)
     trainer = CompTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator,
-        processing_class=processor, tunable_parts=model_args.mm_tunable_parts.split(","),
+        processing_class=processor,
         vision_lr=training_args.mm_vision_tower_lr, projector_lr=training_args.mm_projector_lr,
         max_skip_fraction=data_args.max_skip_fraction, train_sampler=sampler,
         reference_groups=training_args.reference_optimizer_groups,

@@ -24,16 +24,16 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from comp.data.collator import Batch
 from comp.data.dataset import SkipStats
 from comp.errors import UserError
+from comp.tokens import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
 SKIP_VERDICT_SAMPLES = 1000
 CHECKPOINT_PREFIX = "checkpoint-"
-# Batch entries that are bookkeeping, not model inputs.
-NON_MODEL_KEYS = ("skipped", "has_image", "images_per_row", "sample_ids", "records")
 # What a checkpoint needs to resume the run exactly (besides its weights).
 STATE_FILES = ("trainer_state.json",)
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
@@ -211,12 +211,58 @@ def checkpoint_fingerprint(checkpoint: Path) -> str | None:
         return None
 
 
+# The transformers Trainer hooks CompTrainer overrides, with the parameters they had in the
+# versions this was checked against (transformers 5.17-5.25; pyproject pins that range) and
+# why each is needed. Private hooks change without notice: ``check_trainer_hooks`` runs when a
+# CompTrainer is built and stops the run with this table rather than silently mis-training
+# (tests/test_trainer_contract.py also checks that transformers still calls each one).
+TRAINER_HOOKS = {
+    # the modality-length-grouped sampler of comp.data.sampler
+    "_get_train_sampler": ("self", "train_dataset"),
+    # every fetched batch: count skipped samples, abort past --max_skip_fraction
+    "get_batch_samples": ("self", "epoch_iterator", "num_batches", "device"),
+    # step-global token and image-sample counts (the loss normalisers, see the module docstring)
+    "_get_num_items_in_batch": ("self", "batch_samples", "device"),
+    # stop with the step's records when the gradient norm is not finite
+    "_get_grad_norm": ("self", "model", "grad_norm"),
+    # the COMPLETE marker and crash-safe rotation around transformers' own saving
+    "_save_checkpoint": ("self", "model", "trial"),
+    # public hooks with the signature CompTrainer's overrides take
+    "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
+    "create_optimizer": ("self", "model"),
+    "create_scheduler": ("self", "num_training_steps", "optimizer"),
+    "log": ("self", "logs", "start_time"),
+}
+
+
+def check_trainer_hooks(trainer_cls: type = Trainer) -> None:
+    """Raise when an overridden Trainer hook has other parameters than it was checked with,
+    or the ``loss_is_scaled_for_ga`` switch is gone (compute_loss normalises over the step)."""
+    import inspect
+
+    import transformers
+
+    changed = []
+    for name, expected in TRAINER_HOOKS.items():
+        hook = getattr(trainer_cls, name, None)
+        params = tuple(inspect.signature(hook).parameters) if hook is not None else None
+        if params != expected:
+            changed.append(f"{name}{expected} is now {'missing' if hook is None else f'{name}{params}'}")
+    if not hasattr(trainer_cls, "loss_is_scaled_for_ga"):
+        changed.append("the Trainer attribute loss_is_scaled_for_ga is gone")
+    if changed:
+        raise RuntimeError(
+            f"transformers {transformers.__version__}: Trainer hooks that CompTrainer overrides have "
+            f"changed ({'; '.join(changed)}); CoMP was checked against transformers 5.17-5.25: "
+            "install one of those (pip install 'transformers>=5.17,<5.26') or update "
+            "comp.train.trainer")
+
+
 class CompTrainer(Trainer):
-    def __init__(self, *args, tunable_parts: list[str], vision_lr: float | None = None,
+    def __init__(self, *args, vision_lr: float | None = None,
                  projector_lr: float | None = None, max_skip_fraction: float = 0.01,
                  train_sampler=None, reference_groups: bool = False,
                  lm_loss_normalization: str = "step", **kwargs):
-        self.tunable_parts = tunable_parts
         self.vision_lr, self.projector_lr = vision_lr, projector_lr
         self.reference_groups = reference_groups
         self.lm_loss_normalization = lm_loss_normalization
@@ -225,6 +271,7 @@ class CompTrainer(Trainer):
         self._custom_sampler = train_sampler
         self._parts_sum: dict[str, float] = defaultdict(float)
         self._parts_steps = 0
+        check_trainer_hooks()
         super().__init__(*args, **kwargs)
         self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
 
@@ -237,22 +284,22 @@ class CompTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, counts = super().get_batch_samples(epoch_iterator, num_batches, device)
         for batch in batches:
-            self.skip_stats.update(len(batch["has_image"]), batch["skipped"])
+            self.skip_stats.update(batch.num_samples, batch.skipped)
         # judged once enough samples were seen, so one early bad batch is no verdict
         seen_enough = min(SKIP_VERDICT_SAMPLES, len(self.train_dataset))
         self.skip_stats.check(self.max_skip_fraction, min_samples=seen_enough)
         return batches, counts
 
     def _get_num_items_in_batch(self, batch_samples, device):
-        tokens = sum(int((b["labels"][..., 1:] != -100).sum()) for b in batch_samples)
+        tokens = sum(int((b.inputs["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batch_samples)
         align = sum(int(_align_mask(b).sum()) for b in batch_samples)
         both = torch.tensor([tokens, align], dtype=torch.float64, device=device)
         if self.args.world_size > 1:
             both = self.accelerator.gather(both.view(1, 2)).sum(0)
         self._empty_step = bool(both.sum() == 0)  # every sample of the step (all ranks) skipped
-        self._step_records = [r for b in batch_samples for r in b.get("records", [])]
+        self._step_records = [r for b in batch_samples for r in b.record_ids]
         self._step_visual_tokens = sum(
-            int(b["image_grid_thw"].prod(-1).sum()) if b.get("image_grid_thw") is not None else 0
+            int(b.inputs["image_grid_thw"].prod(-1).sum()) if b.inputs["image_grid_thw"] is not None else 0
             for b in batch_samples)
         return StepCounts(supervised_tokens=both[0].clamp(min=1), align_samples=both[1].clamp(min=1))
 
@@ -292,7 +339,7 @@ class CompTrainer(Trainer):
         return guarded
 
     # ---------------------------------------------------------------- non-finite numbers
-    def _stop_if_non_finite(self, outputs, inputs: dict) -> None:
+    def _stop_if_non_finite(self, outputs, batch: Batch) -> None:
         """Raise NonFiniteError on every rank when any rank's loss is NaN or infinite, naming
         the step, the loss parts and the micro-batch's records (before backward: the weights
         and the last good checkpoint stay as they are)."""
@@ -303,7 +350,7 @@ class CompTrainer(Trainer):
         if float(bad) > 0:
             parts = {"loss": outputs.loss, "lm_loss": outputs.lm_loss, "align_loss": outputs.align_loss}
             shown = ", ".join(f"{k} {float(v.detach()):.6g}" for k, v in parts.items() if v is not None)
-            records = list(inputs.get("records", []))
+            records = batch.record_ids
             raise NonFiniteError(
                 f"step {self.state.global_step + 1}: the loss is not finite ({shown}) on records "
                 f"{records[:8]}{' ...' if len(records) > 8 else ''}", self.args.output_dir,
@@ -321,27 +368,28 @@ class CompTrainer(Trainer):
                 "from the last checkpoint")
         return grad_norm
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(self, model, inputs: Batch, return_outputs=False, num_items_in_batch=None):
         counts: StepCounts | None = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
-        if inputs["input_ids"].numel() == 0:  # every sample of this micro-batch was skipped
+        batch = inputs.to(self.args.device)  # a no-op where accelerate's loader placed it
+        if batch.inputs["input_ids"].numel() == 0:  # every sample of this micro-batch was skipped
             zero = sum(0.0 * p.sum() for p in model.parameters() if p.requires_grad)
             return (zero, None) if return_outputs else zero
-        has_align = _align_mask(inputs)
-        model_inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
+        has_align = _align_mask(batch)
+        model_inputs = dict(batch.inputs)
         if counts is not None:
             model_inputs["lm_loss_normalizer"] = counts.supervised_tokens
             model_inputs["align_normalizer"] = counts.align_samples
             if self.lm_loss_normalization == "micro_batch":  # x num_processes below: mean / GA
                 model_inputs["lm_loss_normalizer"] = micro_batch_normalizer(
-                    inputs["labels"], self.args.gradient_accumulation_steps, self.accelerator.num_processes)
+                    batch.inputs["labels"], self.args.gradient_accumulation_steps, self.accelerator.num_processes)
         outputs = model(**model_inputs)
         scale = self.accelerator.num_processes if counts is not None else 1
         loss = outputs.loss * scale
-        self._stop_if_non_finite(outputs, inputs)
+        self._stop_if_non_finite(outputs, batch)
         self._parts_sum["lm_loss"] += float(outputs.lm_loss) * scale
         if outputs.align_loss is not None:
             self._parts_sum["align_loss"] += float(outputs.align_loss) * scale
-        self._parts_sum["text_tokens"] += float(inputs["attention_mask"].sum())
+        self._parts_sum["text_tokens"] += float(batch.inputs["attention_mask"].sum())
         self._parts_sum["align_samples"] += float(has_align.sum())
         return (loss, outputs) if return_outputs else loss
 
@@ -401,7 +449,7 @@ def micro_batch_normalizer(labels: torch.Tensor, grad_accum_steps: int, num_proc
     """Divisor of this micro-batch's summed LM loss so that, after the x num_processes of
     compute_loss and the ranks' gradient average, the step's loss is the reference's: the mean
     over ranks and micro-batches of each micro-batch's token mean."""
-    tokens = (labels[..., 1:] != -100).sum().clamp(min=1)
+    tokens = (labels[..., 1:] != IGNORE_INDEX).sum().clamp(min=1)
     return tokens.double() * grad_accum_steps * num_processes
 
 
@@ -420,12 +468,12 @@ class SkippableScheduler:
         return getattr(self.__dict__["scheduler"], name)
 
 
-def _align_mask(batch: dict) -> torch.Tensor:
+def _align_mask(batch: Batch) -> torch.Tensor:
     """Samples that contribute an alignment term: with an image and with answer text."""
-    has_image = batch["has_image"].bool()
-    if batch.get("align_attention_mask") is None:
+    has_image = batch.has_image_S
+    if batch.inputs.get("align_attention_mask") is None:
         return torch.zeros_like(has_image)
-    return has_image & (batch["align_attention_mask"].sum(1) > 0).to(has_image.device)
+    return has_image & (batch.inputs["align_attention_mask"].sum(1) > 0).to(has_image.device)
 
 
 def _write_marker(checkpoint: Path, info: dict) -> None:
