@@ -52,8 +52,10 @@ def test_reply_streams_each_new_token(loaded):
     conversation.add_user("What is shown?", [load_image(p) for p in PHOTOS])
     recorder = Recorder()
     answer = chat.reply(model, processor, conversation, chat.GenerationSettings(max_new_tokens=6), recorder)
-    assert recorder.ended and 1 <= len(recorder.puts) <= 6
-    streamed = [ids[0] for ids in recorder.puts]
+    prompt = processor.encode_messages([conversation.messages], images=conversation.images)["input_ids"]
+    assert recorder.puts[0] == prompt.tolist()  # transformers' streamer protocol: the prompt first
+    assert recorder.ended and 1 <= len(recorder.puts) - 1 <= 6
+    streamed = [ids[0] for ids in recorder.puts[1:]]
     assert answer == processor.decode(streamed, skip_special_tokens=True)
     assert answer == _direct_answer(model, processor, conversation.messages, conversation.images, 6)
 

@@ -76,7 +76,7 @@ def test_image_token_mismatch_names_the_sample(model, processor):
     ids[0, (ids[0] == model.config.image_token_id).nonzero()[0]] = 0  # drop one pad
     with pytest.raises(ValueError, match="sample-7"):
         model(input_ids=ids, pixel_values=inputs["pixel_values"],
-              image_grid_thw=inputs["image_grid_thw"], sample_ids=["sample-7"])
+              image_grid_thw=inputs["image_grid_thw"], record_ids=["sample-7"])
 
 
 def _training_batch(processor, model):

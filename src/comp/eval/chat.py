@@ -123,21 +123,27 @@ def fit_to_context(model, processor: CompProcessor, conversation: Conversation,
 
 @torch.no_grad()
 def reply(model: CompForConditionalGeneration, processor: CompProcessor, conversation: Conversation,
-          settings: GenerationSettings, streamer=None, generator: torch.Generator | None = None) -> str:
-    """Generate the assistant's next turn (streamed to ``streamer`` as tokens arrive); see
-    ``fit_to_context`` for prompts longer than the model's context."""
+          settings: GenerationSettings, streamer=None) -> str:
+    """Generate the assistant's next turn (streamed to ``streamer`` as tokens arrive, after
+    transformers puts the prompt, see ``answer_streamer``); see ``fit_to_context`` for prompts
+    longer than the model's context. Sampling draws from torch's global generator."""
     inputs = fit_to_context(model, processor, conversation, settings)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     ids = model.generate(**inputs, eos_token_id=stop_ids(processor.tokenizer), streamer=streamer,
-                         generator=generator, **settings.kwargs())
+                         **settings.kwargs())
     answer = processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     if not answer.strip():
         print(EMPTY_TURN, file=sys.stderr)
     return answer
 
 
+def answer_streamer(processor: CompProcessor) -> TextStreamer:
+    """Prints the answer as it grows (transformers streams the prompt first: skipped)."""
+    return TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
 def repl(model, processor, settings: GenerationSettings, images: list[Image.Image],
-         stdin: TextIO, generator: torch.Generator | None = None) -> int:
+         stdin: TextIO) -> int:
     """Read prompts until end of input; ``images`` go with the first prompt."""
     conversation, pending = Conversation(), list(images)
     while True:
@@ -160,8 +166,7 @@ def repl(model, processor, settings: GenerationSettings, images: list[Image.Imag
         conversation.add_user(text, pending)
         pending = []
         try:
-            answer = reply(model, processor, conversation, settings, TextStreamer(
-                processor.tokenizer, skip_special_tokens=True), generator)
+            answer = reply(model, processor, conversation, settings, answer_streamer(processor))
         except ValueError as err:  # a prompt the context cannot hold: refuse it, keep the rest
             conversation.drop_last_user()
             print(f"comp chat: {err}", file=sys.stderr)
@@ -206,14 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageLoadError, FileNotFoundError, ValueError, OSError) as err:
         print(f"comp chat: {err}", file=sys.stderr)
         return 2
-    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # generate() samples from the global generator
     if args.prompt is None:
-        return repl(model, processor, settings, images, sys.stdin, generator)
+        return repl(model, processor, settings, images, sys.stdin)
     conversation = Conversation()
     conversation.add_user(args.prompt, images)
     try:
-        reply(model, processor, conversation, settings,
-              TextStreamer(processor.tokenizer, skip_special_tokens=True), generator)
+        reply(model, processor, conversation, settings, answer_streamer(processor))
     except ValueError as err:
         print(f"comp chat: {err}", file=sys.stderr)
         return 2

@@ -63,7 +63,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments,
                                                   **image_settings(data_args))
         model = CompForConditionalGeneration.from_components(
             source, model_args.custom_visual_model, tokenizer=processor.tokenizer,
-            use_rope=bool(model_args.use_rope), torch_dtype=dtype)
+            use_rope=bool(model_args.use_rope), dtype=dtype)
     configure(model, model_args)
     return model, processor
 
