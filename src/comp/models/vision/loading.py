@@ -175,6 +175,8 @@ def _config_for(path: Path, overrides: dict, given: CompVisionConfig | None
         if given is not None and not isinstance(given, CompVisionConfig):
             raise TypeError(f"from_pretrained({path}): config must be a CompVisionConfig, got {type(given).__name__}")
         config = copy.deepcopy(given) if given is not None else CompVisionConfig.from_pretrained(path)
+        if hasattr(config, "auto_map"):  # a standalone export's code files; comp's class needs none
+            del config.auto_map
         saved = raw.get("w_merger")
     elif model_type in MODEL_TYPES:
         if given is not None:
