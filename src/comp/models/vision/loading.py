@@ -82,7 +82,6 @@ def load_vision_model(cls: type[CompVisionModel], path: str | Path, *model_args,
     _validate(config, path)
     dtype = _dtype(dtype, config)
     config.dtype = dtype
-    config.name_or_path = str(path)
     with torch.device("meta"):
         model = cls(config)
     state = _read_weights(path, model, saved_merger if config.w_merger else None)
