@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 from comp import CompForConditionalGeneration, CompProcessor
 from comp.models.convert import load_reference_checkpoint
-from comp.models.vision.model import CompVisionModel, reference_trained
+from comp.models.vision.loading import reference_trained
+from comp.models.vision.model import CompVisionModel
 
 MERGER = [f"visual.merger.{m}.{p}" for m in ("ln_q", "mlp.0", "mlp.2") for p in ("weight", "bias")]
 

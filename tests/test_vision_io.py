@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import transformers as tf
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from safetensors.torch import load_file, save_file
 
 from comp import CompVisionConfig, CompVisionModel
@@ -97,12 +98,14 @@ def test_bad_inputs_raise_clear_errors(tiny_dir):
 
 def test_gradient_checkpointing_same_output_and_grads(tiny_dir):
     x, grid = _batch()
+    path = tiny_dir("aimv2")  # written first: writing seeds the global generator
     results = []
     for ckpt in (False, True):
         torch.manual_seed(0)  # the fresh merger draws from the global generator
-        model = CompVisionModel.from_pretrained(tiny_dir("aimv2"), use_rope=True, w_merger=16).train()
+        model = CompVisionModel.from_pretrained(path, use_rope=True, w_merger=16).train()
         if ckpt:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()  # transformers' entry point (PreTrainedModel)
+            assert model.gradient_checkpointing
         out = model(x, grid)
         out.square().mean().backward()
         results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -117,7 +120,7 @@ def test_gradient_checkpointing_same_output_and_grads(tiny_dir):
 def test_bf16_forward(tiny_dir):
     x, grid = _batch()
     ref = CompVisionModel.from_pretrained(tiny_dir("siglip"), use_rope=True)
-    model = CompVisionModel.from_pretrained(tiny_dir("siglip"), use_rope=True, torch_dtype=torch.bfloat16)
+    model = CompVisionModel.from_pretrained(tiny_dir("siglip"), use_rope=True, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
     with torch.no_grad():
         out, ref_out = model(x, grid), ref(x, grid)
@@ -126,12 +129,19 @@ def test_bf16_forward(tiny_dir):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="unknown vision family"):
+    """A strict config, as transformers' own: checked on construction, on validate(), and by type."""
+    with pytest.raises(StrictDataclassClassValidationError, match="unknown vision family"):
         CompVisionConfig(family="vit")
-    with pytest.raises(ValueError, match="pos_order"):
+    with pytest.raises(StrictDataclassClassValidationError, match="pos_order"):
         CompVisionConfig(pos_order="zigzag")
-    with pytest.raises(ValueError, match="merger"):
+    with pytest.raises(StrictDataclassClassValidationError, match="merger"):
         CompVisionConfig(family="dinov2", keep_cls=True, w_merger=8)
+    with pytest.raises(StrictDataclassFieldValidationError, match="w_merger"):
+        CompVisionConfig(w_merger="64")
+    config = CompVisionConfig()
+    config.family = "vit"
+    with pytest.raises(StrictDataclassClassValidationError, match="unknown vision family"):
+        config.validate()
 
 
 def test_every_trainable_parameter_gets_a_gradient(tiny_dir):

@@ -1,9 +1,11 @@
 """``comp export-vfm CKPT --out OUT``: the trained encoder of a CoMP-MM checkpoint as a standalone
 CoMP-VFM directory (config.json, model.safetensors, preprocessor_config.json).
 
-The result loads with ``CompVisionModel.from_pretrained`` and works as
-``--custom_visual_model`` (the third seed script starts from it). The merger belongs to the
-MLLM and is left out unless ``--keep_merger``.
+The result loads with ``CompVisionModel.from_pretrained`` (or ``AutoModel.from_pretrained``
+after ``import comp``) and works as ``--custom_visual_model`` (the third seed script starts
+from it). The merger belongs to the MLLM and is left out unless ``--keep_merger``. With
+``--standalone`` the directory also holds the modeling code (comp.models.vision.standalone),
+so plain transformers loads it: ``AutoModel.from_pretrained(dir, trust_remote_code=True)``.
 """
 from __future__ import annotations
 
@@ -15,11 +17,13 @@ from comp.errors import UserError
 from comp.hub import resolve_model_dir
 from comp.models.kinds import load_comp_mm
 from comp.models.vision.model import CompVisionModel
+from comp.models.vision.standalone import add_modeling_code
 
 PREPROCESSOR = "preprocessor_config.json"
 
 
-def export_vfm(checkpoint: str | Path, out: str | Path, *, keep_merger: bool = False) -> Path:
+def export_vfm(checkpoint: str | Path, out: str | Path, *, keep_merger: bool = False,
+               standalone: bool = False) -> Path:
     checkpoint, out = resolve_model_dir(checkpoint), Path(out)
     model = load_comp_mm(checkpoint)  # its kind checked; no tensor left random
     visual: CompVisionModel = model.visual
@@ -31,7 +35,10 @@ def export_vfm(checkpoint: str | Path, out: str | Path, *, keep_merger: bool = F
         raise UserError(f"no {PREPROCESSOR}", checkpoint, "export from a directory written by "
                         "`comp train` (model and processor together)")
     visual.preprocessor_config = json.loads(preprocessor.read_text())
-    return visual.save_pretrained(out)
+    visual.save_pretrained(out)
+    if standalone:
+        add_modeling_code(out)
+    return out
 
 
 def build_parser() -> ArgumentParser:
@@ -39,11 +46,14 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("checkpoint", help="a CoMP-MM (a `comp train` output_dir): directory or Hub id")
     parser.add_out("where to write the CoMP-VFM directory")
     parser.add_switch("--keep_merger", default=False, help="also export the 2x2 merger")
+    parser.add_switch("--standalone", default=False,
+                      help="also write the modeling code, so transformers loads the directory "
+                           "without comp (AutoModel, trust_remote_code=True)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    path = export_vfm(args.checkpoint, args.out, keep_merger=args.keep_merger)
+    path = export_vfm(args.checkpoint, args.out, keep_merger=args.keep_merger, standalone=args.standalone)
     print(f"wrote CoMP-VFM to {path}")
     return 0

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 
 from .attention import PackedContext, self_attention
+from .encoder import Family
 from .packing import patch_linear
 from .rope2d import packed_abs_positions
 
-FINAL_NORM = "rms_norm"
+INITIALIZER_RANGE = 0.02  # transformers' Aimv2VisionConfig default
 
 
 def config_from_hf(hf) -> dict:
@@ -91,7 +93,7 @@ class FFN(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Layer(nn.Module):
+class Aimv2Layer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.attention = Attention(cfg)
@@ -104,15 +106,14 @@ class Layer(nn.Module):
         return x_TD + self.ffn(self.rms_norm2(x_TD))
 
 
-class Encoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.layers
-
-
 def make_final_norm(cfg) -> nn.Module:
     return RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+def init_linear(weight: nn.Parameter) -> None:
+    init.normal_(weight, std=INITIALIZER_RANGE)
+
+
+FAMILY = Family(name="aimv2", config_from_hf=config_from_hf, Embeddings=Embeddings, Layer=Aimv2Layer,
+                layers_attr="layers", final_norm="rms_norm", make_final_norm=make_final_norm,
+                init_linear=init_linear)

@@ -41,6 +41,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return "sdpa"
 
 
+def _flash_varlen():
+    """flash-attn's varlen kernel. Imported in a try block: transformers' remote-code check
+    (comp export-vfm --standalone) would otherwise demand flash-attn of every user."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as err:
+        raise ImportError("attn_backend='flash' needs the flash-attn package (pip install flash-attn)") from err
+    return flash_attn_varlen_func
+
+
 def _sdpa_per_image(q_THDh, k_THDh, v_THDh, lengths: list[int], scale: float) -> torch.Tensor:
     """Consecutive images of equal length share one batched call (same-size images are common)."""
     out, start, i = [], 0, 0
@@ -64,9 +74,7 @@ def packed_attention(q_THDh: torch.Tensor, k_THDh: torch.Tensor, v_THDh: torch.T
     backend = resolve_backend(backend, q_THDh.device, q_THDh.dtype)
     max_len = max(lengths)
     if backend == "flash":
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func(q_THDh, k_THDh, v_THDh, cu_seqlens_N1, cu_seqlens_N1,
+        return _flash_varlen()(q_THDh, k_THDh, v_THDh, cu_seqlens_N1, cu_seqlens_N1,
                                       max_len, max_len, softmax_scale=scale)
     if backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn

@@ -1,18 +1,21 @@
 """CompVisionConfig: the encoder's architecture and CoMP settings, importable without the
-modeling code (``AutoConfig`` reads it, the standalone export ships it).
-"""
-from __future__ import annotations
+modeling code (``AutoConfig`` reads it, ``comp export-vfm --standalone`` ships this file).
 
+Shipped: imports only transformers / huggingface_hub and nothing of ``comp``.
+"""
+
+from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-FAMILIES = ("siglip", "dinov2", "aimv2")
+FAMILIES = ("siglip", "dinov2", "aimv2")  # the keys of families.FAMILIES (a test checks)
 # config.json model_type of an original checkpoint -> family
 MODEL_TYPES = {"siglip": "siglip", "siglip_vision_model": "siglip", "dinov2": "dinov2",
                "aimv2": "aimv2", "aimv2_vision_model": "aimv2"}
 POS_ORDERS = ("merge", "raster")
-ATTN_BACKENDS = ("auto", "flash", "varlen", "sdpa")  # see comp.models.vision.attention
+ATTN_BACKENDS = ("auto", "flash", "varlen", "sdpa")  # see attention.py
 
 
+@strict
 class CompVisionConfig(PreTrainedConfig):
     """Architecture of the source VFM (``family`` + its dimensions) and the CoMP settings.
 
@@ -22,44 +25,38 @@ class CompVisionConfig(PreTrainedConfig):
     pos_order: "merge" (correct) or "raster" (the reference code's permuted positions).
     keep_cls: DINOv2 only; CoMP drops the CLS token.
     w_merger: output width of the 2x2 merger, or None for per-token features.
-    attn_backend: one of attention.BACKENDS.
+    attn_backend: one of ATTN_BACKENDS.
+
+    As transformers' strict configs, fields are type-checked and ``validate_architecture``
+    runs on construction and on ``validate()`` (call it after changing fields).
     """
 
     model_type = "comp_vision"
 
-    def __init__(self, family: str = "siglip", hidden_size: int = 32, intermediate_size: int = 64,
-                 num_hidden_layers: int = 2, num_attention_heads: int = 2, num_channels: int = 3,
-                 image_size: int = 56, patch_size: int = 14, hidden_act: str = "gelu_pytorch_tanh",
-                 norm_eps: float = 1e-6, qkv_bias: bool = True, mlp_bias: bool = True,
-                 use_rope: bool = False, rope_theta: float = 10000.0,
-                 pos_interp_mode: str = "bicubic", pos_interp_antialias: bool = False,
-                 pos_order: str = "merge", keep_cls: bool = False, merge_size: int = 2,
-                 w_merger: int | None = None, attn_backend: str = "auto", **kwargs):
-        self.family = family
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_channels = num_channels
-        self.image_size = image_size
-        self.patch_size = patch_size
-        self.hidden_act = hidden_act
-        self.norm_eps = norm_eps
-        self.qkv_bias = qkv_bias
-        self.mlp_bias = mlp_bias
-        self.use_rope = use_rope
-        self.rope_theta = rope_theta
-        self.pos_interp_mode = pos_interp_mode
-        self.pos_interp_antialias = pos_interp_antialias
-        self.pos_order = pos_order
-        self.keep_cls = keep_cls
-        self.merge_size = merge_size
-        self.w_merger = w_merger
-        self.attn_backend = attn_backend
-        super().__init__(**kwargs)
-        self.validate()
+    family: str = "siglip"
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    num_channels: int = 3
+    image_size: int = 56
+    patch_size: int = 14
+    hidden_act: str = "gelu_pytorch_tanh"
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    mlp_bias: bool = True
+    use_rope: bool = False
+    rope_theta: float = 10000.0
+    pos_interp_mode: str = "bicubic"
+    pos_interp_antialias: bool = False
+    pos_order: str = "merge"
+    keep_cls: bool = False
+    merge_size: int = 2
+    w_merger: int | None = None
+    attn_backend: str = "auto"
 
-    def validate(self) -> None:
+    def validate_architecture(self) -> None:
+        super().validate_architecture()
         if self.family not in FAMILIES:
             raise ValueError(f"unknown vision family {self.family!r}; expected one of {FAMILIES}")
         if self.pos_order not in POS_ORDERS:

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import initialization as init
 
 from .attention import PackedContext, self_attention
+from .encoder import Family
 from .mlp import MLP
 from .packing import insert_first, patch_linear
 from .rope2d import packed_abs_positions
 
-FINAL_NORM = "layernorm"
+INITIALIZER_RANGE = 0.02  # transformers' Dinov2Config default
 
 
 def config_from_hf(hf) -> dict:
@@ -97,7 +99,7 @@ class LayerScale(nn.Module):
         return x * self.lambda1
 
 
-class Layer(nn.Module):
+class Dinov2Layer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -112,15 +114,14 @@ class Layer(nn.Module):
         return x_TD + self.layer_scale2(self.mlp(self.norm2(x_TD)))
 
 
-class Encoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.layer
-
-
 def make_final_norm(cfg) -> nn.Module:
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+def init_linear(weight: nn.Parameter) -> None:
+    init.trunc_normal_(weight, std=INITIALIZER_RANGE)
+
+
+FAMILY = Family(name="dinov2", config_from_hf=config_from_hf, Embeddings=Embeddings, Layer=Dinov2Layer,
+                layers_attr="layer", final_norm="layernorm", make_final_norm=make_final_norm,
+                init_linear=init_linear)

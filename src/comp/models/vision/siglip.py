@@ -9,15 +9,17 @@ Shape legend: T tokens packed, K = C*P*P, D width.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from transformers import initialization as init
 
 from .attention import PackedContext, self_attention
+from .encoder import Family
 from .mlp import MLP
 from .packing import patch_linear
 from .rope2d import packed_abs_positions
-
-FINAL_NORM = None
 
 
 def config_from_hf(hf) -> dict:
@@ -56,7 +58,7 @@ class Attention(nn.Module):
         return self.out_proj(o)
 
 
-class Layer(nn.Module):
+class SiglipLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -69,12 +71,11 @@ class Layer(nn.Module):
         return x_TD + self.mlp(self.layer_norm2(x_TD))
 
 
-class Encoder(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+def init_linear(weight: nn.Parameter) -> None:
+    """LeCun normal: truncated at 2 std, std sqrt(1/fan_in) after truncation (SigLIP's rule)."""
+    std = math.sqrt(1.0 / weight.shape[1]) / 0.87962566103423978
+    init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.layers
 
+FAMILY = Family(name="siglip", config_from_hf=config_from_hf, Embeddings=Embeddings, Layer=SiglipLayer,
+                layers_attr="layers", final_norm=None, make_final_norm=None, init_linear=init_linear)

@@ -5,17 +5,17 @@ Parameter names ``ln_q``, ``mlp.0``, ``mlp.2`` are Qwen2-VL's.
 
 A new merger is initialised as the reference's: it lives inside the VFM's transformers model
 there, so the family's ``_init_weights`` initialises its linear layers (SigLIP: LeCun normal;
-DINOv2: truncated normal, std = initializer_range 0.02; AIMv2: normal, std 0.02), biases zero,
-LayerNorm weight 1 and bias 0.
+DINOv2: truncated normal, std = initializer_range 0.02; AIMv2: normal, std 0.02; see each
+family's ``init_linear``), biases zero, LayerNorm weight 1 and bias 0.
+
+Shipped by ``comp export-vfm --standalone``: imports only torch.
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
-
-INITIALIZER_RANGE = 0.02  # transformers' default for DINOv2 and AIMv2 configs
 
 
 class PatchMerger(nn.Module):
@@ -32,18 +32,11 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x_TD).view(-1, self.d_in))
 
 
-def init_merger(merger: PatchMerger, family: str) -> PatchMerger:
+def init_merger(merger: PatchMerger, init_linear: Callable[[nn.Parameter], None]) -> PatchMerger:
     """Initialise a new merger as the VFM family initialises its linear layers (see above)."""
     with torch.no_grad():
         for layer in (merger.mlp[0], merger.mlp[2]):
-            w = layer.weight
-            if family == "siglip":  # lecun normal: truncated at 2 std, std sqrt(1/fan_in)
-                std = math.sqrt(1.0 / w.shape[1]) / 0.87962566103423978
-                nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
-            elif family == "dinov2":
-                nn.init.trunc_normal_(w, std=INITIALIZER_RANGE)
-            else:
-                nn.init.normal_(w, std=INITIALIZER_RANGE)
+            init_linear(layer.weight)
             layer.bias.zero_()
         merger.ln_q.weight.fill_(1.0)
         merger.ln_q.bias.zero_()
