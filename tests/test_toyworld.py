@@ -257,10 +257,8 @@ def test_probe_splits_have_classes_and_labels_match_pixels(world, attribute):
         for e in entries[split]:
             assert e["image"].split("/")[1] == e["label"]
             meta = e["meta"]
-            truth = {"shape": lambda: meta["objects"][0]["shape"],
-                     "colour": lambda: meta["objects"][0]["colour"],
-                     "digit": lambda: [t["text"] for t in meta["texts"]][0],
-                     "word": lambda: [t["text"] for t in meta["texts"]][0]}[attribute]()
+            truth = (meta["objects"][0][attribute] if attribute in ("shape", "colour")
+                     else meta["texts"][0]["text"])
             assert truth == e["label"]
             if attribute in ("digit", "word"):  # the label is the only text
                 assert [t["kind"] for t in meta["texts"]] == [
@@ -295,7 +293,7 @@ def test_reading_probes_are_legible_natively_and_not_at_64_px(world, attribute):
     word >= 5, the x-height of one without ascenders); in a VFM's fixed 64 x 64 input most
     fall under 4 px tall or 2.5 px a glyph wide."""
     metas = [e["meta"] for e in json.loads((world / "probe" / attribute / "val.json").read_text())]
-    h, w = ink_at(metas)
+    h, _ = ink_at(metas)
     assert h.min() >= (6 if attribute == "digit" else 5)
     h64, w64 = ink_at(metas, 64)
     small = (h64 < 4) | (w64 < (2.5 if attribute == "digit" else 2.5 * 5))  # words: >= 5 glyphs

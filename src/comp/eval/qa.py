@@ -72,7 +72,7 @@ def _batches(n: int, size: int) -> list[range]:
 def generate_answers(model, processor, questions: Sequence[dict], images: Sequence[Path], *,
                      batch_size: int = 16, max_new_tokens: int = 8) -> list[str]:
     """Greedy answers (decoded, special tokens dropped) to each question about its image."""
-    from comp.eval.chat import stop_ids
+    from comp.tokens import stop_ids
 
     model.eval()
     stops, answers = stop_ids(processor.tokenizer), []
