@@ -257,21 +257,94 @@ def test_probe_splits_have_classes_and_labels_match_pixels(world, attribute):
         for e in entries[split]:
             assert e["image"].split("/")[1] == e["label"]
             meta = e["meta"]
-            truth = {"shape": lambda: meta["objects"][0]["shape"],
-                     "colour": lambda: meta["objects"][0]["colour"],
-                     "digit": lambda: [t["text"] for t in meta["texts"]][0]}[attribute]()
+            truth = (meta["objects"][0][attribute] if attribute in ("shape", "colour")
+                     else meta["texts"][0]["text"])
             assert truth == e["label"]
+            if attribute in ("digit", "word"):  # the label is the only text
+                assert [t["kind"] for t in meta["texts"]] == [
+                    "number" if attribute == "digit" else "word"]
     for e in entries["train"][:60] + entries["val_hires"][:30]:
         rgb_HW3 = np.asarray(Image.open(root / e["image"]).convert("RGB"))
         assert_pixels_match(rgb_HW3, e["meta"], e["image"])
-        if attribute != "digit":
+        if attribute not in ("digit", "word"):
             assert dominant_colour(rgb_HW3) == e["meta"]["objects"][0]["colour"], e["image"]
     for lo, hi in zip(entries["val"], entries["val_hires"]):
         assert lo["label"] == hi["label"]
         assert (hi["meta"]["width"], hi["meta"]["height"]) == (2 * lo["meta"]["width"],
                                                                2 * lo["meta"]["height"])
-    if attribute == "digit":  # small enough that resolution matters, larger in val_hires
+    if attribute in ("digit", "word"):  # small enough that resolution matters, larger in val_hires
         assert max(t["font_size"] for e in entries["train"] for t in e["meta"]["texts"]) <= 12
+
+
+def ink_at(meta: dict, side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ink height and width (px) of each scene's text, natively or squeezed into side x side."""
+    h, w = [], []
+    for m in meta:
+        for t in m["texts"]:
+            x0, y0, x1, y1 = t["bbox"]
+            h.append((y1 - y0) * (side / m["height"] if side else 1))
+            w.append((x1 - x0) * (side / m["width"] if side else 1))
+    return np.array(h), np.array(w)
+
+
+@pytest.mark.parametrize("attribute", ["digit", "word"])
+def test_reading_probes_are_legible_natively_and_not_at_64_px(world, attribute):
+    """The point of these probes: at native size every digit has >= 6 px of ink height (a
+    word >= 5, the x-height of one without ascenders); in a VFM's fixed 64 x 64 input most
+    fall under 4 px tall or 2.5 px a glyph wide."""
+    metas = [e["meta"] for e in json.loads((world / "probe" / attribute / "val.json").read_text())]
+    h, _ = ink_at(metas)
+    assert h.min() >= (6 if attribute == "digit" else 5)
+    h64, w64 = ink_at(metas, 64)
+    small = (h64 < 4) | (w64 < (2.5 if attribute == "digit" else 2.5 * 5))  # words: >= 5 glyphs
+    assert small.mean() > 0.75, small.mean()
+    hires = [e["meta"] for e in json.loads((world / "probe" / attribute / "val_hires.json").read_text())]
+    assert ink_at(hires)[0].min() >= 2 * h.min()
+
+
+def test_qa_eval_questions_are_typed_exact_and_asked_as_in_stage3(world):
+    entries = json.loads((world / "qa_eval" / "questions.json").read_text())
+    per_type = tw.SIZES["small"]["qa_eval"]
+    assert [e["type"] for e in entries] == [t for t in tw.QA_TYPES for _ in range(per_type)]
+    assert len({e["id"] for e in entries}) == len({e["image"] for e in entries}) == len(entries)
+    stage3 = {t["value"].removeprefix("<image>\n")
+              for r in load_records(world / "data" / "stage3_qa.json") if r["meta"]["task"] == "qa"
+              for t in r["conversations"][::2]}
+    for e in entries:
+        assert e["question"] in stage3, e["question"]  # a phrasing Stage III trains
+        scene = e["meta"]
+        objects, texts = scene["objects"], scene["texts"]
+        q, a, kind = e["question"], e["answer"], e["type"]
+        if kind == "count":
+            assert a == str(len(objects))
+        elif kind in ("number", "word"):
+            assert [t["text"] for t in texts if t["kind"] == kind] == [a]
+        else:
+            truth = {"colour": {f"What colour is the {o['shape']}?": o["colour"] for o in objects},
+                     "shape": {f"Which shape is {o['colour']}?": f"the {o['shape']}" for o in objects},
+                     "position": {f"Where is the {o['shape']}?": o["position"] for o in objects}}[kind]
+            assert truth[q] == a, e["id"]
+        assert a == a.strip() and a and not a.endswith(".")
+        lo = np.asarray(Image.open(world / "qa_eval" / e["image"]).convert("RGB"))
+        assert_pixels_match(lo, scene, e["image"])
+        with Image.open(world / "qa_eval" / e["image_hires"]) as hi:
+            assert hi.size == (tw.HIRES_SCALE * scene["width"], tw.HIRES_SCALE * scene["height"])
+    # held out: no evaluation scene is a training scene
+    pool = {json.dumps(r["meta"]["scenes"][0], sort_keys=True)
+            for r in load_records(world / "data" / "stage1_captions.json")}
+    assert not pool & {json.dumps(e["meta"], sort_keys=True) for e in entries}
+    manifest = json.loads((world / "manifest.json").read_text())
+    assert manifest["qa_eval"] == {"types": list(tw.QA_TYPES), "per_type": per_type,
+                                   "hires_scale": tw.HIRES_SCALE}
+
+
+def test_qa_pairs_are_the_typed_pairs_without_types():
+    scene = tw.pool_scene(tw.rng_for(5, "pool", 1))
+    typed = tw.typed_qa_pairs(tw.rng_for(5, "q", 0), scene)
+    assert tw.qa_pairs(tw.rng_for(5, "q", 0), scene) == [(q, a) for _, q, a in typed]
+    assert {t for t, _, _ in typed} >= {"count", "colour", "shape", "position"}
+    with pytest.raises(ValueError, match="question type 'size'"):
+        tw.qa_eval_item(tw.rng_for(0, "x", 0), "size")
 
 
 def test_retrieval_captions_unique_and_images_exist(world):

@@ -18,6 +18,7 @@ Layout of OUT (all JSON paths relative to the file that names them)::
     probe/<attr>/{train,val,val_hires}/<class>/NNNNN.png   ImageFolder splits, attr in PROBES
     probe/<attr>/<split>.json        [{image, label, meta}] for the same files
     retrieval/images/NNNNN.png, retrieval/captions.json    unique captions per image
+    qa_eval/{val,val_hires}/NNNNN.png, qa_eval/questions.json  held-out questions, one image each
     manifest.json                    seed, size, counts per file and folder
 
 Image-folder convention: record ``image`` paths are relative to OUT/images (``pool/...``);
@@ -25,6 +26,14 @@ each Stage YAML entry sets ``image_folder: images``, resolved like ``json_path``
 YAML's directory, so ``comp data check OUT/stage2.yaml`` needs no ``--image_folder``.
 ``val_hires`` re-renders the ``val`` scenes at twice the size (vector re-rendering, not
 upsampling): resolutions never seen in training, same labels.
+
+Resolution matters for the ``digit`` and ``word`` probes and the reading questions: their
+single text is 9-12 px (ink 6-9 px tall) in images up to 448 px, legible at native size;
+squeezed into a VFM's fixed square of 64 px most glyphs shrink below 4 px tall or 2.5 px
+wide. ``qa_eval/questions.json`` holds [{id, image, image_hires, type, question, answer,
+meta}], types QA_TYPES, asked exactly as the Stage III records ask them; each draws from its
+own stream ("qa-eval-<type>"), so it shares no scene with training and adding it changed no
+other output.
 
 Legend: ``bbox`` = [x0, y0, x1, y1] in pixels, x1/y1 exclusive; ``xy`` = text origin
 (left, ascender top). Positions are the 3x3 cell of an item's centre, as words
@@ -63,20 +72,24 @@ WORDS = ("apple", "river", "cloud", "stone", "tiger", "piano", "lemon", "house",
          "honey", "maple", "robot", "sugar", "ocean", "pixel", "zebra")
 DIGITS = tuple("0123456789")
 PROBES: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES, "colour": tuple(COLOURS), "digit": DIGITS,
+    "shape": SHAPES, "colour": tuple(COLOURS), "digit": DIGITS, "word": WORDS,
 }
+# Held-out QA: the Stage III question types an evaluation scores (``typed_qa_pairs``).
+QA_TYPES = ("colour", "shape", "position", "count", "number", "word")
 SIDE_MIN, SIDE_MAX = 56, 448
 TEXT_SIZES = (8, 9, 10, 11, 12, 13)  # pool text, px: small enough that downsampling hurts
-DIGIT_SIZES = (9, 10, 11, 12)  # the digit probe's single digit
+DIGIT_SIZES = (9, 10, 11, 12)  # the digit and word probes' single text
 MARGIN = 2  # px kept free around every item
 HIRES_SCALE = 2
 SIZES: dict[str, dict[str, int]] = {
     # pool images, probe images per class (train / val), retrieval pairs, Stage III extras
-    "small": dict(pool=300, probe_train=40, probe_val=20, retrieval=100, multi=16, text_only=16),
+    # and held-out QA questions per type
+    "small": dict(pool=300, probe_train=40, probe_val=20, retrieval=100, multi=16, text_only=16,
+                  qa_eval=20),
     "medium": dict(pool=3000, probe_train=100, probe_val=50, retrieval=500, multi=120,
-                   text_only=120),
+                   text_only=120, qa_eval=50),
 }
-OUTPUTS = ("images", "data", "probe", "retrieval", "stage1.yaml", "stage2.yaml",
+OUTPUTS = ("images", "data", "probe", "retrieval", "qa_eval", "stage1.yaml", "stage2.yaml",
            "stage3.yaml", "manifest.json")
 
 
@@ -284,16 +297,17 @@ def pool_scene(rng: np.random.Generator) -> Scene:
 
 def probe_scene(rng: np.random.Generator, attribute: str, label: str) -> Scene:
     """A scene whose ``attribute`` is ``label``: one main shape (shape/colour probes, with an
-    optional word as distractor) or one small digit (with 0-2 distractor shapes)."""
+    optional word as distractor) or one small digit or word (with 0-2 distractor shapes)."""
     if attribute not in PROBES:
         raise ValueError(f"unknown probe attribute {attribute!r}; expected one of {list(PROBES)}")
 
     def draw() -> Scene | None:
         w, h = sample_size(rng)
-        if attribute == "digit":
+        if attribute in ("digit", "word"):
             n = int(rng.integers(0, 3))
             shapes = list(zip(_distinct(rng, SHAPES, n), _distinct(rng, list(COLOURS), n)))
-            return compose(rng, w, h, shapes, [(label, "number", int(rng.choice(DIGIT_SIZES)))])
+            kind = "number" if attribute == "digit" else "word"
+            return compose(rng, w, h, shapes, [(label, kind, int(rng.choice(DIGIT_SIZES)))])
         shape = label if attribute == "shape" else str(rng.choice(SHAPES))
         colour = label if attribute == "colour" else str(rng.choice(list(COLOURS)))
         texts = [(str(rng.choice(WORDS)), "word", int(rng.choice(TEXT_SIZES)))] \
@@ -354,22 +368,29 @@ def dense_caption(scene: Scene) -> str:
     return " ".join(parts)
 
 
-def qa_pairs(rng: np.random.Generator, scene: Scene) -> list[tuple[str, str]]:
-    """Every exact question the scene answers; the caller samples a few."""
-    pairs = [("How many shapes are there in the image?", str(len(scene.objects))),
-             ("Is there any text in the image?", "yes" if scene.texts else "no")]
+def typed_qa_pairs(rng: np.random.Generator, scene: Scene) -> list[tuple[str, str, str]]:
+    """Every exact question the scene answers as (type, question, answer); types in
+    QA_TYPES. The Stage III records and the held-out QA set both draw from here, so a
+    trained model meets the evaluation questions in the phrasing it learned."""
+    pairs = [("count", "How many shapes are there in the image?", str(len(scene.objects))),
+             ("has_text", "Is there any text in the image?", "yes" if scene.texts else "no")]
     for o in scene.objects:
-        pairs += [(f"What colour is the {o.shape}?", o.colour),
-                  (f"Where is the {o.shape}?", o.position),
-                  (f"Which shape is {o.colour}?", f"the {o.shape}")]
+        pairs += [("colour", f"What colour is the {o.shape}?", o.colour),
+                  ("position", f"Where is the {o.shape}?", o.position),
+                  ("shape", f"Which shape is {o.colour}?", f"the {o.shape}")]
     probe = str(rng.choice(SHAPES))
     present = any(o.shape == probe for o in scene.objects)
-    pairs.append((f"Is there a {probe} in the image?", "yes" if present else "no"))
-    for kind, noun in (("number", "number"), ("word", "word")):
+    pairs.append(("has_shape", f"Is there a {probe} in the image?", "yes" if present else "no"))
+    for kind in ("number", "word"):
         found = [t for t in scene.texts if t.kind == kind]
         if len(found) == 1:
-            pairs.append((f"What {noun} is written in the image?", found[0].text))
+            pairs.append((kind, f"What {kind} is written in the image?", found[0].text))
     return pairs
+
+
+def qa_pairs(rng: np.random.Generator, scene: Scene) -> list[tuple[str, str]]:
+    """Every exact question the scene answers; the caller samples a few."""
+    return [(q, a) for _, q, a in typed_qa_pairs(rng, scene)]
 
 
 # ---------------------------------------------------------------- records
@@ -557,6 +578,37 @@ def _write_probes(out: Path, seed: int, spec: dict, counts: dict) -> None:
                 counts[f"probe/{attribute}/{name}"] = len(entries)
 
 
+def qa_eval_item(rng: np.random.Generator, qtype: str) -> tuple[Scene, str, str]:
+    """(scene, question, answer) of type ``qtype``: a pool-like scene (drawn again until it
+    answers that type: exactly one number or word for reading) and one of its questions."""
+    if qtype not in QA_TYPES:
+        raise ValueError(f"unknown question type {qtype!r}; expected one of {QA_TYPES}")
+    while True:
+        scene = pool_scene(rng)
+        found = [(q, a) for t, q, a in typed_qa_pairs(rng, scene) if t == qtype]
+        if found:
+            question, answer = found[int(rng.integers(len(found)))]
+            return scene, question, answer
+
+
+def _write_qa_eval(out: Path, seed: int, per_type: int, counts: dict) -> None:
+    """Held-out questions, one image each, ``per_type`` of every QA_TYPES type, each image
+    also rendered at HIRES_SCALE x its size (``image_hires``)."""
+    entries = []
+    for qtype in QA_TYPES:
+        for i in range(per_type):
+            scene, question, answer = qa_eval_item(rng_for(seed, f"qa-eval-{qtype}", i), qtype)
+            n = len(entries)
+            paths = {"image": f"val/{n:05d}.png", "image_hires": f"val_hires/{n:05d}.png"}
+            _write_png(out / "qa_eval" / paths["image"], scene)
+            _write_png(out / "qa_eval" / paths["image_hires"], scale_scene(scene, HIRES_SCALE))
+            entries.append({"id": f"tw-qa-{qtype}-{i:04d}", **paths, "type": qtype,
+                            "question": question, "answer": answer, "meta": scene.meta()})
+    _write_json(out / "qa_eval" / "questions.json", entries)
+    counts["qa_eval/questions.json"] = len(entries)
+    counts["qa_eval/val"] = counts["qa_eval/val_hires"] = len(entries)
+
+
 def _write_retrieval(out: Path, seed: int, n: int, counts: dict) -> None:
     """Pool-like scenes with pairwise distinct captions, so each caption has one right image."""
     entries, seen, i = [], set(), 0
@@ -587,9 +639,13 @@ def write_toyworld(out: str | Path, *, seed: int = 0, size: str = "small") -> Pa
     _write_stages(out, seed, spec, paths, scenes, counts)
     _write_probes(out, seed, spec, counts)
     _write_retrieval(out, seed, spec["retrieval"], counts)
+    _write_qa_eval(out, seed, spec["qa_eval"], counts)
     manifest = {"name": "toyworld", "version": 1, "seed": seed, "size": size,
                 "pillow": PIL.__version__, "image_folder": "images",
-                "probes": {a: list(c) for a, c in PROBES.items()}, "counts": counts}
+                "probes": {a: list(c) for a, c in PROBES.items()},
+                "qa_eval": {"types": list(QA_TYPES), "per_type": spec["qa_eval"],
+                            "hires_scale": HIRES_SCALE},
+                "counts": counts}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 

@@ -160,6 +160,8 @@ def _token_batch(tokens, index_B):
 
 
 def linear_probe(train_ND, train_y, val_ND, num_classes: int, settings: TrainSettings) -> torch.Tensor:
+    """Predicted classes of ``val_ND`` by a linear probe on pooled features (full-batch AdamW
+    with ``settings.batch_size = len(train_y)``)."""
     torch.manual_seed(settings.seed)
     model = LinearProbe(train_ND.mean(0), train_ND.std(0, unbiased=False), num_classes)
     fit(model, train_ND, train_y, settings, _pooled_batch)
@@ -168,6 +170,9 @@ def linear_probe(train_ND, train_y, val_ND, num_classes: int, settings: TrainSet
 
 def attentive_probe(train_tokens, train_y, val_tokens, num_classes: int,
                     settings: TrainSettings) -> torch.Tensor:
+    """Predicted classes of ``val_tokens`` (one [n_i, D] tensor per image, any n_i) by an
+    ``AttentiveProbe``: no mean over the tokens, so a label held by a few tokens (a small
+    digit) is not diluted by the rest; padding is masked."""
     torch.manual_seed(settings.seed)
     model = AttentiveProbe(train_tokens[0].shape[1], num_classes)
     fit(model, train_tokens, train_y, settings, _token_batch)

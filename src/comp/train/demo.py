@@ -11,10 +11,11 @@ Evaluation, all on frozen models:
   original SigLIP against the exported CoMP-VFM, at the training budget (<= 64 merged tokens
   per image), at native resolution, and on ``val_hires`` (the val scenes rendered at twice the
   size: more tokens than any training image had);
-- retrieval through the alignment prototypes: images through encoder + merger (pooled F_v),
-  captions through the LLM's text pass (masked mean, the alignment loss's F_t), both scored
-  against the L2-normalised word embeddings; captions are ranked for each image by the
-  alignment loss's own quantity, sum_k p_t(k) log p_v(k), and by the cosine of F_v and F_t.
+- retrieval through the alignment prototypes (comp.eval.wordspace): images through encoder +
+  merger (pooled F_v), captions through the LLM's text pass (masked mean, the alignment
+  loss's F_t), both scored against the L2-normalised word embeddings; captions are ranked
+  for each image by the alignment loss's own quantity, sum_k p_t(k) log p_v(k), and by the
+  cosine of F_v and F_t.
 
 Shape legend: I images, J captions, K prototypes (vocabulary rows), D LLM width, M merged
 visual tokens, L caption tokens, N probe images.
@@ -28,12 +29,23 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+# Retrieval through the prototypes has one implementation, in comp.eval.wordspace; these
+# names stay importable from here for the demo's callers.
+from comp.eval.wordspace import (  # noqa: F401
+    image_features,
+    mean_pairwise_cos,
+    recall_at,
+    retrieval,
+    text_features,
+    top_words,
+    word_distributions,
+)
 
 RUN = "comp_1b_siglip"
 MARKER = ".comp-demo"
@@ -235,100 +247,6 @@ def initial_model(assets: Assets, seed: int):
 
 
 # ----------------------------------------------------------------------------- retrieval
-
-
-@torch.no_grad()
-def image_features(model, image_processor, paths: Sequence[Path], batch: int = 16) -> torch.Tensor:
-    """F_v [I, D]: each image's merged tokens (encoder + merger), mean-pooled, L2-normalised."""
-    from comp.models.alignment import pool_image_features
-
-    pooled = []
-    for lo in range(0, len(paths), batch):
-        inputs = image_processor(list(paths[lo:lo + batch]), return_tensors="pt")
-        grid_N3 = inputs["image_grid_thw"]
-        feats_MD = model.image_features(inputs["pixel_values"], grid_N3)
-        per_image = grid_N3.prod(-1) // model.config.spatial_merge_size ** 2
-        index_M = torch.repeat_interleave(torch.arange(len(grid_N3)), per_image)
-        pooled.append(pool_image_features(feats_MD, index_M, len(grid_N3))[0])
-    return torch.cat(pooled)
-
-
-@torch.no_grad()
-def text_features(model, tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """F_t [J, D]: the LLM's last hidden states of each text, masked mean, L2-normalised
-    (the alignment loss's text pass)."""
-    from comp.data.collator import (
-        pad_rows,  # the collator's padding of the alignment text
-    )
-    from comp.models.alignment import masked_mean_pool
-
-    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    padded = pad_rows([torch.tensor(r) for r in rows], tokenizer.pad_token_id, "ids", "mask")
-    ids_JL, mask_JL = padded["ids"], padded["mask"]
-    hidden_JLD = model.model(input_ids=ids_JL, attention_mask=mask_JL).last_hidden_state
-    return masked_mean_pool(hidden_JLD, mask_JL)
-
-
-def word_distributions(model, F_v_ID: torch.Tensor, F_t_JD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p_v [I, K], log p_t [J, K]) exactly as the alignment loss forms them: image
-    scores at ``embed_temp``, text targets through the prior (Sinkhorn) at ``word_eps``."""
-    from comp.models.alignment import sinkhorn_log_targets
-
-    cfg = model.config
-    W_KD = F.normalize(model.lm_head.weight[: model.num_prototypes].detach().float(), dim=-1)
-    log_p_v_IK = torch.log_softmax(F_v_ID.float() @ W_KD.T / cfg.embed_temp, dim=-1)
-    log_p_t_JK = sinkhorn_log_targets(F_t_JD.float() @ W_KD.T, model._log_prior(), eps=cfg.word_eps,
-                                      iters=cfg.sinkhorn_iters, mode=cfg.prior_mode)
-    return log_p_v_IK, log_p_t_JK
-
-
-def recall_at(scores_IJ: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Image -> text recall@k, caption i belonging to image i. Ties count against the match
-    (a constant score gives recall 0, never a lucky 1)."""
-    if scores_IJ.shape[0] != scores_IJ.shape[1]:
-        raise ValueError(f"expected one caption per image, got scores {tuple(scores_IJ.shape)}")
-    own_I1 = scores_IJ.diagonal().unsqueeze(1)
-    rank_I = (scores_IJ >= own_I1).sum(1) - 1  # captions scored at least as high, self excluded
-    return {f"R@{k}": int((rank_I < k).sum()) / len(rank_I) for k in ks}
-
-
-def top_words(tokenizer, log_p_K: torch.Tensor, k: int = 5) -> list[str]:
-    """The ``k`` most probable tokens, as text where they decode to printable text."""
-    words = []
-    for i in log_p_K.topk(k).indices.tolist():
-        text = tokenizer.decode([i]).strip()
-        words.append(text if text.isprintable() and text and "\ufffd" not in text
-                     else tokenizer.convert_ids_to_tokens(i))
-    return words
-
-
-def mean_pairwise_cos(x_ND: torch.Tensor) -> float:
-    """Mean cosine between distinct rows: 1 means every row points the same way."""
-    x_ND = F.normalize(x_ND.float(), dim=-1)
-    n = len(x_ND)
-    return float(((x_ND.sum(0) ** 2).sum() - n) / max(1, n * (n - 1)))
-
-
-@torch.no_grad()
-def retrieval(model, processor, word_dist: Path, entries: list[dict], root: Path,
-              examples: int = 3) -> dict:
-    """Recall@1/5 over ``entries`` (toyworld retrieval records) and a few images' top words."""
-    model.eval()
-    model.set_word_prior(word_dist)
-    F_v_ID = image_features(model, processor.image_processor, [root / e["image"] for e in entries])
-    F_t_JD = text_features(model, processor.tokenizer, [e["caption"] for e in entries])
-    log_p_v_IK, log_p_t_JK = word_distributions(model, F_v_ID, F_t_JD)
-    return {
-        "images": len(entries),
-        "prototypes": recall_at(log_p_v_IK @ log_p_t_JK.exp().T),
-        "features": recall_at(F_v_ID @ F_t_JD.T),
-        "image_cos": mean_pairwise_cos(F_v_ID), "caption_cos": mean_pairwise_cos(F_t_JD),
-        "examples": [{"caption": entries[i]["caption"],
-                      "image_words": top_words(processor.tokenizer, log_p_v_IK[i]),
-                      "caption_words": top_words(processor.tokenizer, log_p_t_JK[i])}
-                     for i in range(min(examples, len(entries)))],
-    }
-
 
 def retrieval_results(assets: Assets, run_dir: Path, plan: Plan, seed: int) -> dict[str, dict]:
     """Retrieval of the MLLM before Stage I and after each step, one image protocol for all
