@@ -16,7 +16,7 @@ COMMANDS = {
     "data prior": ("comp.data.prior", ["d.yaml", "--tokenizer", "t", "--out", "o"], True),
     "data show": ("comp.data.show", ["d.yaml"], False),
     "export-vfm": ("comp.train.export", ["ckpt", "--out", "o"], True),
-    "demo": ("comp.train.demo", [], True),
+    "demo": ("comp.demo.run", [], True),
     "chat": ("comp.eval.chat", ["mm"], False),
     "encode": ("comp.eval.encode", ["vfm", "a.png", "--out", "o"], True),
     "probe": ("comp.eval.probe", ["vfm", "--train", "t", "--val", "v"], True),

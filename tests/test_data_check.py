@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from comp.data.cli import main as data_main
+from comp.cli import data_main
 from test_data_dataset import MAX_LEN, make_mixed
 
 

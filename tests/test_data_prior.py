@@ -6,7 +6,7 @@ from collections import Counter
 
 import torch
 
-from comp.data.cli import main as data_main
+from comp.cli import data_main
 from comp.data.conversation import load_tokenizer
 
 ANSWERS = ["a red circle", "two blue squares, left", "Hello, world! 3.14", "a red circle"]

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from comp.train import demo
-from comp.train.report import bar_chart, markdown_table, moving_average, nice_ticks
+from comp.demo import run as demo
+from comp.demo.report import bar_chart, markdown_table, moving_average, nice_ticks
 
 REPO = Path(__file__).resolve().parents[1]
 FIGURES = {"lm_loss.png", "align_loss.png", "probe.png", "retrieval.png", "resolution.png"}

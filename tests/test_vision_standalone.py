@@ -15,7 +15,6 @@ from transformers import AutoConfig, AutoModel
 from transformers.dynamic_module_utils import get_imports
 
 from comp.models.vision import configuration
-from comp.models.vision.auto import register_auto
 from comp.models.vision.families import FAMILIES
 from comp.models.vision.model import CompVisionModel
 from comp.models.vision.packing import patchify
@@ -110,8 +109,7 @@ def test_plain_transformers_loads_the_standalone_export(standalone_vfm, tmp_path
         torch.testing.assert_close(theirs, ours(pixel_values, grid_thw), atol=1e-5, rtol=0)
 
 
-def test_auto_classes_round_trip_after_registering(standalone_vfm, tiny_dir, tmp_path):
-    register_auto()
+def test_auto_classes_round_trip_after_import_comp(standalone_vfm, tiny_dir, tmp_path):
     pixel_values, grid_thw = _inputs()
     vfm = CompVisionModel.from_pretrained(tiny_dir("dinov2"), use_rope=True, w_merger=16)
     out = vfm.save_pretrained(tmp_path / "vfm")

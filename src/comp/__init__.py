@@ -1,6 +1,7 @@
 """CoMP: continual multimodal pre-training of vision foundation models.
 
-Public names are imported lazily so that ``import comp`` stays cheap.
+Public names are imported lazily: ``import comp`` costs what registering CoMP with
+transformers' Auto classes costs (the configs, not the modeling code).
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ class _NoCpuFallbackNotice(logging.Filter):
 
 
 logging.getLogger("DeepSpeed").addFilter(_NoCpuFallbackNotice())
+
+# transformers' Auto classes load CoMP directories (comp.auto); costs importing the configs.
+importlib.import_module("comp.auto").register()
 
 _PUBLIC = {
     "CompImageProcessor": "comp.data.image",

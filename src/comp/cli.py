@@ -18,11 +18,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("comp.models.tiny:main", "write tiny random checkpoints in Hugging Face layout"),
     "train": ("comp.train.run:main", "train CoMP-MM (flags of the reference scripts)"),
     "export-vfm": ("comp.train.export:main", "write the trained encoder as a standalone CoMP-VFM"),
-    "demo": ("comp.train.demo:main", "tiny end-to-end run of the SigLIP recipe with a report"),
-    "data": ("comp.data.cli:main", "data tools: check | prior | show | toyworld"),
+    "demo": ("comp.demo.run:main", "tiny end-to-end run of the SigLIP recipe with a report"),
+    "data": ("comp.cli:data_main", "data tools: check | prior | show | toyworld"),
     "chat": ("comp.eval.chat:main", "chat with a CoMP-MM checkpoint about images"),
     "encode": ("comp.eval.encode:main", "native-resolution encoder features to safetensors"),
     "probe": ("comp.eval.probe:main", "frozen-encoder probes (linear, attentive, k-NN)"),
+}
+
+
+DATA_COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("comp.data.check", "scan a mixture or JSON file and summarise it (errors -> exit 1)"),
+    "prior": ("comp.data.prior", "count assistant-answer tokens: the alignment loss's word prior"),
+    "show": ("comp.data.show", "print records as the model sees them (rendered text, supervised spans, tokens)"),
+    "toyworld": ("comp.data.toyworld", "write the synthetic toyworld dataset with Stage YAMLs"),
 }
 
 
@@ -50,6 +58,20 @@ def main(argv: list[str] | None = None) -> int:
     module_name, func_name = COMMANDS[name][0].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     return run_command(f"comp {name}", func, rest, debug=debug)
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    """``comp data {check,prior,show,toyworld}``: each module's ``main`` takes the remaining argv."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in DATA_COMMANDS:
+        usage = "usage: comp data {check,prior,show,toyworld} [args]\n\n" + "\n".join(
+            f"  {name:<9} {help_}" for name, (_, help_) in DATA_COMMANDS.items())
+        known = not argv or argv[0] in ("-h", "--help")
+        print(usage if known else f"comp data: unknown command {argv[0]!r}\n\n{usage}",
+              file=sys.stdout if known else sys.stderr)
+        return 0 if known else 2
+    module = importlib.import_module(DATA_COMMANDS[argv[0]][0])
+    return run_command(f"comp data {argv[0]}", module.main, argv[1:])
 
 
 def run_command(prog: str, func, argv: list[str], *, debug: bool = False) -> int:

@@ -33,6 +33,7 @@ MAX_ASPECT_RATIO = 200
 # Refuse images above 2**27 (~134 M) pixels before decoding: about 400 MB as RGB, well above
 # any training photo, and below Pillow's own hard limit, so this check and its message win.
 DEFAULT_MAX_IMAGE_PIXELS = 2**27
+DEFAULT_MAX_NUM_VISTOKEN = 1024  # merged tokens per image: comp train's budget (and comp data show's)
 
 ImageSource = Union[str, os.PathLike, IO[bytes], Image.Image]
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -449,13 +450,19 @@ class CompImageProcessor:
             config = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read the image processor config {str(path)!r}: {err}") from err
+        return cls.from_dict(config, source=str(path), **overrides)
+
+    @classmethod
+    def from_dict(cls, config: dict, *, source: str = "the config", **overrides: Any) -> "CompImageProcessor":
+        """From a preprocessor config's contents (see ``from_pretrained``)."""
+        config = dict(config)
         if config.get("image_processor_type") == cls.__name__:
             config.pop("image_processor_type")
             kwargs = dict(config)
         else:
             missing = [k for k in ("image_mean", "image_std") if k not in config]
             if missing:
-                raise ValueError(f"{str(path)!r} has no {' or '.join(missing)}; write them (the "
+                raise ValueError(f"{source!r} has no {' or '.join(missing)}; write them (the "
                                  "encoder's normalisation) or pass them as arguments")
             kwargs = {"image_mean": config["image_mean"], "image_std": config["image_std"]}
         for bound in ("min", "max"):
@@ -464,7 +471,7 @@ class CompImageProcessor:
         try:
             return cls(**{**kwargs, **overrides})
         except TypeError as err:  # an unknown setting
-            raise ValueError(f"{str(path)!r} does not fit {cls.__name__}: {err}") from err
+            raise ValueError(f"{source!r} does not fit {cls.__name__}: {err}") from err
 
 
 def _resize(image: Image.Image, height: int, width: int, resample: int) -> Image.Image:

@@ -51,8 +51,6 @@ class CompProcessor:
     def from_pretrained(cls, directory: str | Path, *, prompt_format: str = "reference",
                         **image_kwargs) -> "CompProcessor":
         """The processor saved in a CoMP-MM directory (tokenizer + preprocessor config)."""
-        import comp.models.mllm  # noqa: F401  registers the comp config type with AutoConfig
-
         directory = resolve_model_dir(directory)
         return cls.from_components(directory, directory, prompt_format=prompt_format, **image_kwargs)
 

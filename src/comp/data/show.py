@@ -18,6 +18,7 @@ from pathlib import Path
 
 from comp.data.conversation import load_tokenizer, render_text
 from comp.data.dataset import MixtureDataset, Skipped
+from comp.data.image import DEFAULT_MAX_NUM_VISTOKEN
 from comp.data.mixture import MixtureError, load_mixture
 from comp.data.records import PROMPT_FORMATS, SkipSample, prompt_messages
 from comp.tokens import IGNORE_INDEX, IMAGE_PAD
@@ -96,7 +97,7 @@ def build_parser():
                    help="reference: Qwen2-VL's default system turn, as the reference trains; inplace: none")
     p.add_argument("--image_folder", help="image root for datasets without their own image_folder")
     p.add_argument("--data_root", help="base of relative json_path (default: the YAML's directory)")
-    p.add_argument("--max_num_vistoken", type=int, default=1024, help="pixel budget per image in merged tokens")
+    p.add_argument("--max_num_vistoken", type=int, default=DEFAULT_MAX_NUM_VISTOKEN, help="pixel budget per image in merged tokens")
     p.add_argument("--model_max_length", type=int, default=4096, help="longest token sequence of a sample")
     return p
 

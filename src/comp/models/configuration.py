@@ -1,10 +1,8 @@
-"""CompConfig: the CoMP-MM's settings, importable without the modeling code, and the
-``AutoConfig`` registrations of both CoMP configs (``comp``, ``comp_vision``).
-"""
-from __future__ import annotations
+"""CompConfig: the CoMP-MM's settings, importable without the modeling code (``AutoConfig``
+reads it, see comp.auto)."""
 
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, PreTrainedConfig, Qwen2VLTextConfig
+from transformers import PreTrainedConfig, Qwen2VLTextConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from comp.models.vision.configuration import CompVisionConfig
@@ -62,12 +60,6 @@ class CompConfig(PreTrainedConfig):
     word_prior_source: str | None = None  # the prior's file (or "uniform") this model trained with
     word_prior_sha256: str | None = None  # its checksum, so a continued stage can check it
     tie_word_embeddings: bool = True
-
-
-# AutoConfig / AutoTokenizer read config.json of CoMP directories too (e.g. the tokenizer of a
-# saved CoMP-MM); registered, they know the model type instead of warning about it.
-AutoConfig.register(CompConfig.model_type, CompConfig, exist_ok=True)
-AutoConfig.register(CompVisionConfig.model_type, CompVisionConfig, exist_ok=True)
 
 
 def text_config_from_qwen2(qwen2_config) -> Qwen2VLTextConfig:

@@ -53,6 +53,7 @@ from comp.models.alignment import (UNIFORM_PRIOR, alignment_loss, log_word_prior
 from comp.models.configuration import CompConfig, text_config_from_qwen2
 from comp.models.losses import chunked_causal_lm_loss
 from comp.models.positions import get_mrope_position_ids, packed_mrope_position_ids
+from comp.models.vision.configuration import CompVisionConfig
 from comp.models.vision.model import CompVisionModel
 from comp.models.weights import load_state_dict, no_progress_bars, normal_permissions
 from comp.tokens import IMAGE_PAD, config_token_ids, ensure_vision_tokens, stop_ids
@@ -253,11 +254,12 @@ class CompForConditionalGeneration(CompModel, GenerationMixin):
     # ----------------------------------------------------------------------------- building
     @classmethod
     def from_components(cls, llm_dir: str | Path, vision_dir: str | Path, *, tokenizer=None,
-                        use_rope: bool = True, dtype: torch.dtype | None = None,
+                        use_rope: bool | None = None, dtype: torch.dtype | None = None,
                         **config_overrides) -> "CompForConditionalGeneration":
         """A CoMP-MM from a Qwen2/Qwen2.5 checkpoint and any encoder ``CompVisionModel``
         loads (directories or Hub ids, see ``comp.hub``) (original SigLIP / DINOv2 / AIMv2 or a CoMP-VFM). The merger starts random.
-        The LLM tokenizer gets any missing vision tokens appended (embeddings resized)."""
+        The LLM tokenizer gets any missing vision tokens appended (embeddings resized).
+        ``use_rope`` None: CompVisionConfig's default (C-RoPE on)."""
         from transformers import AutoTokenizer
 
         llm_dir, vision_dir = resolve_model_dir(llm_dir), resolve_model_dir(vision_dir)
@@ -265,6 +267,8 @@ class CompForConditionalGeneration(CompModel, GenerationMixin):
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(llm_dir)
         ensure_vision_tokens(tokenizer)
+        if use_rope is None:
+            use_rope = CompVisionConfig.use_rope
         visual = CompVisionModel.from_pretrained(vision_dir, use_rope=use_rope,
                                                  w_merger=qwen2_config.hidden_size)
         config = CompConfig(

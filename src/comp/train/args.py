@@ -12,6 +12,9 @@ from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from comp.data.image import DEFAULT_MAX_NUM_VISTOKEN
+from comp.models.vision.configuration import CompVisionConfig
+
 LM_LOSS_NORMALIZATIONS = ("step", "micro_batch")
 TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model", "mm_lm_head")
 
@@ -32,7 +35,8 @@ class ModelArguments:
                 "when model_name_or_path is an LLM"})
     mm_tunable_parts: str = field(default="mm_mlp_adapter", metadata={
         "help": f"comma-separated subset of {','.join(TUNABLE_PARTS)}"})
-    use_rope: bool = field(default=True, metadata={"help": "C-RoPE: 2D RoPE in every encoder layer"})
+    use_rope: bool = field(default=CompVisionConfig.use_rope, metadata={
+        "help": "C-RoPE: 2D RoPE in every encoder layer"})
     pos_interp_mode: str = field(default="bicubic", metadata={"help": "resizing of the absolute table"})
     use_alignment_loss: bool = field(default=False, metadata={"help": "add the alignment loss"})
     loss_weight: float = field(default=0.05, metadata={"help": "weight of the alignment loss"})
@@ -62,7 +66,7 @@ class DataArguments:
     image_folder: str | None = field(default=None, metadata={"help": "root of relative image paths"})
     data_root: str | None = field(default=None, metadata={
         "help": "root of relative json_path entries (default: the YAML's directory)"})
-    max_num_vistoken: int = field(default=1024, metadata={"help": "max visual tokens per image after the 2x2 merge"})
+    max_num_vistoken: int = field(default=DEFAULT_MAX_NUM_VISTOKEN, metadata={"help": "max visual tokens per image after the 2x2 merge"})
     min_num_vistoken: int = field(default=4, metadata={"help": "min visual tokens per image after the merge"})
     force_resize: int | None = field(default=None, metadata={"help": "resize to N x N before smart_resize"})
     model_max_length: int = field(default=4096, metadata={"help": "longest token sequence of a sample"})

@@ -19,8 +19,9 @@ ATTN_BACKENDS = ("auto", "flash", "varlen", "sdpa")  # see attention.py
 class CompVisionConfig(PreTrainedConfig):
     """Architecture of the source VFM (``family`` + its dimensions) and the CoMP settings.
 
-    use_rope: 2D RoPE on q, k in every layer (C-RoPE); False = the plain VFM with the
-        interpolated absolute table only.
+    use_rope: 2D RoPE on q, k in every layer (C-RoPE), CoMP's encoder and the one default of
+        the setting (``comp train --use_rope``, ``from_components``); False = the plain VFM with
+        the interpolated absolute table only, as an original checkpoint loads.
     pos_interp_mode / pos_interp_antialias: how the learned table is resized to an image grid.
     pos_order: "merge" (correct) or "raster" (the reference code's permuted positions).
     keep_cls: DINOv2 only; CoMP drops the CLS token.
@@ -45,7 +46,7 @@ class CompVisionConfig(PreTrainedConfig):
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     mlp_bias: bool = True
-    use_rope: bool = False
+    use_rope: bool = True
     rope_theta: float = 10000.0
     pos_interp_mode: str = "bicubic"
     pos_interp_antialias: bool = False

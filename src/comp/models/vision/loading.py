@@ -184,7 +184,8 @@ def _config_for(path: Path, overrides: dict, given: CompVisionConfig | None
         family = MODEL_TYPES[model_type]
         with _quiet_transformers():  # e.g. a two-tower config's text token ids: not our concern
             hf_config = AutoConfig.from_pretrained(path)
-        config = CompVisionConfig(family=family, **FAMILIES[family].config_from_hf(hf_config))
+        # an original checkpoint was trained without RoPE: it loads as it was trained
+        config = CompVisionConfig(family=family, use_rope=False, **FAMILIES[family].config_from_hf(hf_config))
         saved = None
     else:
         raise ValueError(f"{cfg_file}: model_type {model_type!r} is not a supported vision encoder; "

@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, plan: Plan) -> Path:
     """The phases, each with a progress line; -> the report."""
     from comp.train.export import export_vfm
-    from comp.train.report import write_report
+    from comp.demo.report import write_report
 
     out = args.out
 
