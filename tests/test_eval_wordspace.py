@@ -103,7 +103,7 @@ def test_p_v_over_the_prototypes_is_a_distribution(mm, colour_images):
 
 
 def test_demo_uses_the_one_implementation():
-    from comp.train import demo
+    from comp.demo import run as demo
 
     for name in ("image_features", "text_features", "word_distributions", "recall_at", "top_words",
                  "mean_pairwise_cos", "retrieval"):
