@@ -32,12 +32,18 @@ LENGTHS_VERSION = 1
 MIN_SAMPLES_PER_WORKER = 2000
 
 
-def default_cache_dir() -> Path:
-    """``$COMP_CACHE/lengths``, else ``$XDG_CACHE_HOME/comp/lengths`` or ``~/.cache/comp/lengths``."""
+def cache_root() -> Path:
+    """Where CoMP caches what it computes: ``$COMP_CACHE``, else ``$XDG_CACHE_HOME/comp`` or
+    ``~/.cache/comp``."""
     if os.environ.get("COMP_CACHE"):
-        return Path(os.environ["COMP_CACHE"]) / "lengths"
+        return Path(os.environ["COMP_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "comp" / "lengths"
+    return Path(base) / "comp"
+
+
+def default_cache_dir() -> Path:
+    """``cache_root()/lengths``."""
+    return cache_root() / "lengths"
 
 
 def lengths_key(dataset) -> str:
