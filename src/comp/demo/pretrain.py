@@ -79,7 +79,7 @@ class ToySettings:
 
 
 FULL = ToySettings()
-QUICK = replace(FULL, text_scenes=400, heldout_scenes=40, siglip_images=1200, siglip_steps=400,
+QUICK = replace(FULL, text_scenes=400, heldout_scenes=40, siglip_images=1200, siglip_steps=1000,
                 siglip_batch=16, lm_steps=100, lm_batch=8, probe_per_class=12)
 
 

@@ -1,0 +1,90 @@
+"""Toy pre-trained originals (comp.demo.pretrain): quality, loading through the recipe's own
+loaders against transformers, the cache, and the word-level tokenizer in the chat encoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from comp import CompVisionModel
+from comp.data import toyworld as tw
+from comp.data.conversation import IGNORE_INDEX, encode_conversation, load_tokenizer
+from comp.data.records import parse_record, prompt_messages
+from comp.demo import pretrain
+from comp.models.vision.packing import merge_window_perm, patchify
+
+
+@pytest.fixture(scope="module")
+def toys(tmp_path_factory):
+    return pretrain.pretrained_toys(0, pretrain.QUICK, cache_dir=tmp_path_factory.mktemp("toys"))
+
+
+def test_quality_beats_chance_and_unigram(toys):
+    siglip, lm = toys.quality["siglip"], toys.quality["lm"]
+    assert siglip["colour_accuracy"] > 0.5 > 4 * siglip["colour_chance"] - 0.01
+    assert lm["perplexity"] < 0.5 * lm["unigram_perplexity"]
+    assert lm["unk_rate"] == 0.0
+
+
+def test_second_call_hits_the_cache(toys):
+    stamp = (toys.siglip.parent / pretrain.QUALITY_FILE).stat().st_mtime_ns
+    again = pretrain.pretrained_toys(0, pretrain.QUICK, cache_dir=toys.siglip.parent.parent)
+    assert again == toys
+    assert (toys.siglip.parent / pretrain.QUALITY_FILE).stat().st_mtime_ns == stamp
+    assert pretrain.cache_key(1, pretrain.QUICK) != pretrain.cache_key(0, pretrain.QUICK)
+
+
+def test_siglip_loads_as_comp_vision_model_with_transformers_features(toys):
+    ours = CompVisionModel.from_pretrained(toys.siglip, use_rope=False)
+    hf = tf.SiglipVisionModel.from_pretrained(toys.siglip).eval()
+    size = pretrain.QUICK.image_size
+    image = torch.randn(3, size, size, generator=torch.Generator().manual_seed(0))
+    g = size // 14
+    with torch.no_grad():
+        x_TD = ours(patchify(image, 14), torch.tensor([[1, g, g]]))
+        ref_LD = hf(pixel_values=image[None], output_hidden_states=True).hidden_states[-1][0]
+    # float32, trained features of magnitude ~10: equal to 1e-5 of the largest value
+    diff = (x_TD - ref_LD[merge_window_perm(g, g)]).abs().max()
+    assert diff <= 1e-5 * ref_LD.abs().max(), diff
+    assert ours.preprocessor_config["size"] == {"height": size, "width": size}
+
+
+def test_lm_loads_with_comp_tokenizer(toys):
+    tokenizer = load_tokenizer(toys.qwen2)
+    model = tf.AutoModelForCausalLM.from_pretrained(toys.qwen2).eval()
+    assert model.config.tie_word_embeddings and model.config.vocab_size >= len(tokenizer)
+    assert model.config.vocab_size % 64 == 0
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What colour is the circle?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=3, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert answer.strip() in tw.COLOURS  # the LM learned the answer form of toyworld QA
+
+
+def test_word_tokens(toys):
+    tokenizer = load_tokenizer(toys.qwen2)
+    vocab = tokenizer.get_vocab()
+    for word in (*tw.COLOURS, *tw.SHAPES, "top", "left", "bottom", "center", "yes", "no"):
+        assert len(tokenizer(f"a {word}", add_special_tokens=False)["input_ids"]) == 2, word
+    text = "the number 472."
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert tokens[-4:] == ["4", "7", "2", "."] and all(t in vocab for t in tokens)
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_conversation_encoding_with_word_tokenizer(toys):
+    """A toyworld Stage III record through the recipe's encoder: answers (and their
+    <|im_end|>) supervised, everything else masked; ids equal tokenizer(rendered text)."""
+    tokenizer = load_tokenizer(toys.qwen2)
+    rng = tw.rng_for(0, "test", 0)
+    scene = tw.pool_scene(rng)
+    record = tw.qa_record(rng, "r0", "pool/000000.png", scene)
+    messages = prompt_messages(parse_record(record, 0).messages)
+    input_ids, labels = encode_conversation(tokenizer, messages, [4], max_length=512)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    supervised = tokenizer.decode([t for t in labels.tolist() if t != IGNORE_INDEX and t != im_end])
+    answers = "".join(t["value"] for t in record["conversations"] if t["from"] == "gpt")
+    assert supervised.replace(" ", "") == answers.replace(" ", "")
+    assert (labels == im_end).sum() == len(record["conversations"]) // 2
+    assert tokenizer.unk_token_id not in input_ids.tolist()
