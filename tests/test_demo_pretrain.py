@@ -8,7 +8,8 @@ import transformers as tf
 
 from comp import CompVisionModel
 from comp.data import toyworld as tw
-from comp.data.conversation import IGNORE_INDEX, encode_conversation, load_tokenizer
+from comp.data.conversation import encode_conversation, load_tokenizer
+from comp.tokens import IGNORE_INDEX
 from comp.data.records import parse_record, prompt_messages
 from comp.demo import pretrain
 from comp.models.vision.packing import merge_window_perm, patchify

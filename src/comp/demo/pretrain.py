@@ -96,7 +96,7 @@ class ToyOriginals:
 def cache_key(seed: int, settings: ToySettings) -> str:
     """Hash of the seed, the settings and the source of everything that shapes the models
     (this module, the tokenizer, toyworld, the chat template)."""
-    from comp.data.conversation import CHAT_TEMPLATE_PATH
+    from comp.tokens import CHAT_TEMPLATE_PATH
     from comp.demo import wordtok
 
     sources = [Path(__file__), Path(wordtok.__file__), Path(tw.__file__), CHAT_TEMPLATE_PATH]

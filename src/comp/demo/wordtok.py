@@ -44,7 +44,7 @@ def train_word_tokenizer(texts: Iterable[str], *, min_frequency: int = 1):
     from tokenizers import Tokenizer, models, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from comp.data.conversation import CHAT_TEMPLATE_PATH
+    from comp.tokens import CHAT_TEMPLATE_PATH
 
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.pre_tokenizer = _pre_tokenizer()
