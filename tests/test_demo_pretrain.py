@@ -1,5 +1,6 @@
 """Toy pre-trained originals (comp.demo.pretrain): quality, loading through the recipe's own
-loaders against transformers, the cache, and the word-level tokenizer in the chat encoding."""
+loaders against transformers, the cache, and the one-token-per-word tokenizer in the chat
+encoding."""
 from __future__ import annotations
 
 import pytest
@@ -15,16 +16,35 @@ from comp.demo import pretrain
 from comp.models.vision.packing import merge_window_perm, patchify
 
 
-@pytest.fixture(scope="module")
-def toys(tmp_path_factory):
-    return pretrain.pretrained_toys(0, pretrain.QUICK, cache_dir=tmp_path_factory.mktemp("toys"))
+@pytest.fixture(scope="session")
+def toys(private_cache):
+    """Built once per session under $COMP_CACHE/toy-pretrained (the default cache_dir), where
+    any other test of the session asking for the same seed and settings finds them."""
+    return pretrain.pretrained_toys(0, pretrain.QUICK, log=lambda *_: None)
 
 
 def test_quality_beats_chance_and_unigram(toys):
     siglip, lm = toys.quality["siglip"], toys.quality["lm"]
-    assert siglip["colour_accuracy"] > 0.5 > 4 * siglip["colour_chance"] - 0.01
+    assert siglip["colour_chance"] == 1 / 8
+    assert siglip["colour_accuracy"] > 0.3  # chance 0.125; QUICK trains for seconds
     assert lm["perplexity"] < 0.5 * lm["unigram_perplexity"]
-    assert lm["unk_rate"] == 0.0
+
+
+def test_saved_tokenizers_reload_unchanged(toys):
+    """The recipe's loader (AutoTokenizer -> Qwen2Tokenizer for model_type qwen2) and SigLIP's
+    directory give back the tokenizer the toys were trained with: same vocabulary, same ids on
+    held-out toyworld text in the chat format, lossless decoding."""
+    built = pretrain.train_tokenizer(pretrain.text_documents(0, "train", pretrain.QUICK.text_scenes))
+    texts = [pretrain.render_chat(built, d) for d in pretrain.text_documents(0, "heldout", 20)]
+    texts += [tw.short_caption(tw.pool_scene(tw.rng_for(0, "test-captions", i))) for i in range(20)]
+    expected = built(texts, add_special_tokens=False)["input_ids"]
+    qwen2 = load_tokenizer(toys.qwen2)
+    assert type(qwen2).__name__ == "Qwen2Tokenizer"
+    for tokenizer in (qwen2, tf.AutoTokenizer.from_pretrained(toys.siglip)):
+        assert tokenizer.get_vocab() == built.get_vocab()
+        got = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        assert got == expected
+        assert [tokenizer.decode(ids) for ids in got] == texts
 
 
 def test_second_call_hits_the_cache(toys):
@@ -44,7 +64,8 @@ def test_siglip_loads_as_comp_vision_model_with_transformers_features(toys):
     with torch.no_grad():
         x_TD = ours(patchify(image, 14), torch.tensor([[1, g, g]]))
         ref_LD = hf(pixel_values=image[None], output_hidden_states=True).hidden_states[-1][0]
-    # float32, trained features of magnitude ~10: equal to 1e-5 of the largest value
+    # float32 features of magnitude up to ~30 after training: equal to within 1e-5 of the
+    # largest |feature| (a relative tolerance; reordered sums differ in the last bits)
     diff = (x_TD - ref_LD[merge_window_perm(g, g)]).abs().max()
     assert diff <= 1e-5 * ref_LD.abs().max(), diff
     assert ours.preprocessor_config["size"] == {"height": size, "width": size}
@@ -55,12 +76,15 @@ def test_lm_loads_with_comp_tokenizer(toys):
     model = tf.AutoModelForCausalLM.from_pretrained(toys.qwen2).eval()
     assert model.config.tie_word_embeddings and model.config.vocab_size >= len(tokenizer)
     assert model.config.vocab_size % 64 == 0
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What colour is the circle?"}],
+    # a held-out scene's description and a colour question, as the LM's QA documents pose them
+    scene = tw.pool_scene(tw.rng_for(0, "test-lm", 0))
+    question = f"{tw.dense_caption(scene)}\nWhat colour is the {scene.objects[0].shape}?"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert answer.strip() in tw.COLOURS  # the LM learned the answer form of toyworld QA
+    assert answer.strip() in tw.COLOURS, answer  # the LM learned the answer form of toyworld QA
 
 
 def test_word_tokens(toys):
@@ -88,4 +112,3 @@ def test_conversation_encoding_with_word_tokenizer(toys):
     answers = "".join(t["value"] for t in record["conversations"] if t["from"] == "gpt")
     assert supervised.replace(" ", "") == answers.replace(" ", "")
     assert (labels == im_end).sum() == len(record["conversations"]) // 2
-    assert tokenizer.unk_token_id not in input_ids.tolist()
