@@ -1,0 +1,331 @@
+"""The demo's science pipeline, shared by ``comp demo`` and every ``comp study`` cell:
+assets -> the recipe's four steps (read from the script, comp.demo.recipe) -> CoMP-VFM
+export -> evaluation before and after.
+
+Assets: the toy-pretrained SigLIP and Qwen2 (comp.demo.pretrain, cached per seed), toyworld and
+the word prior over the word-level vocabulary (cached per seed beside them).
+
+Demo settings on top of the script's smoke flags, the same for every variant and seed (the
+"before" models are not trained): ``--force_resize`` rescaled from the smoke scaling (Stage I
+= the VFM's pre-training size, 384 -> S) to the toy SigLIP's size S; a merged-token budget
+that keeps every toyworld image native; the learning rates times ``lr_scale`` (the recipe's
+are for 1B models and thousands of steps).
+
+Evaluation (``evaluate``):
+- probes: linear (mean-pooled) and attentive (all tokens) heads on frozen encoder tokens of
+  the original toy SigLIP and the CoMP-VFM, at the VFM's fixed size ("fixed": every image
+  S x S), at native size and at 2x native (val_hires), over ``probe_seeds`` probe seeds;
+- word space: zero-shot colour/shape/digit accuracy through the prototype rows of the class
+  words and image-caption retrieval through the prototypes, for the CoMP-MM built from the
+  originals (before Stage I) and after Stage II-b;
+- the MLLM after Stage III: exact match by question type and resolution, and image use
+  (answer NLL with the right vs another record's image).
+
+Shape legend: N images, D width.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from comp.demo import recipe
+
+ZERO_SHOT_ATTRIBUTES = ("colour", "shape", "digit")
+NATIVE_TOKENS = 1280  # the processor's default budget: every toyworld image (<= 896 px) stays native
+
+
+@dataclass
+class Plan:
+    """What one run trains and measures: the full default, or ``quick`` (for tests)."""
+    steps: int = 150  # optimizer steps per recipe step
+    toys: str = "full"  # comp.demo.pretrain settings: full | quick
+    toyworld: str = "small"
+    train_tokens: int = 256  # merged tokens per training image: 448 px toyworld images stay native
+    lr_scale: float = 10.0
+    attributes: tuple[str, ...] = ("colour", "shape", "digit", "word")
+    probe_per_class: int | None = None  # images per class and split (None: all)
+    probe_seeds: int = 3
+    probe_epochs: int = 300  # full-batch AdamW steps of each probe
+    zero_shot_per_class: int | None = None
+    retrieval_images: int | None = None
+    qa_limit: int | None = None  # held-out questions (None: all)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def settings(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "timings"}
+
+
+QUICK = dict(steps=2, toys="quick", train_tokens=64, attributes=("colour", "digit"), probe_per_class=4,
+             probe_seeds=3, probe_epochs=30, zero_shot_per_class=3, retrieval_images=12, qa_limit=12)
+
+
+@dataclass(frozen=True)
+class Assets:
+    llm: Path
+    vision: Path
+    toyworld: Path
+    word_dist: Path
+    image_size: int  # the toy SigLIP's fixed square input
+    quality: dict
+
+
+def toy_settings(name: str):
+    from comp.demo import pretrain
+
+    return {"full": pretrain.FULL, "quick": pretrain.QUICK}[name]
+
+
+def build_assets(seed: int, plan: Plan, log=print) -> Assets:
+    """The toy originals (built when not cached), toyworld and the word prior for ``seed``,
+    cached beside the originals (keyed by the toyworld size)."""
+    from comp.data.prior import word_prior
+    from comp.data.toyworld import write_toyworld
+    from comp.demo.pretrain import pretrained_toys
+
+    toys = pretrained_toys(seed, toy_settings(plan.toys), log=log)
+    root = toys.siglip.parent / f"demo-data-{plan.toyworld}"
+    if not (root / "ready").exists():
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_toyworld(tmp / "toyworld", seed=seed, size=plan.toyworld)
+        counts, skipped = word_prior(str(tmp / "toyworld" / "stage2.yaml"), str(toys.qwen2))
+        if skipped:
+            raise ValueError(f"{tmp / 'toyworld' / 'stage2.yaml'}: {skipped} malformed records in "
+                             "freshly written toyworld data; this is a bug in comp.data.toyworld")
+        torch.save(counts, tmp / "word_dist.pt")
+        (tmp / "ready").touch()
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+    size = json.loads((toys.siglip / "config.json").read_text())["vision_config"]["image_size"]
+    return Assets(toys.qwen2, toys.siglip, root / "toyworld", root / "word_dist.pt", int(size), toys.quality)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def resize_factor(steps: list[recipe.RecipeStep], image_size: int) -> float:
+    """Stage I's --force_resize is the VFM's pre-training size (384 for SigLIP-So400M); the
+    toy SigLIP's is ``image_size``: every --force_resize scales by their ratio."""
+    first = recipe.flag_value(steps[0].flags, "--force_resize")
+    if first is None:
+        raise ValueError(f"{recipe.SCRIPT}: Stage I has no --force_resize; the demo reads the VFM's "
+                         "pre-training size from it")
+    return image_size / int(first)
+
+
+def step_overrides(step: recipe.RecipeStep, assets: Assets, plan: Plan, factor: float,
+                   variant: dict[str, str | None]) -> dict[str, str | None]:
+    """The demo's settings (and a study variant's flags, which win) for one step."""
+    out: dict[str, str | None] = {"--max_num_vistoken": str(plan.train_tokens)}
+    resize = recipe.flag_value(step.flags, "--force_resize")
+    if resize is not None:
+        unit = 28  # patch 14 x merge 2
+        out["--force_resize"] = str(max(unit, round(int(resize) * factor / unit) * unit))
+    for flag in recipe.LR_FLAGS:
+        value = recipe.flag_value(step.flags, flag)
+        if value is not None:
+            out[flag] = f"{float(value) * plan.lr_scale:g}"
+    return out | variant
+
+
+def step_argvs(assets: Assets, run_dir: Path, plan: Plan, seed: int,
+               variant: dict[str, str | None] | None = None, word_dist: str | None = None) -> dict[str, list[str]]:
+    """Step name -> its ``comp train`` argv (the script's flags, the demo's assets and settings)."""
+    steps = recipe.recipe_steps()
+    factor = resize_factor(steps, assets.image_size)
+    return {s.name: recipe.demo_argv(s, llm=assets.llm, vision=assets.vision, toyworld=assets.toyworld,
+                                     word_dist=word_dist or assets.word_dist, run_dir=run_dir,
+                                     max_steps=plan.steps, seed=seed,
+                                     overrides=step_overrides(s, assets, plan, factor, variant or {}))
+            for s in steps}
+
+
+def train_steps(argvs: dict[str, list[str]], plan: Plan, logs: Path, verbose: bool, say,
+                callbacks_for=None) -> dict[str, list[dict]]:
+    """The steps, chained; -> per step, the logged training steps (trainer.state.log_history).
+    A step whose output is complete already is kept (resumable)."""
+    from comp.demo.run import captured
+    from comp.train.args import parse_args
+    from comp.train.run import train
+
+    histories: dict[str, list[dict]] = {}
+    for name, argv in argvs.items():
+        out = Path(argv[argv.index("--output_dir") + 1])
+        done = out / "log_history.json"
+        start = time.perf_counter()
+        if done.exists():
+            histories[name] = json.loads(done.read_text())
+            continue
+        with captured(logs / f"{name}.log", verbose):
+            trainer = train(*parse_args(argv), callbacks=callbacks_for(name) if callbacks_for else None)
+        histories[name] = [h for h in trainer.state.log_history if "lm_loss" in h]
+        done.write_text(json.dumps(histories[name]) + "\n")
+        plan.timings[name] = time.perf_counter() - start
+        last = histories[name][-1]
+        align = f", align_loss {last['align_loss']:.3f}" if "align_loss" in last else ""
+        say(f"{name}: {plan.steps} steps, last lm_loss {last['lm_loss']:.3f}{align} "
+            f"({plan.timings[name]:.0f} s)")
+    return histories
+
+
+def initial_model(argv: list[str], seed: int):
+    """The CoMP-MM Stage I starts from (original SigLIP, new merger, the LLM)."""
+    import transformers
+
+    from comp.train.args import parse_args
+    from comp.train.run import build_model
+
+    model_args, data_args, _ = parse_args(argv)
+    transformers.set_seed(seed)  # as comp.train.run.train does before building
+    model, _ = build_model(model_args, data_args)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def mean_std(values: list[float]) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0, "values": values}
+
+
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of an accuracy ``p`` measured on ``n`` items."""
+    return math.sqrt(max(p * (1 - p), 0.0) / max(1, n))
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def probe_splits(toyworld: Path, attribute: str, per_class: int | None):
+    from comp.demo.run import per_class_subset
+    from comp.eval.probe import read_image_folder
+
+    root = toyworld / "probe" / attribute
+    train_p, train_y, classes = read_image_folder(root / "train")
+    splits = {"train": per_class_subset(train_p, train_y, per_class)}
+    for split in ("val", "val_hires"):
+        paths, labels, _ = read_image_folder(root / split, classes)
+        splits[split] = per_class_subset(paths, labels, per_class)
+    return splits, classes
+
+
+def probe_results(encoders: dict[str, Path], assets: Assets, plan: Plan) -> list[dict]:
+    """Linear and attentive top-1 (mean and std over probe seeds) per encoder, attribute and
+    resolution: "fixed" (S x S, train and val), "native" and "native 2x" (the native-trained
+    probe applied to val_hires)."""
+    from comp.eval.features import encode_files, load_encoder, mean_pool
+    from comp.eval.probe import TrainSettings, attentive_probe, linear_probe, top1
+
+    rows = []
+    for attribute in plan.attributes:
+        splits, classes = probe_splits(assets.toyworld, attribute, plan.probe_per_class)
+        for name, directory in encoders.items():
+            for resolution, evals in ((assets.image_size, {"fixed": "val"}),
+                                      (None, {"native": "val", "native 2x": "val_hires"})):
+                encoder = load_encoder(directory, resolution=resolution, max_num_vistoken=NATIVE_TOKENS,
+                                       device="cpu")
+                tokens = {s: encode_files(encoder, splits[s][0]) for s in ("train", *evals.values())}
+                train_y = torch.tensor(splits["train"][1])
+                for setting, split in evals.items():
+                    val_tokens, grid_N3 = tokens[split]
+                    val_y = torch.tensor(splits[split][1])
+                    scores: dict[str, list[float]] = {"linear": [], "attentive": []}
+                    for probe_seed in range(plan.probe_seeds):
+                        s = TrainSettings(epochs=plan.probe_epochs, lr=1e-2, wd=0.0,
+                                          batch_size=len(train_y), seed=probe_seed)
+                        scores["linear"].append(top1(linear_probe(
+                            mean_pool(tokens["train"][0]), train_y, mean_pool(val_tokens), len(classes), s), val_y))
+                        scores["attentive"].append(top1(attentive_probe(
+                            tokens["train"][0], train_y, val_tokens, len(classes), s), val_y))
+                    rows.append({"attribute": attribute, "encoder": name, "setting": setting,
+                                 "patches_per_image": float(grid_N3.prod(-1).float().mean()),
+                                 "n_train": len(train_y), "n_val": len(val_y), "chance": 1 / len(classes),
+                                 **{head: mean_std(v) for head, v in scores.items()}})
+    return rows
+
+
+# ----------------------------------------------------------------------------- word space
+
+
+def zero_shot_results(model, processor, assets: Assets, plan: Plan) -> dict:
+    from comp.demo.run import per_class_subset
+    from comp.eval.probe import read_image_folder
+    from comp.eval.wordspace import zero_shot
+
+    out = {}
+    for attribute in ZERO_SHOT_ATTRIBUTES:
+        paths, labels, classes = read_image_folder(assets.toyworld / "probe" / attribute / "val")
+        paths, labels = per_class_subset(paths, labels, plan.zero_shot_per_class)
+        result = zero_shot(model, processor, paths, labels, classes)
+        out[attribute] = {k: result[k] for k in ("top1", "chance", "n", "multi_token")}
+    return out
+
+
+def word_space_results(initial, run_dir: Path, assets: Assets, plan: Plan) -> dict:
+    """Zero-shot and retrieval before Stage I and after Stage II-b, one image protocol (the
+    training budget, native aspect)."""
+    from comp.data.processor import CompProcessor
+    from comp.eval.wordspace import retrieval
+    from comp.models.mllm import CompForConditionalGeneration
+
+    entries = json.loads((assets.toyworld / "retrieval" / "captions.json").read_text())[: plan.retrieval_images]
+    processor = CompProcessor.from_components(assets.llm, assets.vision, max_num_vistoken=plan.train_tokens)
+    results = {}
+    for name, load in (("before", initial),
+                       ("after", lambda: CompForConditionalGeneration.from_pretrained(run_dir / "stage2b"))):
+        model = load()
+        results[name] = {"zero_shot": zero_shot_results(model, processor, assets, plan),
+                         "retrieval": retrieval(model, processor, assets.word_dist, entries,
+                                                assets.toyworld / "retrieval")}
+    return results
+
+
+def qa_results(run_dir: Path, assets: Assets, plan: Plan, seed: int) -> dict:
+    from comp.eval.qa import evaluate_qa
+    from comp.models.mllm import CompForConditionalGeneration
+
+    model = CompForConditionalGeneration.from_pretrained(run_dir / "stage3").eval()
+    return evaluate_qa(model, run_dir / "stage3", assets.toyworld / "qa_eval", fixed_size=assets.image_size,
+                       native_tokens=NATIVE_TOKENS, limit=plan.qa_limit, seed=seed)
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: dict | None = None,
+                 word_dist: str | None = None, verbose: bool = False, say=None,
+                 callbacks_for=None) -> dict:
+    """Train the recipe into ``out/comp_1b_siglip``, export the CoMP-VFM, evaluate; -> results."""
+    from comp.demo.run import captured, timed
+    from comp.train.export import export_vfm
+
+    say = say or (lambda message: print(f"[comp demo] {message}", file=sys.stderr, flush=True))
+    logs, run_dir = out / "logs", out / recipe.RUN
+    argvs = step_argvs(assets, run_dir, plan, seed, variant, word_dist)
+    histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for)
+    vfm = run_dir / "comp-vfm"
+    with timed(plan, "export"), captured(logs / "export.log", verbose):
+        if not (vfm / "config.json").exists():
+            export_vfm(run_dir / "stage3", vfm)
+    say(f"export: CoMP-VFM in {vfm}")
+    with timed(plan, "probe"), captured(logs / "eval.log", verbose):
+        probes = probe_results({"original": assets.vision, "CoMP-VFM": vfm}, assets, plan)
+    say(f"probe: {len(probes)} probe rows ({plan.timings['probe']:.0f} s)")
+    with timed(plan, "word space"), captured(logs / "eval.log", verbose):
+        first = argvs[next(iter(argvs))]
+        words = word_space_results(lambda: initial_model(first, seed), run_dir, assets, plan)
+    say(f"word space: zero-shot and retrieval before / after Stage II-b ({plan.timings['word space']:.0f} s)")
+    with timed(plan, "qa"), captured(logs / "eval.log", verbose):
+        qa = qa_results(run_dir, assets, plan, seed)
+    say(f"qa: exact match and image use after Stage III ({plan.timings['qa']:.0f} s)")
+    return {"seed": seed, "plan": plan.settings(), "image_size": assets.image_size,
+            "toy_quality": assets.quality, "argv": argvs, "histories": histories,
+            "probes": probes, "word_space": words, "qa": qa}
