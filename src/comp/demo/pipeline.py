@@ -50,9 +50,10 @@ class Plan:
     train_tokens: int = 256  # merged tokens per training image: 448 px toyworld images stay native
     lr_scale: float = 10.0
     attributes: tuple[str, ...] = ("colour", "shape", "digit", "word")
-    probe_per_class: int | None = None  # images per class and split (None: all)
+    probe_per_class: int | None = 16  # images per class and split (None: all)
     probe_seeds: int = 3
-    probe_epochs: int = 300  # full-batch AdamW steps of each probe
+    probe_epochs: int = 300  # full-batch AdamW steps of the linear probe
+    attentive_epochs: int = 20  # epochs of the attentive probe (mini-batches of 32)
     zero_shot_per_class: int | None = None
     retrieval_images: int | None = None
     qa_limit: int | None = None  # held-out questions (None: all)
@@ -63,7 +64,7 @@ class Plan:
 
 
 QUICK = dict(steps=2, toys="quick", train_tokens=64, attributes=("colour", "digit"), probe_per_class=4,
-             probe_seeds=3, probe_epochs=30, zero_shot_per_class=3, retrieval_images=12, qa_limit=12)
+             probe_seeds=3, probe_epochs=30, attentive_epochs=3, zero_shot_per_class=3, retrieval_images=12, qa_limit=12)
 
 
 @dataclass(frozen=True)
@@ -234,21 +235,27 @@ def probe_results(encoders: dict[str, Path], assets: Assets, plan: Plan) -> list
                                        device="cpu")
                 tokens = {s: encode_files(encoder, splits[s][0]) for s in ("train", *evals.values())}
                 train_y = torch.tensor(splits["train"][1])
-                for setting, split in evals.items():
-                    val_tokens, grid_N3 = tokens[split]
+                # one probe per seed, applied to every split of this resolution
+                val_tokens = [t for split in evals.values() for t in tokens[split][0]]
+                bounds = torch.tensor([0, *[len(splits[split][1]) for split in evals.values()]]).cumsum(0)
+                preds: dict[str, list[torch.Tensor]] = {"linear": [], "attentive": []}
+                for probe_seed in range(plan.probe_seeds):
+                    full = TrainSettings(epochs=plan.probe_epochs, lr=1e-2, wd=0.0, batch_size=len(train_y),
+                                         seed=probe_seed)
+                    preds["linear"].append(linear_probe(mean_pool(tokens["train"][0]), train_y,
+                                                        mean_pool(val_tokens), len(classes), full))
+                    mini = TrainSettings(epochs=plan.attentive_epochs, lr=1e-3, wd=0.0, batch_size=32,
+                                         seed=probe_seed)
+                    preds["attentive"].append(attentive_probe(tokens["train"][0], train_y, val_tokens,
+                                                              len(classes), mini))
+                for k, (setting, split) in enumerate(evals.items()):
                     val_y = torch.tensor(splits[split][1])
-                    scores: dict[str, list[float]] = {"linear": [], "attentive": []}
-                    for probe_seed in range(plan.probe_seeds):
-                        s = TrainSettings(epochs=plan.probe_epochs, lr=1e-2, wd=0.0,
-                                          batch_size=len(train_y), seed=probe_seed)
-                        scores["linear"].append(top1(linear_probe(
-                            mean_pool(tokens["train"][0]), train_y, mean_pool(val_tokens), len(classes), s), val_y))
-                        scores["attentive"].append(top1(attentive_probe(
-                            tokens["train"][0], train_y, val_tokens, len(classes), s), val_y))
+                    part = slice(int(bounds[k]), int(bounds[k + 1]))
                     rows.append({"attribute": attribute, "encoder": name, "setting": setting,
-                                 "patches_per_image": float(grid_N3.prod(-1).float().mean()),
+                                 "patches_per_image": float(tokens[split][1].prod(-1).float().mean()),
                                  "n_train": len(train_y), "n_val": len(val_y), "chance": 1 / len(classes),
-                                 **{head: mean_std(v) for head, v in scores.items()}})
+                                 **{head: mean_std([top1(p[part], val_y) for p in ps])
+                                    for head, ps in preds.items()}})
     return rows
 
 

@@ -1,0 +1,150 @@
+"""``comp study``: the paper's ablations against the full recipe on the demo's toy setup, over
+seeds, with mean and spread.
+
+Variants (each a change to every recipe step's flags, all else as ``comp demo``):
+- full: the recipe as the script has it;
+- C-RoPE off: ``--use_rope 0`` (absolute position interpolation only);
+- alignment loss off: ``--use_alignment_loss 0``;
+- word prior off: ``--word_dist_path uniform``;
+- native resolution off: ``--force_resize S`` (every image S x S, the toy SigLIP's size).
+
+Each (variant, seed) cell runs the pipeline (comp.demo.pipeline) into OUT/<variant>/seed<N>/
+and writes cell.json; a cell whose cell.json exists is read back, not recomputed (resumable).
+OUT/study.json holds every cell's metrics, OUT/study.md one table (variant x metric, mean +-
+std over seeds).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("full", "C-RoPE off", "alignment loss off", "word prior off", "native resolution off")
+DEFAULT_SEEDS = 3
+
+
+def variant_flags(variant: str, image_size: int) -> tuple[dict[str, str | None], str | None]:
+    """(flag overrides for every step, word prior override) of ``variant``."""
+    flags = {"full": {}, "C-RoPE off": {"--use_rope": "0"},
+             "alignment loss off": {"--use_alignment_loss": "0"}, "word prior off": {},
+             "native resolution off": {"--force_resize": str(image_size)}}
+    if variant not in flags:
+        raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    return flags[variant], "uniform" if variant == "word prior off" else None
+
+
+def slug(variant: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", variant.lower()).strip("-")
+
+
+def cell_metrics(results: dict) -> dict[str, float]:
+    """The study's metrics of one cell (a flat dict: metric -> value)."""
+    out = {}
+    for p in results["probes"]:
+        if p["attribute"] in ("digit", "word") and p["encoder"] == "CoMP-VFM":
+            out[f"{p['attribute']} attentive {p['setting']}"] = p["attentive"]["mean"]
+    zs = results["word_space"]["after"]["zero_shot"]
+    out["zero-shot (mean)"] = sum(z["top1"] for z in zs.values()) / len(zs)
+    out["retrieval R@1"] = results["word_space"]["after"]["retrieval"]["prototypes"]["R@1"]
+    for variant in ("native", "native 2x"):
+        out[f"QA {variant}"] = results["qa"][variant]["accuracy"]
+    out["image use (nats)"] = results["qa"]["native"]["image_use"]["difference"]
+    return out
+
+
+def run_cell(root: Path, variant: str, seed: int, plan, assets, say=print) -> dict:
+    """One (variant, seed) cell: read back when computed already, else trained and evaluated."""
+    from comp.demo.pipeline import run_pipeline
+
+    cell_dir = root / slug(variant) / f"seed{seed}"
+    done = cell_dir / "cell.json"
+    if done.exists():
+        say(f"{variant} seed {seed}: read back from {done}")
+        return json.loads(done.read_text())
+    shutil.rmtree(cell_dir, ignore_errors=True)  # a cell interrupted half-way starts again
+    flags, word_dist = variant_flags(variant, assets.image_size)
+    start = time.perf_counter()
+    results = run_pipeline(assets, cell_dir, plan, seed, variant=flags, word_dist=word_dist,
+                           say=lambda m: say(f"{variant} seed {seed}: {m}"))
+    cell = {"variant": variant, "seed": seed, "metrics": cell_metrics(results),
+            "seconds": time.perf_counter() - start, "results": results}
+    done.write_text(json.dumps(cell, indent=1) + "\n")
+    shutil.rmtree(cell_dir / "comp_1b_siglip", ignore_errors=True)  # checkpoints: disk, not results
+    return cell
+
+
+def aggregate(cells: list[dict]) -> dict[str, dict[str, dict]]:
+    """variant -> metric -> {mean, std, values} over the variant's seeds."""
+    from comp.demo.pipeline import mean_std
+
+    table: dict[str, dict[str, list[float]]] = {}
+    for c in cells:
+        for metric, value in c["metrics"].items():
+            table.setdefault(c["variant"], {}).setdefault(metric, []).append(value)
+    return {v: {m: mean_std(vals) for m, vals in ms.items()} for v, ms in table.items()}
+
+
+def study_markdown(agg: dict, seeds: list[int]) -> str:
+    from comp.demo.report import markdown_table
+
+    metrics = list(next(iter(agg.values())))
+    rows = [[variant, *[f"{agg[variant][m]['mean']:.3f} +- {agg[variant][m]['std']:.3f}" for m in metrics]]
+            for variant in agg]
+    return "\n".join(["# comp study: ablations against the full recipe", "",
+                      f"Seeds {seeds}; mean +- std over seeds. The CoMP-VFM's probes; word space after "
+                      "Stage II-b; QA and image use (NLL wrong - right) after Stage III.", "",
+                      markdown_table(["variant", *metrics], rows), ""])
+
+
+def build_parser():
+    from comp.cliargs import ArgumentParser
+
+    p = ArgumentParser(prog="comp study",
+                       description="The paper's ablations (C-RoPE, alignment loss, word prior, native "
+                                   "resolution) against the full recipe on the demo's toy setup, over seeds; "
+                                   "resumable per (variant, seed) cell.")
+    p.add_argument("--out", type=Path, default=Path("comp_study"), help="output directory (default ./comp_study)")
+    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help=f"seeds 0..N-1 (default {DEFAULT_SEEDS})")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe step")
+    p.add_switch("--quick", default=False, help="smoke-sized cells (tests)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from comp.demo.pipeline import QUICK, Plan, build_assets
+
+    args = build_parser().parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or args.seeds < 1:
+        print(f"comp study: unknown variants {unknown} (choose from {VARIANTS}) or --seeds < 1", file=sys.stderr)
+        return 2
+    plan_args = dict(QUICK) if args.quick else {}
+    if args.steps is not None:
+        plan_args["steps"] = args.steps
+
+    def say(message: str) -> None:
+        print(f"[comp study] {message}", flush=True)
+
+    torch.set_num_threads(1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cells = []
+    seeds = list(range(args.seeds))
+    for seed in seeds:
+        assets = build_assets(seed, Plan(**plan_args), log=say)
+        for variant in variants:
+            cells.append(run_cell(args.out, variant, seed, Plan(**plan_args), assets, say))
+    agg = aggregate(cells)
+    (args.out / "study.json").write_text(json.dumps(
+        {"seeds": seeds, "variants": variants, "aggregate": agg,
+         "cells": [{k: c[k] for k in ("variant", "seed", "metrics", "seconds")} for c in cells]}, indent=1) + "\n")
+    (args.out / "study.md").write_text(study_markdown(agg, seeds))
+    say(f"done: {len(cells)} cells; table: {args.out / 'study.md'}")
+    return 0
