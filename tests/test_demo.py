@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from comp.demo import run as demo
-from comp.demo.report import bar_chart, markdown_table, moving_average, nice_ticks
 
 REPO = Path(__file__).resolve().parents[1]
-FIGURES = {"lm_loss.png", "align_loss.png", "probe.png", "retrieval.png", "resolution.png"}
+FIGURES = {"loss.png", "probe.png", "retrieval.png", "resolution_colour.png"}  # --quick: colour only
 
 
 def _flag_pairs(argv: list[str]) -> dict[str, str]:
@@ -248,14 +247,3 @@ def test_bad_arguments_exit_2(tmp_path, capsys):
     assert demo.main(["--steps", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--steps" in capsys.readouterr().err
 
-
-def test_chart_helpers(tmp_path):
-    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    ticks = nice_ticks(5.87, 6.52)
-    assert ticks[0] <= 5.87 and ticks[-1] >= 6.52 and len(ticks) <= 9
-    with pytest.raises(ValueError, match="finite"):
-        nice_ticks(0.0, float("nan"))
-    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
-    assert markdown_table(["a", "b"], [[0.5, "x|y"]]).splitlines()[-1] == "| 0.500 | x\\|y |"
-    with pytest.raises(ValueError, match="one value per group"):
-        bar_chart(tmp_path / "bad.png", ["g1", "g2"], [("s", [1.0])], title="t", ylabel="y")
