@@ -196,19 +196,28 @@ SUMMARY = [
 def test_summary_markdown_renders_rows_and_verdict_sentences():
     text = summary_markdown(SUMMARY)
     lines = text.splitlines()
-    assert lines[0] == "| claim | metric | before | after | chance | seed spread | verdict |"
+    assert lines[0] == "| claim | metric | before | after | chance | spread | verdict |"
     assert lines[2] == ("| native resolution reads fine detail | digit probe at 2x native | 0.210 | 0.550 | "
                         "0.100 | ± 0.040 | supported |")
     assert lines[3].endswith("| 0.167 | - | not supported |")
     assert lines[5] == ('- This run supports the claim "native resolution reads fine detail": digit probe at '
-                        "2x native 0.210 before, 0.550 after (chance 0.100, seed spread ± 0.040).")
+                        "2x native 0.210 before, 0.550 after (chance 0.100, spread ± 0.040).")
     assert lines[6] == ('- This run does not support the claim "features closer to word space": zero-shot colour '
-                        "0.300 before, 0.310 after (chance 0.167, one seed). Tried 3 seeds of 1000 steps.")
+                        "0.300 before, 0.310 after (chance 0.167, no spread measured). Tried 3 seeds of 1000 steps.")
+
+
+def test_summary_markdown_takes_a_supported_flag_and_prints_the_rule():
+    rows = [{k: v for k, v in SUMMARY[0].items() if k != "verdict"} | {"supported": False, "effect": 0.34}]
+    lines = summary_markdown(rows, rule="effect > 2 x spread").splitlines()
+    assert lines[0] == "Verdict rule, fixed before the run: effect > 2 x spread."
+    assert lines[4].endswith("| not supported |") and lines[6].startswith("- This run does not support")
 
 
 def test_summary_markdown_refuses_incomplete_rows():
     with pytest.raises(ValueError, match=r"summary row 0 \('c'\) lacks \['chance', 'spread'\]"):
         summary_markdown([{"claim": "c", "metric": "m", "before": 0.1, "after": 0.2, "verdict": True}])
+    with pytest.raises(ValueError, match=r"lacks \['verdict \(or supported\)'\]"):
+        summary_markdown([{k: v for k, v in SUMMARY[0].items() if k != "verdict"}])
     with pytest.raises(ValueError, match="verdict must be True/False"):
         summary_markdown([dict(SUMMARY[0], verdict="maybe")])
 

@@ -302,40 +302,46 @@ def study_table_markdown(cells: Mapping[str, Mapping[str, Sequence[float]]], *,
 
 VERDICTS = {True: "supported", False: "not supported", "supported": "supported",
             "not supported": "not supported"}
-SUMMARY_KEYS = ("claim", "metric", "before", "after", "chance", "spread", "verdict")
+SUMMARY_KEYS = ("claim", "metric", "before", "after", "chance", "spread")
 
 
 def _number(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def summary_markdown(rows: Sequence[Mapping]) -> str:
-    """The report's leading table (claim, metric, before, after, chance, seed spread, verdict)
-    and one plain sentence per claim saying whether this run supports it. ``verdict`` is
-    True/False or "supported"/"not supported", decided by the caller; ``spread`` is the
-    std over seeds (None: one seed); an optional ``note`` says what was tried or why."""
+def summary_markdown(rows: Sequence[Mapping], *, rule: str | None = None) -> str:
+    """The report's leading table (claim, metric, before, after, chance, spread, verdict)
+    and one plain sentence per claim saying whether this run supports it.
+
+    The verdict is the caller's, from a rule fixed before the run (``rule``, printed when
+    given): ``verdict`` True/False or "supported"/"not supported", or ``supported`` True/False.
+    ``chance`` and ``spread`` (the uncertainty the rule used, e.g. std over seeds) may be None;
+    an optional ``note`` says what was tried or why."""
     table, sentences = [], []
     for i, row in enumerate(rows):
-        missing = [k for k in SUMMARY_KEYS if k not in row]
+        missing = [k for k in SUMMARY_KEYS if k not in row] + (
+            [] if "verdict" in row or "supported" in row else ["verdict (or supported)"])
         if missing:
             raise ValueError(f"summary row {i} ({row.get('claim', '?')!r}) lacks {missing}")
-        if row["verdict"] not in VERDICTS:
+        given = row["verdict"] if "verdict" in row else row["supported"]
+        if given not in VERDICTS:
             raise ValueError(f"summary row {i} ({row['claim']!r}): verdict must be True/False or "
-                             f"'supported'/'not supported', got {row['verdict']!r}")
-        verdict = VERDICTS[row["verdict"]]
+                             f"'supported'/'not supported', got {given!r}")
+        verdict = VERDICTS[given]
         spread = "-" if row["spread"] is None else f"± {row['spread']:.3f}"
         table.append([row["claim"], row["metric"], _number(row["before"]), _number(row["after"]),
                       _number(row["chance"]), spread, verdict])
         does = "supports" if verdict == "supported" else "does not support"
-        spread_text = "one seed" if row["spread"] is None else f"seed spread {spread}"
+        spread_text = "no spread measured" if row["spread"] is None else f"spread {spread}"
         sentence = (f"- This run {does} the claim \"{row['claim']}\": {row['metric']} "
                     f"{_number(row['before'])} before, {_number(row['after'])} after "
                     f"(chance {_number(row['chance'])}, {spread_text}).")
         if row.get("note"):
             sentence += f" {row['note']}"
         sentences.append(sentence)
-    header = ["claim", "metric", "before", "after", "chance", "seed spread", "verdict"]
-    return "\n".join([markdown_table(header, table), "", *sentences])
+    header = ["claim", "metric", "before", "after", "chance", "spread", "verdict"]
+    lead = [f"Verdict rule, fixed before the run: {rule}.", ""] if rule else []
+    return "\n".join([*lead, markdown_table(header, table), "", *sentences])
 
 
 # ----------------------------------------------------------------------------- report.md
