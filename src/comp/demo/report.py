@@ -1,192 +1,37 @@
-"""Figures and the markdown report of ``comp demo``, drawn with Pillow alone (no plotting
-dependency): line charts for loss curves, grouped bar charts for before/after numbers.
+"""Figures and the markdown report of ``comp demo`` and ``comp study``.
 
-Charts map data to pixels through ``Axes``: ``x_px(x)`` / ``y_px(y)``; the plot area is
-``box`` = (left, top, right, bottom) in pixels.
+Figures are drawn with matplotlib's object API (``Figure`` + ``FigureCanvasAgg``): no pyplot
+state, so a user's backend and open figures are never touched. Only this module imports
+matplotlib, and nothing imports this module at ``import comp`` time.
+
+Every figure function is pure (inputs -> one PNG at ``path``; returns the path) and refuses
+bad input with an error naming the figure and the series. Inputs with seeds are given as
+``series = {name: (means, stds)}``, one value per group; ``stds`` is None for a single seed,
+a mean of None marks a value not measured (drawn as "n/a", never dropped silently).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cache
+import statistics
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-PALETTE = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75))
-GRID = (225, 225, 225)
-INK = (40, 40, 40)
-SIZE = (820, 420)
-MARGIN = (70, 44, 24, 58)  # left, top, right, bottom
-
-
-@cache
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+Series = Mapping[str, tuple[Sequence[float | None], Sequence[float] | None]]
+CHANCE_STYLE = {"color": "0.25", "linestyle": "--", "linewidth": 1.2}
+DPI = 100
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 5 x 10^k steps) covering [lo, hi]."""
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise ValueError(f"axis range must be finite, got [{lo}, {hi}]")
-    if hi <= lo:
-        hi = lo + (abs(lo) or 1.0)
-    raw = (hi - lo) / max(1, count)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    first = math.floor(lo / step) * step
-    ticks = []
-    value = first
-    while value <= hi + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[-1] < hi:
-        ticks.append(round(value, 12))
-    return ticks
-
-
-def _label(value: float) -> str:
-    return f"{value:g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.0e}"
-
-
-@dataclass
-class Axes:
-    box: tuple[int, int, int, int]
-    x_range: tuple[float, float]
-    y_range: tuple[float, float]
-
-    def x_px(self, x: float) -> float:
-        (left, _, right, _), (x0, x1) = self.box, self.x_range
-        return left + (x - x0) / ((x1 - x0) or 1.0) * (right - left)
-
-    def y_px(self, y: float) -> float:
-        (_, top, _, bottom), (y0, y1) = self.box, self.y_range
-        return bottom - (y - y0) / ((y1 - y0) or 1.0) * (bottom - top)
-
-
-def _canvas(title: str, xlabel: str, ylabel: str) -> tuple[Image.Image, ImageDraw.ImageDraw, tuple]:
-    image = Image.new("RGB", SIZE, "white")
-    draw = ImageDraw.Draw(image)
-    box = (MARGIN[0], MARGIN[1], SIZE[0] - MARGIN[2], SIZE[1] - MARGIN[3])
-    draw.text((SIZE[0] // 2, 14), title, fill=INK, font=_font(16), anchor="mt")
-    draw.text(((box[0] + box[2]) // 2, SIZE[1] - 8), xlabel, fill=INK, font=_font(13), anchor="md")
-    label = Image.new("RGBA", (box[3] - box[1], 18), (255, 255, 255, 0))
-    ImageDraw.Draw(label).text((label.width // 2, 9), ylabel, fill=INK, font=_font(13), anchor="mm")
-    image.paste(label.rotate(90, expand=True), (6, box[1]), label.rotate(90, expand=True))
-    return image, draw, box
-
-
-def _y_axis(draw: ImageDraw.ImageDraw, axes: Axes, ticks: Sequence[float]) -> None:
-    left, _, right, _ = axes.box
-    for t in ticks:
-        y = axes.y_px(t)
-        draw.line([(left, y), (right, y)], fill=GRID)
-        draw.text((left - 6, y), _label(t), fill=INK, font=_font(11), anchor="rm")
-
-
-def _legend(draw: ImageDraw.ImageDraw, box: tuple, labels: Sequence[str],
-            colours: Sequence[tuple[int, int, int]] = PALETTE) -> None:
-    x, y = box[0] + 10, box[1] + 8
-    draw.rectangle([x - 4, y - 2, box[0] + 224, y + 17 * len(labels) + 2], fill="white")
-    for i, name in enumerate(labels):
-        colour = colours[i % len(colours)]
-        draw.rectangle([x, y + 3, x + 14, y + 11], fill=colour)
-        draw.text((x + 20, y + 7), name, fill=INK, font=_font(12), anchor="lm")
-        y += 17
-
-
-@dataclass
-class Series:
-    label: str
-    x: Sequence[float]
-    y: Sequence[float]
-    width: int = 2
-    colour: tuple[int, int, int] | None = None  # None: the palette's, by position
-
-
-def line_chart(path: str | Path, series: Sequence[Series], *, title: str, xlabel: str, ylabel: str,
-               sections: Sequence[tuple[float, str]] = ()) -> Path:
-    """Lines on shared axes; ``sections`` = (x where a section starts, its name), drawn as
-    labelled vertical separators (the training steps of a multi-stage run)."""
-    points = [(x, y) for s in series for x, y in zip(s.x, s.y)]
-    if not points:
-        raise ValueError(f"{path}: nothing to plot")
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    y_ticks = nice_ticks(min(ys), max(ys))
-    image, draw, box = _canvas(title, xlabel, ylabel)
-    axes = Axes(box, (min(xs), max(xs)), (y_ticks[0], y_ticks[-1]))
-    _y_axis(draw, axes, y_ticks)
-    for t in nice_ticks(min(xs), max(xs), 8):
-        if min(xs) <= t <= max(xs):
-            draw.text((axes.x_px(t), box[3] + 6), _label(t), fill=INK, font=_font(11), anchor="mt")
-    labels = []
-    for x, name in sections:
-        px = axes.x_px(x)
-        draw.line([(px, box[1]), (px, box[3])], fill=(150, 150, 150), width=1)
-        labels.append(((px + 4, box[3] - 4), name))
-    for i, s in enumerate(series):
-        colour = s.colour or PALETTE[i % len(PALETTE)]
-        pts = [(axes.x_px(x), axes.y_px(y)) for x, y in zip(s.x, s.y)]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=s.width)
-        elif pts:
-            (x, y), = pts
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    for xy, name in labels:  # on top of the lines, on a white patch
-        draw.rectangle(draw.textbbox(xy, name, font=_font(12), anchor="ld"), fill="white")
-        draw.text(xy, name, fill=(90, 90, 90), font=_font(12), anchor="ld")
-    draw.rectangle(box, outline=INK)
-    _legend(draw, (box[2] - 230, box[1]), [s.label for s in series],
-            [s.colour or PALETTE[i % len(PALETTE)] for i, s in enumerate(series)])
-    return _save(image, path)
-
-
-def bar_chart(path: str | Path, groups: Sequence[str], bars: Sequence[tuple[str, Sequence[float]]], *,
-              title: str, ylabel: str, y_max: float | None = None,
-              reference: tuple[Sequence[float], str] | None = None) -> Path:
-    """Grouped bars: ``bars`` = (label, one value per group); ``reference`` = (one value per
-    group, label), drawn as a dashed mark across each group (e.g. chance level)."""
-    values = [v for _, vs in bars for v in vs] + (list(reference[0]) if reference else [])
-    if not values or any(len(vs) != len(groups) for _, vs in bars):
-        raise ValueError(f"{path}: every bar series needs one value per group ({len(groups)})")
-    y_ticks = nice_ticks(0.0, y_max if y_max is not None else max(values))
-    image, draw, box = _canvas(title, "", ylabel)
-    axes = Axes(box, (0.0, float(len(groups))), (0.0, y_ticks[-1]))
-    _y_axis(draw, axes, y_ticks)
-    width = 0.8 / len(bars)
-    for g, name in enumerate(groups):
-        draw.text((axes.x_px(g + 0.5), box[3] + 6), name, fill=INK, font=_font(12), anchor="mt")
-        for b, (_, vs) in enumerate(bars):
-            x0 = axes.x_px(g + 0.1 + b * width)
-            x1 = axes.x_px(g + 0.1 + (b + 1) * width) - 2
-            draw.rectangle([x0, axes.y_px(vs[g]), x1, axes.y_px(0.0)], fill=PALETTE[b % len(PALETTE)])
-            draw.text(((x0 + x1) / 2, axes.y_px(vs[g]) - 2), f"{vs[g]:.2f}", fill=INK, font=_font(10),
-                      anchor="md")
-        if reference:
-            y = axes.y_px(reference[0][g])
-            for x in range(int(axes.x_px(g + 0.05)), int(axes.x_px(g + 0.95)), 8):
-                draw.line([(x, y), (x + 4, y)], fill=INK, width=1)
-    draw.rectangle(box, outline=INK)
-    _legend(draw, (box[2] - 230, box[1]), [name for name, _ in bars])
-    if reference:
-        draw.text((box[2] - 220, box[1] + 15 + 17 * len(bars)), f"- - {reference[1]}", fill=INK,
-                  font=_font(12), anchor="lm")
-    return _save(image, path)
-
-
-def _save(image: Image.Image, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-    return path
+# ----------------------------------------------------------------------------- helpers
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub markdown table; floats printed with 3 decimals."""
+    """A GitHub markdown table; floats printed with 3 decimals, None as "-"."""
     def cell(v: object) -> str:
-        text = f"{v:.3f}" if isinstance(v, float) else str(v)
+        text = "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -205,41 +50,321 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (std 0 for one seed)."""
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    values = [float(v) for v in values]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _plain(text: object) -> str:
+    """Text matplotlib draws as written: ``$`` would start mathtext, control characters
+    (byte-level tokens) would draw as missing glyphs."""
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text))
+    return (text or "''").replace("$", r"\$")
+
+
+def _figure(size: tuple[float, float], nrows: int = 1, ncols: int = 1, **subplot_kw):
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, **subplot_kw)
+    return fig, axes
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", metadata={"Software": None})
+    return path
+
+
+def _checked_series(path: Path | str, series: Series, n: int, what: str) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """``series`` as float arrays (None -> nan), each checked to hold ``n`` finite values."""
+    if not series:
+        raise ValueError(f"{path}: no series to plot")
+    out = []
+    for name, (means, stds) in series.items():
+        if len(means) != n or (stds is not None and len(stds) != n):
+            raise ValueError(f"{path}: series {name!r} needs one mean (and std) per {what} ({n}), got "
+                             f"{len(means)} means and {'no' if stds is None else len(stds)} stds")
+        m = np.array([math.nan if v is None else float(v) for v in means])
+        s = None if stds is None else np.array([float(v) for v in stds])
+        given = [float(v) for v in means if v is not None] + ([] if s is None else list(s))
+        if not all(math.isfinite(v) for v in given) or (s is not None and (s < 0).any()):
+            raise ValueError(f"{path}: series {name!r} has a non-finite mean or a negative/non-finite std: "
+                             f"means {list(means)}, stds {None if stds is None else list(stds)}")
+        out.append((str(name), m, s))
+    return out
+
+
+def _chance_line(ax, path: Path | str, chance: float | Sequence[float] | None, x: np.ndarray,
+                 half: float, label: str = "chance") -> None:
+    """A dashed chance level: one across the axes (a float) or one per group (a list)."""
+    if chance is None:
+        return
+    if isinstance(chance, (int, float)):
+        ax.axhline(float(chance), label=label, **CHANCE_STYLE)
+        return
+    if len(chance) != len(x):
+        raise ValueError(f"{path}: chance needs one value per group ({len(x)}), got {len(chance)}")
+    ax.hlines([float(c) for c in chance], x - half, x + half, label=label, **CHANCE_STYLE)
+
+
+def _spread_note(checked) -> str | None:
+    return "mean ± 1 std over seeds" if any(s is not None for _, _, s in checked) else None
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def loss_curves(histories: Mapping[str, Sequence[Mapping]], path: str | Path, *,
+                window: int | None = None) -> Path:
+    """lm_loss and align_loss (two panels) of the training stages in a row: per logged step
+    (thin) and its trailing mean over ``window`` steps (thick; default a tenth of the longest
+    stage), one colour per stage, dotted lines where a stage starts."""
+    if not histories or not any(histories.values()):
+        raise ValueError(f"{path}: no stage has logged steps")
+    for stage, history in histories.items():
+        for i, entry in enumerate(history):
+            if "step" not in entry or "lm_loss" not in entry:
+                raise ValueError(f"{path}: stage {stage!r}, log entry {i} lacks 'step' or 'lm_loss': {dict(entry)}")
+    window = window or max(1, max(len(h) for h in histories.values()) // 10)
+    fig, axes = _figure((9, 6.5), 2, 1, sharex=True)
+    panels = {"lm_loss": (axes[0, 0], "lm_loss (nats / answer token)"),
+              "align_loss": (axes[1, 0], "align_loss (nats)")}
+    offset, drawn = 0, set()
+    for i, (stage, history) in enumerate(histories.items()):
+        for key, (ax, _) in panels.items():
+            logged = [h for h in history if key in h]
+            if not logged:
+                continue
+            drawn.add(key)
+            xs = [offset + h["step"] for h in logged]
+            ys = [float(h[key]) for h in logged]
+            ax.plot(xs, ys, color=f"C{i}", alpha=0.3, linewidth=0.8)
+            ax.plot(xs, moving_average(ys, window), color=f"C{i}", linewidth=2.2, label=_plain(stage))
+        if offset:
+            for ax, _ in panels.values():
+                ax.axvline(offset + 0.5, color="0.6", linestyle=":", linewidth=1)
+        offset += max((h["step"] for h in history), default=0)
+    for key, (ax, ylabel) in panels.items():
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if key in drawn:
+            ax.legend(title=f"thin: per step, thick: mean of last {window}", fontsize=8, title_fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"no stage logged {key}", transform=ax.transAxes, ha="center", va="center")
+    axes[0, 0].set_title("training losses, stages in a row")
+    axes[1, 0].set_xlabel("optimizer step")
+    return _save(fig, path)
+
+
+def bars_with_errors(groups: Sequence[str], series: Series, path: str | Path, *,
+                     chance: float | Sequence[float] | None = None, ylabel: str, title: str,
+                     ylim: tuple[float, float] | None = None) -> Path:
+    """Grouped bars, one bar per series in each group, with ±1 std error bars over seeds and a
+    dashed chance level (one for all groups, or one per group)."""
+    checked = _checked_series(path, series, len(groups), "group")
+    fig, ((ax,),) = _figure((max(6.0, 1.1 + 0.45 * len(groups) * len(checked)), 4.5))
+    x = np.arange(len(groups), dtype=float)
+    width = 0.8 / len(checked)
+    for j, (name, m, s) in enumerate(checked):
+        pos = x - 0.4 + width * (j + 0.5)
+        measured = ~np.isnan(m)
+        ax.bar(pos, np.where(measured, m, 0.0), width * 0.95, color=f"C{j}", label=_plain(name))
+        if s is not None:
+            ax.errorbar(pos[measured], m[measured], yerr=s[measured], fmt="none", ecolor="black",
+                        capsize=3, linewidth=1)
+        for p in pos[~measured]:
+            ax.annotate("n/a", (p, 0.0), xytext=(0, 3), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=8)
+    _chance_line(ax, path, chance, x, 0.45)
+    long = max(len(g) for g in groups) > 12 if groups else False
+    ax.set_xticks(x, [_plain(g) for g in groups], rotation=20 if long else 0, ha="right" if long else "center")
+    ax.set_ylabel(ylabel)
+    ax.set_title(_plain(title))
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(title=_spread_note(checked), fontsize=8, title_fontsize=8)
+    return _save(fig, path)
+
+
+def accuracy_vs_resolution(resolutions: Sequence[str], series: Series, path: str | Path, *,
+                           chance: float | Sequence[float] | None = None,
+                           ylabel: str = "top-1 accuracy", title: str = "accuracy vs evaluation resolution",
+                           ylim: tuple[float, float] | None = (0.0, 1.0)) -> Path:
+    """One line per series over the evaluation resolutions (categories in the given order),
+    ±1 std error bars over seeds, a dashed chance level; a mean of None leaves a gap."""
+    checked = _checked_series(path, series, len(resolutions), "resolution")
+    fig, ((ax,),) = _figure((7.5, 4.5))
+    x = np.arange(len(resolutions), dtype=float)
+    for j, (name, m, s) in enumerate(checked):
+        ax.errorbar(x, m, yerr=s, marker="o", capsize=3, color=f"C{j}", label=_plain(name))
+    _chance_line(ax, path, chance, x, 0.3)
+    ax.set_xticks(x, [_plain(r) for r in resolutions])
+    ax.set_xlim(-0.5, len(resolutions) - 0.5)
+    ax.set_xlabel("evaluation resolution")
+    ax.set_ylabel(ylabel)
+    ax.set_title(_plain(title))
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(title=_spread_note(checked), fontsize=8, title_fontsize=8)
+    return _save(fig, path)
+
+
+def prototype_words(rows: Sequence[tuple[str, Sequence[tuple[str, float]]]], path: str | Path, *,
+                    title: str = "top words of p_v", uniform: float | None = None) -> Path:
+    """One small horizontal bar chart per image or class: its most probable words under
+    p_v = softmax(F_v W^T / T), most probable on top; ``uniform`` (1/K) as a dashed line."""
+    if not rows:
+        raise ValueError(f"{path}: no rows to plot")
+    for label, words in rows:
+        if not words or not all(math.isfinite(p) and 0.0 <= p <= 1.0 for _, p in words):
+            raise ValueError(f"{path}: row {label!r} needs (word, probability in [0, 1]) pairs, got {list(words)}")
+    ncols = min(3, len(rows))
+    nrows = math.ceil(len(rows) / ncols)
+    k = max(len(words) for _, words in rows)
+    fig, axes = _figure((3.6 * ncols, (0.3 * k + 1.2) * nrows), nrows, ncols)
+    top = max(p for _, words in rows for _, p in words)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(rows):
+            ax.set_axis_off()
+            continue
+        label, words = rows[i]
+        y = k - 1 - np.arange(len(words))  # most probable on top, one bar height for all panels
+        ax.barh(y, [p for _, p in words], color="C0")
+        ax.set_yticks(y, [_plain(w) for w, _ in words])
+        ax.set_ylim(-0.5, k - 0.5)
+        ax.set_xlim(0, top * 1.15)
+        if uniform is not None:
+            ax.axvline(uniform, label="uniform 1/K", **CHANCE_STYLE)
+            if i == 0:
+                ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(_plain(label), fontsize=9)
+        ax.set_xlabel("p_v (probability)", fontsize=8)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(_plain(title))
+    return _save(fig, path)
+
+
+def study_bars(cells: Mapping[str, Mapping[str, Sequence[float]]], path: str | Path, *,
+               metrics: Sequence[str] | None = None, chance: float | Sequence[float] | None = None,
+               ylabel: str = "accuracy", title: str = "ablations") -> Path:
+    """Grouped bars of a study: a group per metric, a bar per variant (mean ± std over its
+    seeds); a cell not computed yet is drawn as "n/a"."""
+    metrics = list(metrics) if metrics is not None else _study_metrics(cells)
+    series = {}
+    for variant, row in cells.items():
+        stats = [mean_std(row[m]) if row.get(m) else (None, 0.0) for m in metrics]
+        series[variant] = ([s[0] for s in stats], [s[1] for s in stats])
+    return bars_with_errors(metrics, series, path, chance=chance, ylabel=ylabel, title=title)
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _study_metrics(cells: Mapping[str, Mapping[str, Sequence[float]]]) -> list[str]:
+    return list(dict.fromkeys(m for row in cells.values() for m in row))
+
+
+def study_table_markdown(cells: Mapping[str, Mapping[str, Sequence[float]]], *,
+                         metrics: Sequence[str] | None = None, reference: str | None = None) -> str:
+    """Variants x metrics, "mean ± std" over each cell's per-seed values, the seed count, and
+    with ``reference`` (the full recipe) each mean's difference to the reference's; a cell not
+    computed yet shows "-"."""
+    metrics = list(metrics) if metrics is not None else _study_metrics(cells)
+    if reference is not None and reference not in cells:
+        raise ValueError(f"study table: reference variant {reference!r} is not among {list(cells)}")
+    ref = {m: mean_std(cells[reference][m])[0] for m in metrics
+           if reference is not None and cells[reference].get(m)}
+    rows = []
+    for variant, row in cells.items():
+        seeds = sorted({len(row[m]) for m in metrics if row.get(m)})
+        line = [variant, "/".join(map(str, seeds)) or "0"]
+        for m in metrics:
+            if not row.get(m):
+                line.append("-")
+                continue
+            mean, std = mean_std(row[m])
+            text = f"{mean:.3f} ± {std:.3f}"
+            if m in ref and variant != reference:
+                text += f" ({mean - ref[m]:+.3f})"
+            line.append(text)
+        rows.append(line)
+    table = markdown_table(["variant", "seeds", *metrics], rows)
+    if ref:
+        table += f"\n\nIn brackets: difference of the mean to {reference}'s."
+    return table
+
+
+VERDICTS = {True: "supported", False: "not supported", "supported": "supported",
+            "not supported": "not supported"}
+SUMMARY_KEYS = ("claim", "metric", "before", "after", "chance", "spread")
+
+
+def _number(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def summary_markdown(rows: Sequence[Mapping], *, rule: str | None = None) -> str:
+    """The report's leading table (claim, metric, before, after, chance, spread, verdict)
+    and one plain sentence per claim saying whether this run supports it.
+
+    The verdict is the caller's, from a rule fixed before the run (``rule``, printed when
+    given): ``verdict`` True/False or "supported"/"not supported", or ``supported`` True/False.
+    ``chance`` and ``spread`` (the uncertainty the rule used, e.g. std over seeds) may be None;
+    an optional ``note`` says what was tried or why."""
+    table, sentences = [], []
+    for i, row in enumerate(rows):
+        missing = [k for k in SUMMARY_KEYS if k not in row] + (
+            [] if "verdict" in row or "supported" in row else ["verdict (or supported)"])
+        if missing:
+            raise ValueError(f"summary row {i} ({row.get('claim', '?')!r}) lacks {missing}")
+        given = row["verdict"] if "verdict" in row else row["supported"]
+        if given not in VERDICTS:
+            raise ValueError(f"summary row {i} ({row['claim']!r}): verdict must be True/False or "
+                             f"'supported'/'not supported', got {given!r}")
+        verdict = VERDICTS[given]
+        spread = "-" if row["spread"] is None else f"± {row['spread']:.3f}"
+        table.append([row["claim"], row["metric"], _number(row["before"]), _number(row["after"]),
+                      _number(row["chance"]), spread, verdict])
+        does = "supports" if verdict == "supported" else "does not support"
+        spread_text = "no spread measured" if row["spread"] is None else f"spread {spread}"
+        sentence = (f"- This run {does} the claim \"{row['claim']}\": {row['metric']} "
+                    f"{_number(row['before'])} before, {_number(row['after'])} after "
+                    f"(chance {_number(row['chance'])}, {spread_text}).")
+        if row.get("note"):
+            sentence += f" {row['note']}"
+        sentences.append(sentence)
+    header = ["claim", "metric", "before", "after", "chance", "spread", "verdict"]
+    lead = [f"Verdict rule, fixed before the run: {rule}.", ""] if rule else []
+    return "\n".join([*lead, markdown_table(header, table), "", *sentences])
+
+
 # ----------------------------------------------------------------------------- report.md
 # ``results`` is the demo's results.json: seed, steps, train_tokens, probe_steps, timings
-# {phase: s}, histories {step: [log entries]}, probes [rows], retrieval {model: {...}}.
+# {phase: s}, histories {step: [log entries]}, encoder_change, probes [rows],
+# retrieval {model: {...}}; optionally summary [rows of summary_markdown], put first.
 
 SECTIONS = ("## 1. Loss curves", "## 2. Linear probe on frozen encoder features",
             "## 3. Image-text retrieval through the alignment prototypes",
             "## 4. Resolutions not seen in training")
 
 
-def _mean(values: Sequence[float]) -> float | str:
-    return sum(values) / len(values) if values else "-"
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _by(rows: Sequence[dict], **match) -> list[dict]:
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
 
 def loss_section(results: dict, figures: Path) -> list[str]:
-    histories, steps = results["histories"], results["steps"]
-    window = max(1, steps // 10)
-    offset = 0
-    # per key: x, y, the moving average (restarting at each step), section marks
-    curves: dict[str, tuple[list[float], list[float], list[float], list[tuple[float, str]]]] = {
-        "lm_loss": ([], [], [], []), "align_loss": ([], [], [], [])}
-    for name, history in histories.items():
-        for key, (xs, ys, smooth, marks) in curves.items():
-            logged = [h for h in history if key in h]
-            if logged:
-                marks.append((offset + 1, name))
-            xs += [offset + h["step"] for h in logged]
-            ys += [float(h[key]) for h in logged]
-            smooth += moving_average([float(h[key]) for h in logged], window)
-        offset += max((h["step"] for h in history), default=0)
-    for key, (xs, ys, smooth, marks) in curves.items():
-        line_chart(figures / f"{key}.png",
-                   [Series(f"{key} per step", xs, ys, width=1, colour=(150, 185, 225)),
-                    Series(f"mean of the last {window}", xs, smooth, width=3, colour=PALETTE[1])],
-                   title=f"{key}, training steps in a row", xlabel="optimizer step", ylabel=key,
-                   sections=marks)
+    histories = results["histories"]
+    loss_curves(histories, figures / "loss.png", window=max(1, results["steps"] // 10))
     rows = []
     for name, history in histories.items():
         k = max(1, len(history) // 10)
@@ -257,11 +382,7 @@ def loss_section(results: dict, figures: Path) -> list[str]:
          "Stage III trains without the alignment loss. Means over the first and last 10% of steps:"), "",
         markdown_table(["step", "steps", "lm_loss first", "lm_loss last", "align_loss first",
                         "align_loss last", "seconds"], rows), "",
-        "![lm_loss](figures/lm_loss.png)", "", "![align_loss](figures/align_loss.png)", ""]
-
-
-def _by(rows: Sequence[dict], **match) -> list[dict]:
-    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+        "![losses](figures/loss.png)", ""]
 
 
 def probe_section(results: dict, figures: Path) -> list[str]:
@@ -269,10 +390,11 @@ def probe_section(results: dict, figures: Path) -> list[str]:
     encoders = list(dict.fromkeys(r["encoder"] for r in probes))
     at_train = _by(probes, setting="train-res")
     reference = _by(at_train, encoder=encoders[0])
-    bar_chart(figures / "probe.png", [r["attribute"] for r in reference],
-              [(e, [r["linear"] for r in _by(at_train, encoder=e)]) for e in encoders],
-              title="linear probe top-1, val split at the training resolution", ylabel="top-1",
-              y_max=1.0, reference=([r["chance"] for r in reference], "chance"))
+    series = {f"{e}, {how}": ([r[key] for r in _by(at_train, encoder=e)], None)
+              for e in encoders for how, key in (("linear", "linear"), ("k-NN", "knn"))}
+    bars_with_errors([r["attribute"] for r in reference], series, figures / "probe.png",
+                     chance=[r["chance"] for r in reference], ylabel="top-1 accuracy (val split)",
+                     title="probes on frozen features at the training resolution, one seed", ylim=(0.0, 1.0))
     tokens = results["train_tokens"]
     return [
         SECTIONS[1], "",
@@ -292,11 +414,12 @@ def retrieval_section(results: dict, figures: Path) -> list[str]:
     models = results["retrieval"]
     names = list(models)
     n = next(iter(models.values()))["images"]
-    bar_chart(figures / "retrieval.png", [name.replace("after ", "") for name in names],
-              [(f"{how} {k}", [models[m][how][k] for m in names])
-               for how in ("prototypes", "features") for k in ("R@1", "R@5")],
-              title=f"image -> caption recall, {n} pairs", ylabel="recall", y_max=1.0,
-              reference=([min(1.0, 5 / n)] * len(names), "chance R@5"))
+    metrics = [(how, k) for how in ("prototypes", "features") for k in ("R@1", "R@5")]
+    bars_with_errors([f"{how} {k}" for how, k in metrics],
+                     {m: ([models[m][how][k] for how, k in metrics], None) for m in names},
+                     figures / "retrieval.png", chance=[min(1.0, int(k[2:]) / n) for _, k in metrics],
+                     ylabel="recall (image -> caption)", title=f"image -> caption recall, {n} pairs, one seed",
+                     ylim=(0.0, 1.0))
     before, after = names[0], "after stage2b"
     examples = [[e["caption"], " · ".join(e["image_words"]),
                  " · ".join(models[after]["examples"][i]["image_words"]),
@@ -328,11 +451,17 @@ def retrieval_section(results: dict, figures: Path) -> list[str]:
 def resolution_section(results: dict, figures: Path) -> list[str]:
     probes = results["probes"]
     encoders = list(dict.fromkeys(r["encoder"] for r in probes))
-    reference = _by(probes, encoder=encoders[0])
-    bar_chart(figures / "resolution.png", [f"{r['attribute']} {r['setting']}" for r in reference],
-              [(e, [r["linear"] for r in _by(probes, encoder=e)]) for e in encoders],
-              title="linear probe top-1 by resolution", ylabel="top-1", y_max=1.0,
-              reference=([r["chance"] for r in reference], "chance"))
+    settings = list(dict.fromkeys(r["setting"] for r in probes))
+    links = []
+    for attribute in dict.fromkeys(r["attribute"] for r in probes):
+        rows = _by(probes, attribute=attribute)
+        series = {e: ([next((r["linear"] for r in _by(rows, encoder=e, setting=s)), None) for s in settings], None)
+                  for e in encoders}
+        name = f"resolution_{attribute}.png"
+        accuracy_vs_resolution(settings, series, figures / name, chance=rows[0]["chance"],
+                               ylabel="linear probe top-1 (val)",
+                               title=f"{attribute}: linear probe by evaluation resolution, one seed")
+        links += [f"![resolution, {attribute}](figures/{name})", ""]
     return [
         SECTIONS[3], "",
         (f"No training image had more than {4 * results['train_tokens']} patches. *native*: the val "
@@ -342,7 +471,7 @@ def resolution_section(results: dict, figures: Path) -> list[str]:
                         "k-NN top-1", "chance"],
                        [[r["attribute"], r["setting"], r["encoder"], f"{r['patches_per_image']:.0f}",
                          r["linear"], r["knn"], r["chance"]] for r in probes]), "",
-        "![resolution](figures/resolution.png)", ""]
+        *links]
 
 
 def summary(results: dict) -> list[str]:
@@ -380,10 +509,12 @@ def write_report(out: str | Path, results: dict) -> Path:
     out = Path(out)
     figures = out / "figures"
     timings = results["timings"]
+    lead = ["## Summary", "", summary_markdown(results["summary"]), ""] if results.get("summary") else []
     lines = [
         "# CoMP demo: the SigLIP recipe on tiny models", "",
         (f"Seed {results['seed']}, {results['steps']} optimizer steps per training step, "
          f"{sum(timings.values()):.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})."), "",
+        *lead,
         ("The models are tiny and random (SigLIP: 2 layers of width 32; Qwen2: 2 layers of width 64 "
          "with a toy vocabulary), trained for minutes on a CPU with the reference learning rates. "
          "Expect small effects and read every number against chance. Means over the first or "
