@@ -1,5 +1,6 @@
 """comp demo: the recipe's steps come from the SigLIP script itself, a quick run writes the
-summary (claim rows with verdicts by the stated rule) into results.json and report.md."""
+summary (claim rows with verdicts by the stated rule) into results.json and report.md, which
+leads with the summary table and links only figures that exist."""
 from __future__ import annotations
 
 import io
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from test_demo_report import check_report
+
 from comp.demo import pipeline, recipe, summary
+from comp.demo.report import summary_markdown
 from comp.demo import run as demo
 from comp.errors import UserError
 
@@ -134,9 +138,11 @@ def test_quick_run_writes_summary_rows_with_verdicts(quick_run):
     assert rows[3]["after"] == results["qa"]["native"]["accuracy"]
     assert rows[4]["after"] - rows[4]["before"] == pytest.approx(results["qa"]["native"]["image_use"]["difference"],
                                                                  abs=1e-6)
-    report = (out / "report.md").read_text()
-    assert "## Summary" in report and "This run supports:" in report and "This run does not support:" in report
-    assert report.count("supported") >= len(rows)
+    report = check_report(out)  # summary table first, every linked figure exists
+    assert summary_markdown(rows, rule=summary.RULE) in report
+    for r in rows:
+        verdict = "supports" if r["supported"] else "does not support"
+        assert f'- This run {verdict} the claim "{r["claim"]}"' in report
 
 
 def test_probes_cover_encoders_settings_and_seeds(quick_run):
@@ -145,8 +151,11 @@ def test_probes_cover_encoders_settings_and_seeds(quick_run):
     assert {(p["encoder"], p["setting"]) for p in probes} == {
         (e, s) for e in ("original", "CoMP-VFM") for s in ("fixed", "native", "native 2x")}
     for p in probes:
-        for head in ("linear", "attentive"):
+        heads = ("linear", "attentive") if p["attribute"] in results["plan"]["attentive_attributes"] else ("linear",)
+        assert (p["attentive"] is None) == (heads == ("linear",))
+        for head in heads:
             assert len(p[head]["values"]) == 3 and all(0 <= v <= 1 for v in p[head]["values"])
+    assert {p["attribute"] for p in probes if p["attentive"] is not None} == {"digit"}  # quick: colour, digit
     size = results["image_size"]
     fixed = [p for p in probes if p["setting"] == "fixed"]
     assert all(p["patches_per_image"] == (size // 14) ** 2 for p in fixed)

@@ -1,7 +1,7 @@
 """comp.demo.report: each figure function writes a PNG that shows its series and chance
 line, bad input is refused by name, the markdown helpers render what they are given, and
-write_report turns a results dict of the shape ``comp demo`` writes into report.md whose
-figures all exist. No training here (tests/test_demo.py runs the real demo)."""
+write_report turns a results dict of the shape ``comp demo`` writes into report.md that
+leads with the summary table and whose linked figures all exist. No training here (tests/test_demo.py runs the real demo)."""
 from __future__ import annotations
 
 import re
@@ -19,7 +19,6 @@ from comp.demo.report import (
     bars_with_errors,
     loss_curves,
     markdown_table,
-    mean_std,
     moving_average,
     prototype_words,
     study_bars,
@@ -27,6 +26,7 @@ from comp.demo.report import (
     summary_markdown,
     write_report,
 )
+from comp.demo.pipeline import mean_std
 
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two cycle colours
 
@@ -225,39 +225,64 @@ def test_summary_markdown_refuses_incomplete_rows():
 # ----------------------------------------------------------------------------- write_report
 
 
-def _results(attributes=("colour", "shape")) -> dict:
-    """A results dict of the shape comp.demo.run writes (see tests/test_demo.py's quick run)."""
-    probes = [{"attribute": a, "encoder": e, "setting": s, "split": "val", "patches_per_image": p,
-               "n_train": 12, "n_val": 12, "chance": 1 / 6 if a == "colour" else 1 / 4,
-               "linear": 0.3 + 0.1 * i, "knn": 0.25 + 0.1 * i}
-              for a in attributes for i, e in enumerate(("SigLIP (original)", "CoMP-VFM"))
-              for s, p in (("train-res", 250.0), ("native", 900.0), ("native 2x", 3600.0))]
-    example = {"caption": "a red circle.", "image_words": ["red", "a", "circle", "the", "."],
-               "caption_words": ["red", "circle", "a", "in", "."]}
-    retrieval = {m: {"images": 24, "prototypes": {"R@1": 0.05, "R@5": 0.2}, "features": {"R@1": 0.1, "R@5": 0.3},
-                     "image_cos": 0.99, "caption_cos": 0.9, "examples": [example] * 3}
-                 for m in ("before Stage I", "after stage1", "after stage2a", "after stage2b", "after stage3")}
-    return {"seed": 0, "steps": 20, "train_tokens": 64, "probe_steps": 200,
+def _seeds(mean: float) -> dict:
+    values = [mean - 0.02, mean, mean + 0.02]
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values), "values": values}
+
+
+def _results(attributes=("colour", "digit")) -> dict:
+    """A results dict of the shape comp.demo.run writes (tests/test_demo.py checks the real one)."""
+    probes = [{"attribute": a, "encoder": e, "setting": s, "patches_per_image": p, "n_train": 40, "n_val": 40,
+               "chance": 1 / 8 if a == "colour" else 1 / 10, "linear": _seeds(0.3 + 0.1 * i),
+               "attentive": _seeds(0.2 + 0.2 * i) if a == "digit" else None}
+              for a in attributes for i, e in enumerate(("original", "CoMP-VFM"))
+              for s, p in (("fixed", 64.0), ("native", 220.0), ("native 2x", 880.0))]
+    example = {"caption": "a red circle.", "image_words": ["red", "circle"],
+               "image_word_probs": [["red", 0.3], ["circle", 0.1]]}
+    word_space = {m: {"zero_shot": {a: {"top1": 0.2 + k * 0.1, "chance": 0.125, "n": 40, "multi_token": 0}
+                                    for a in ("colour", "shape", "digit")},
+                      "retrieval": {"images": 24, "prototypes": {"R@1": 0.05, "R@5": 0.2}, "examples": [example] * 2}}
+                  for k, m in enumerate(("before", "after"))}
+    qa = {v: {"n": 40, "accuracy": 0.4, "by_type": {t: {"n": 20, "accuracy": 0.3 + j * 0.2, "majority": 0.25}
+                                                      for j, t in enumerate(("colour", "count"))},
+              "image_use": {"nll_right": 1.5, "nll_wrong": 1.8, "difference": 0.3, "difference_se": 0.05,
+                            "right_better": 0.8, "n": 40}}
+          for v in ("fixed 112px", "native", "native 2x")}
+    return {"seed": 0, "image_size": 112, "plan": {"steps": 20, "probe_seeds": 3, "attentive_attributes": ["digit"]},
+            "toy_quality": {"siglip": {"colour_accuracy": 0.9, "colour_chance": 0.125, "shape_accuracy": 0.3,
+                                       "shape_chance": 1 / 6},
+                            "lm": {"perplexity": 1.7, "unigram_perplexity": 60.0}},
             "timings": {"assets": 1.0, "stage1": 2.0, "probe": 3.0}, "histories": _histories(),
-            "encoder_change": 0.05, "probes": probes, "retrieval": retrieval}
+            "probes": probes, "word_space": word_space, "qa": qa, "summary": SUMMARY}
 
 
-@pytest.mark.parametrize("attributes", [("colour",), ("colour", "shape")])
-def test_write_report_writes_every_figure_it_links(tmp_path, attributes):
-    report = write_report(tmp_path / "out", _results(attributes))
-    text = report.read_text()
+def check_report(out: Path) -> str:
+    """report.md under ``out``: the summary table leads, every linked figure is a PNG that
+    exists and every PNG under figures/ is linked; -> its text."""
+    text = (out / "report.md").read_text()
     headings = re.findall(r"^## (.+)$", text, flags=re.MULTILINE)
-    assert [h.split(". ", 1)[1].split()[0] for h in headings] == ["Loss", "Linear", "Image-text", "Resolutions"]
+    assert headings[0] == "Summary", headings
+    first_table = text.index("\n| ")
+    assert text[first_table:].startswith("\n| claim | metric | before | after | chance | spread | verdict |")
+    assert first_table > text.index("## Summary") and first_table < text.index(f"## {headings[1]}")
     linked = re.findall(r"!\[[^]]*\]\(figures/([^)]+)\)", text)
-    assert sorted(linked) == sorted({"loss.png", "probe.png", "retrieval.png",
-                                     *(f"resolution_{a}.png" for a in attributes)})
-    assert sorted(p.name for p in (tmp_path / "out" / "figures").iterdir()) == sorted(linked)
+    assert linked and len(set(linked)) == len(linked)
+    assert sorted(p.name for p in (out / "figures").iterdir()) == sorted(linked)
     for name in linked:
-        _png(tmp_path / "out" / "figures" / name)
-    assert "## Summary" not in text
+        _png(out / "figures" / name)
+    return text
 
 
-def test_write_report_leads_with_the_summary_when_results_have_one(tmp_path):
-    text = write_report(tmp_path, dict(_results(), summary=SUMMARY)).read_text()
-    assert text.index("## Summary") < text.index("## 1. Loss curves")
-    assert summary_markdown(SUMMARY) in text
+@pytest.mark.parametrize("attributes", [("digit",), ("colour", "digit")])
+def test_write_report_leads_with_the_summary_and_writes_every_figure_it_links(tmp_path, attributes):
+    write_report(tmp_path / "out", _results(attributes), rule="effect > 2 x spread")
+    text = check_report(tmp_path / "out")
+    assert summary_markdown(SUMMARY, rule="effect > 2 x spread") in text
+    linked = set(re.findall(r"\(figures/([^)]+)\)", text))
+    assert linked == {"loss.png", "probe_fixed.png", "probe_native.png", "probe_native-2x.png", "zero_shot.png",
+                      "prototype_words.png", "qa.png", "image_use.png",
+                      *(f"resolution_{a}.png" for a in attributes)}
+    # the attentive head is shown where it ran and "-" where it did not
+    assert "| digit | CoMP-VFM | native | 220 | 0.400 ± 0.020 | 0.400 ± 0.020 | 0.100 |" in text
+    if "colour" in attributes:
+        assert "| colour | original | fixed | 64 | 0.300 ± 0.020 | - | 0.125 |" in text

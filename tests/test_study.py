@@ -3,6 +3,7 @@ per seed and is read back, not recomputed, once written."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -48,14 +49,18 @@ def test_cell_is_deterministic_and_resumes(tmp_path, assets, monkeypatch):
     assert again == json.loads(json.dumps(first))
 
 
-def test_table_has_mean_and_std_over_seeds():
-    cells = [{"variant": "full", "seed": s, "metrics": {"QA native": v}} for s, v in ((0, 0.5), (1, 0.7))]
-    cells.append({"variant": "C-RoPE off", "seed": 0, "metrics": {"QA native": 0.4}})
-    agg = study.aggregate(cells)
-    assert agg["full"]["QA native"]["mean"] == pytest.approx(0.6)
-    assert agg["full"]["QA native"]["std"] == pytest.approx(0.1414, abs=1e-4)
-    text = study.study_markdown(agg, [0, 1])
-    assert "| full | 0.600 +- 0.141 |" in text and "| C-RoPE off | 0.400 +- 0.000 |" in text
+def test_study_md_has_the_table_and_its_figures(tmp_path):
+    cells = [{"variant": "full", "seed": s, "metrics": {"QA native": v, study.IMAGE_USE: u}}
+             for s, v, u in ((0, 0.5, 0.05), (1, 0.7, 0.07))]
+    cells.append({"variant": "C-RoPE off", "seed": 0, "metrics": {"QA native": 0.4, study.IMAGE_USE: 0.0}})
+    assert study.cell_table(cells) == {"full": {"QA native": [0.5, 0.7], study.IMAGE_USE: [0.05, 0.07]},
+                                       "C-RoPE off": {"QA native": [0.4], study.IMAGE_USE: [0.0]}}
+    text = study.write_study(tmp_path, cells, [0, 1]).read_text()
+    assert "| full | 2 | 0.600 ± 0.141 | 0.060 ± 0.014 |" in text
+    assert "| C-RoPE off | 1 | 0.400 ± 0.000 (-0.200) | 0.000 ± 0.000 (-0.060) |" in text
+    linked = re.findall(r"\(figures/([^)]+)\)", text)
+    assert sorted(linked) == sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["study.png",
+                                                                                        "study_image_use.png"]
 
 
 def test_cli_lists_study(capsys):

@@ -28,8 +28,10 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,8 @@ class Plan:
     probe_seeds: int = 3
     probe_epochs: int = 300  # full-batch AdamW steps of the linear probe
     attentive_epochs: int = 20  # epochs of the attentive probe (mini-batches of 32)
+    # the attentive head only where a mean over tokens dilutes the label (a few tokens hold it)
+    attentive_attributes: tuple[str, ...] = ("digit", "word")
     zero_shot_per_class: int | None = None
     retrieval_images: int | None = None
     qa_limit: int | None = None  # held-out questions (None: all)
@@ -192,9 +196,18 @@ def initial_model(argv: list[str], seed: int):
 # ----------------------------------------------------------------------------- statistics
 
 
-def mean_std(values: list[float]) -> dict:
-    t = torch.tensor(values, dtype=torch.float64)
-    return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0, "values": values}
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation over seeds (std 0 for one seed)."""
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    values = [float(v) for v in values]
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def seed_stats(values: list[float]) -> dict:
+    """What results.json keeps of a per-seed measurement: mean, std and the values."""
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "values": values}
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -221,7 +234,9 @@ def probe_splits(toyworld: Path, attribute: str, per_class: int | None):
 def probe_results(encoders: dict[str, Path], assets: Assets, plan: Plan) -> list[dict]:
     """Linear and attentive top-1 (mean and std over probe seeds) per encoder, attribute and
     resolution: "fixed" (S x S, train and val), "native" and "native 2x" (the native-trained
-    probe applied to val_hires)."""
+    probe applied to val_hires). Each encoder's tokens are computed once per resolution and
+    shared by every probe seed and head; the attentive head runs for
+    ``plan.attentive_attributes`` only (None elsewhere), the same for every encoder."""
     from comp.eval.features import encode_files, load_encoder, mean_pool
     from comp.eval.probe import TrainSettings, attentive_probe, linear_probe, top1
 
@@ -238,12 +253,15 @@ def probe_results(encoders: dict[str, Path], assets: Assets, plan: Plan) -> list
                 # one probe per seed, applied to every split of this resolution
                 val_tokens = [t for split in evals.values() for t in tokens[split][0]]
                 bounds = torch.tensor([0, *[len(splits[split][1]) for split in evals.values()]]).cumsum(0)
-                preds: dict[str, list[torch.Tensor]] = {"linear": [], "attentive": []}
+                attentive = attribute in plan.attentive_attributes
+                preds: dict[str, list[torch.Tensor]] = {"linear": [], **({"attentive": []} if attentive else {})}
                 for probe_seed in range(plan.probe_seeds):
                     full = TrainSettings(epochs=plan.probe_epochs, lr=1e-2, wd=0.0, batch_size=len(train_y),
                                          seed=probe_seed)
                     preds["linear"].append(linear_probe(mean_pool(tokens["train"][0]), train_y,
                                                         mean_pool(val_tokens), len(classes), full))
+                    if not attentive:
+                        continue
                     mini = TrainSettings(epochs=plan.attentive_epochs, lr=1e-3, wd=0.0, batch_size=32,
                                          seed=probe_seed)
                     preds["attentive"].append(attentive_probe(tokens["train"][0], train_y, val_tokens,
@@ -254,7 +272,8 @@ def probe_results(encoders: dict[str, Path], assets: Assets, plan: Plan) -> list
                     rows.append({"attribute": attribute, "encoder": name, "setting": setting,
                                  "patches_per_image": float(tokens[split][1].prod(-1).float().mean()),
                                  "n_train": len(train_y), "n_val": len(val_y), "chance": 1 / len(classes),
-                                 **{head: mean_std([top1(p[part], val_y) for p in ps])
+                                 "attentive": None,
+                                 **{head: seed_stats([top1(p[part], val_y) for p in ps])
                                     for head, ps in preds.items()}})
     return rows
 

@@ -10,8 +10,8 @@ Variants (each a change to every recipe step's flags, all else as ``comp demo``)
 
 Each (variant, seed) cell runs the pipeline (comp.demo.pipeline) into OUT/<variant>/seed<N>/
 and writes cell.json; a cell whose cell.json exists is read back, not recomputed (resumable).
-OUT/study.json holds every cell's metrics, OUT/study.md one table (variant x metric, mean +-
-std over seeds).
+OUT/study.json holds every cell's metrics, OUT/study.md one table (variant x metric, mean ±
+std over seeds, difference to the full recipe) and bar plots (OUT/figures).
 """
 from __future__ import annotations
 
@@ -76,27 +76,41 @@ def run_cell(root: Path, variant: str, seed: int, plan, assets, say=print) -> di
     return cell
 
 
-def aggregate(cells: list[dict]) -> dict[str, dict[str, dict]]:
-    """variant -> metric -> {mean, std, values} over the variant's seeds."""
-    from comp.demo.pipeline import mean_std
-
+def cell_table(cells: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """variant -> metric -> its per-seed values (the input of the study table and bars)."""
     table: dict[str, dict[str, list[float]]] = {}
     for c in cells:
         for metric, value in c["metrics"].items():
             table.setdefault(c["variant"], {}).setdefault(metric, []).append(value)
-    return {v: {m: mean_std(vals) for m, vals in ms.items()} for v, ms in table.items()}
+    return table
 
 
-def study_markdown(agg: dict, seeds: list[int]) -> str:
-    from comp.demo.report import markdown_table
+IMAGE_USE = "image use (nats)"  # not an accuracy: its own bars
 
-    metrics = list(next(iter(agg.values())))
-    rows = [[variant, *[f"{agg[variant][m]['mean']:.3f} +- {agg[variant][m]['std']:.3f}" for m in metrics]]
-            for variant in agg]
-    return "\n".join(["# comp study: ablations against the full recipe", "",
-                      f"Seeds {seeds}; mean +- std over seeds. The CoMP-VFM's probes; word space after "
-                      "Stage II-b; QA and image use (NLL wrong - right) after Stage III.", "",
-                      markdown_table(["variant", *metrics], rows), ""])
+
+def write_study(out: Path, cells: list[dict], seeds: list[int]) -> Path:
+    """OUT/study.md: the table (variant x metric, mean ± std over seeds, difference to the full
+    recipe) and bar plots under OUT/figures."""
+    from comp.demo.report import study_bars, study_table_markdown
+
+    table = cell_table(cells)
+    metrics = list(dict.fromkeys(m for row in table.values() for m in row))
+    reference = "full" if "full" in table else None
+    accuracy = [m for m in metrics if m != IMAGE_USE]
+    study_bars(table, out / "figures" / "study.png", metrics=accuracy, ylabel="accuracy",
+               title=f"ablations, mean ± 1 std over seeds {seeds}")
+    lines = ["# comp study: ablations against the full recipe", "",
+             f"Seeds {seeds}; mean ± std over seeds. The CoMP-VFM's attentive probes; word space after "
+             "Stage II-b; QA and image use (answer NLL wrong image - right image) after Stage III.", "",
+             study_table_markdown(table, metrics=metrics, reference=reference), "",
+             "![ablations](figures/study.png)", ""]
+    if IMAGE_USE in metrics:
+        study_bars(table, out / "figures" / "study_image_use.png", metrics=[IMAGE_USE],
+                   ylabel="answer NLL, wrong - right image (nats / token)", title="image use")
+        lines += ["![image use](figures/study_image_use.png)", ""]
+    path = out / "study.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def build_parser():
@@ -141,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         assets = build_assets(seed, Plan(**plan_args), log=say)
         for variant in variants:
             cells.append(run_cell(args.out, variant, seed, Plan(**plan_args), assets, say))
-    agg = aggregate(cells)
     (args.out / "study.json").write_text(json.dumps(
-        {"seeds": seeds, "variants": variants, "aggregate": agg,
+        {"seeds": seeds, "variants": variants, "table": cell_table(cells),
          "cells": [{k: c[k] for k in ("variant", "seed", "metrics", "seconds")} for c in cells]}, indent=1) + "\n")
-    (args.out / "study.md").write_text(study_markdown(agg, seeds))
-    say(f"done: {len(cells)} cells; table: {args.out / 'study.md'}")
+    path = write_study(args.out, cells, seeds)
+    say(f"done: {len(cells)} cells; table: {path}")
     return 0

@@ -1,5 +1,6 @@
 """The demo's summary: one row per claim (claim, metric, before, after, chance, spread) with a
-verdict from a rule fixed before the run (never tuned to its result), and report.md.
+verdict from a rule fixed before the run (never tuned to its result); comp.demo.report
+renders them first in report.md.
 
 Rule: a claim is supported when its effect exceeds ``Z`` times its uncertainty. The
 uncertainty combines, in quadrature, the probe-seed std of each side (where there is one) and
@@ -9,7 +10,6 @@ use it is the standard error of the per-question NLL difference.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from comp.demo.pipeline import binomial_se
 
@@ -71,66 +71,3 @@ def image_use_row(qa: dict, variant: str = "native") -> dict:
 def summary_rows(results: dict) -> list[dict]:
     return [probe_row(results["probes"], "native"), probe_row(results["probes"], "native 2x"),
             zero_shot_row(results["word_space"]), qa_row(results["qa"]), image_use_row(results["qa"])]
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    from comp.demo.report import markdown_table
-
-    return markdown_table(header, rows)
-
-
-def report_markdown(results: dict) -> str:
-    rows = results["summary"]
-    lines = ["# comp demo: the SigLIP recipe on toy-pretrained originals", "",
-             f"Seed {results['seed']}; {results['plan']['steps']} optimizer steps per recipe step; "
-             f"toy SigLIP at {results['image_size']} px. Rule: {RULE}.", "", "## Summary", "",
-             table(["claim", "metric", "before", "after", "chance", "spread", "verdict"],
-                   [[r["claim"], r["metric"], r["before"], r["after"], _fmt(r["chance"]), r["spread"],
-                     "supported" if r["supported"] else "NOT supported"] for r in rows]), ""]
-    supported = [r["claim"] for r in rows if r["supported"]]
-    missing = [r["claim"] for r in rows if not r["supported"]]
-    lines += [f"This run supports: {'; '.join(supported) or 'none of the claims'}.",
-              f"This run does not support: {'; '.join(missing) or '-'}.", ""]
-    q = results["toy_quality"]
-    lines += ["## Toy originals", "",
-              f"SigLIP zero-shot colour {q['siglip']['colour_accuracy']:.3f} (chance "
-              f"{q['siglip']['colour_chance']:.3f}), shape {q['siglip']['shape_accuracy']:.3f} (chance "
-              f"{q['siglip']['shape_chance']:.3f}); LM held-out perplexity {q['lm']['perplexity']:.2f} "
-              f"(unigram {q['lm']['unigram_perplexity']:.2f}).", "",
-              "## Probes (top-1, mean +- std over probe seeds)", "",
-              table(["attribute", "encoder", "setting", "tokens/img", "linear", "attentive", "chance"],
-                    [[p["attribute"], p["encoder"], p["setting"], p["patches_per_image"],
-                      f"{p['linear']['mean']:.3f} +- {p['linear']['std']:.3f}",
-                      f"{p['attentive']['mean']:.3f} +- {p['attentive']['std']:.3f}", p["chance"]]
-                     for p in results["probes"]]), "",
-              "## Word space (before Stage I, after Stage II-b)", ""]
-    words = results["word_space"]
-    lines += [table(["model", *[f"zero-shot {a}" for a in words["before"]["zero_shot"]], "retrieval R@1 (prototypes)",
-                     "R@5"],
-                    [[name, *[z["top1"] for z in w["zero_shot"].values()], w["retrieval"]["prototypes"]["R@1"],
-                      w["retrieval"]["prototypes"]["R@5"]] for name, w in words.items()]), ""]
-    for ex in words["after"]["retrieval"]["examples"]:
-        lines.append(f"- \"{ex['caption']}\": image words {', '.join(ex['image_words'])}")
-    lines += ["", "## MLLM after Stage III (exact match by type; image use)", ""]
-    qa = results["qa"]
-    types = list(next(iter(qa.values()))["by_type"])
-    lines += [table(["resolution", "all", *types, "NLL right", "NLL wrong", "diff +- se"],
-                    [[v, r["accuracy"], *[r["by_type"][t]["accuracy"] for t in types],
-                      r["image_use"]["nll_right"], r["image_use"]["nll_wrong"],
-                      f"{r['image_use']['difference']:.3f} +- {r['image_use']['difference_se']:.3f}"]
-                     for v, r in qa.items()]), "",
-              "## Timings (s)", "", table(["phase", "seconds"], [[k, v] for k, v in results["timings"].items()]), ""]
-    return "\n".join(lines)
-
-
-def write_report(out: Path, results: dict) -> Path:
-    path = out / "report.md"
-    path.write_text(report_markdown(results))
-    return path

@@ -22,6 +22,8 @@ visual tokens, L caption tokens, C classes.
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,12 +92,19 @@ def recall_at(scores_IJ: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, 
 
 def top_words(tokenizer, log_p_K: torch.Tensor, k: int = 5) -> list[str]:
     """The ``k`` most probable tokens, as text where they decode to printable text."""
-    words = []
-    for i in log_p_K.topk(k).indices.tolist():
+    return [word for word, _ in top_word_probs(tokenizer, log_p_K, k)]
+
+
+def top_word_probs(tokenizer, log_p_K: torch.Tensor, k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` most probable tokens with their probabilities (the prototype-word panel)."""
+    out = []
+    top = log_p_K.topk(k)
+    for i, log_p in zip(top.indices.tolist(), top.values.tolist()):
         text = tokenizer.decode([i]).strip()
-        words.append(text if text.isprintable() and text and "\ufffd" not in text
-                     else tokenizer.convert_ids_to_tokens(i))
-    return words
+        word = (text if text.isprintable() and text and "\ufffd" not in text
+                else tokenizer.convert_ids_to_tokens(i))
+        out.append((word, math.exp(log_p)))
+    return out
 
 
 def mean_pairwise_cos(x_ND: torch.Tensor) -> float:
@@ -121,6 +130,7 @@ def retrieval(model, processor, word_dist: Path, entries: list[dict], root: Path
         "image_cos": mean_pairwise_cos(F_v_ID), "caption_cos": mean_pairwise_cos(F_t_JD),
         "examples": [{"caption": entries[i]["caption"],
                       "image_words": top_words(processor.tokenizer, log_p_v_IK[i]),
+                      "image_word_probs": top_word_probs(processor.tokenizer, log_p_v_IK[i]),
                       "caption_words": top_words(processor.tokenizer, log_p_t_JK[i])}
                      for i in range(min(examples, len(entries)))],
     }
