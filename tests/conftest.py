@@ -69,3 +69,13 @@ def tiny_mm_dir(tiny_dir, tmp_path_factory):
     CompForConditionalGeneration.from_components(*parts, use_rope=True).save_pretrained(out)
     CompProcessor.from_components(*parts, max_num_vistoken=64).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def mm(tiny_mm_dir):
+    """(model, processor) of ``tiny_mm_dir``, loaded once per test module (tests may edit the
+    model's weights: each module gets its own copy)."""
+    from comp import CompForConditionalGeneration, CompProcessor
+
+    model = CompForConditionalGeneration.from_pretrained(tiny_mm_dir).eval()
+    return model, CompProcessor.from_pretrained(tiny_mm_dir)

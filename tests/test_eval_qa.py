@@ -17,14 +17,6 @@ N_QUESTIONS = 12  # two per type
 
 
 @pytest.fixture(scope="module")
-def mm(tiny_mm_dir):
-    from comp import CompForConditionalGeneration, CompProcessor
-
-    model = CompForConditionalGeneration.from_pretrained(tiny_mm_dir).eval()
-    return model, CompProcessor.from_pretrained(tiny_mm_dir)
-
-
-@pytest.fixture(scope="module")
 def qa_dir(tmp_path_factory):
     """qa_eval/ as toyworld writes it, two questions per type."""
     out, counts = tmp_path_factory.mktemp("qa"), {}

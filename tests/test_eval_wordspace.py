@@ -13,14 +13,6 @@ COLOURS = list(tw.COLOURS)
 
 
 @pytest.fixture(scope="module")
-def mm(tiny_mm_dir):
-    from comp import CompForConditionalGeneration, CompProcessor
-
-    model = CompForConditionalGeneration.from_pretrained(tiny_mm_dir).eval()
-    return model, CompProcessor.from_pretrained(tiny_mm_dir)
-
-
-@pytest.fixture(scope="module")
 def colour_images(tmp_path_factory):
     """One colour-probe scene per colour class, rendered at native size."""
     root = tmp_path_factory.mktemp("colours")

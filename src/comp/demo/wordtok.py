@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from comp.models.tiny import QWEN_PRETOKENIZE_REGEX, QWEN_SPECIAL_TOKENS
+from comp.models.tiny import qwen_bpe_tokenizer
 
 # Above any toyworld vocabulary: the trainer stops when no pair is left, not at this size.
 MAX_VOCAB = 1 << 20
@@ -27,25 +27,4 @@ def train_word_tokenizer(texts: Iterable[str]):
     """A Qwen2-format tokenizer (byte-level BPE merged to whole words over ``texts``) with the
     Qwen specials, the CoMP chat template, ``<|im_end|>`` as eos and ``<|endoftext|>`` as pad
     and no unknown token, like Qwen2.5."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from comp.tokens import CHAT_TEMPLATE_PATH, END_OF_TEXT, IM_END
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=MAX_VOCAB, min_frequency=1, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[])
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token=IM_END, pad_token=END_OF_TEXT,
-        unk_token=None, model_max_length=32768, clean_up_tokenization_spaces=False,
-        split_special_tokens=False)
-    fast.chat_template = CHAT_TEMPLATE_PATH.read_text()
-    return fast
+    return qwen_bpe_tokenizer(texts, MAX_VOCAB, nfc=True)

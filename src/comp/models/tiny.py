@@ -125,12 +125,17 @@ def _tokenizer_corpus() -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(vocab_size: int = 512):
-    """A Qwen2-style byte-level BPE tokenizer trained offline on a fixed corpus."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+def qwen_bpe_tokenizer(texts, vocab_size: int, *, nfc: bool = False):
+    """A tokenizer in Qwen2's own format (byte-level BPE with Qwen's pre-tokenisation regex and
+    specials, the CoMP chat template, ``<|im_end|>`` eos, ``<|endoftext|>`` pad, no unknown
+    token) trained on ``texts``; ``nfc`` adds Qwen2's NFC normaliser. AutoTokenizer reloads it
+    as a Qwen2Tokenizer unchanged."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
+    if nfc:
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -139,7 +144,7 @@ def build_tiny_tokenizer(vocab_size: int = 512):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=1, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=None, eos_token=IM_END,
@@ -147,6 +152,11 @@ def build_tiny_tokenizer(vocab_size: int = 512):
         clean_up_tokenization_spaces=False, split_special_tokens=False)
     fast.chat_template = CHAT_TEMPLATE_PATH.read_text()
     return fast
+
+
+def build_tiny_tokenizer(vocab_size: int = 512):
+    """A Qwen2-style byte-level BPE tokenizer trained offline on a fixed corpus."""
+    return qwen_bpe_tokenizer(_tokenizer_corpus(), vocab_size)
 
 
 def write_tiny_qwen2(out: str | Path, seed: int = 0) -> Path:
