@@ -50,7 +50,8 @@ def test_demo_runs_the_scripts_steps_with_only_its_stated_changes(tmp_path):
     root = tmp_path / "assets"
     assets = pipeline.Assets(root / "qwen2", root / "siglip", root / "toyworld", root / "word_dist.pt",
                              image_size=112, quality={})
-    plan = pipeline.Plan(steps=5, lr_scale=10.0, train_tokens=256)
+    plan = pipeline.Plan(steps=5, lr_cap=1e-3, stage3_lr_scale=10.0, stage3_projector_lr=1e-3,
+                         stage3_steps_scale=12, train_tokens=256)
     run_dir = tmp_path / "run"
     ours = pipeline.step_argvs(assets, run_dir, plan, seed=7)
     assert list(ours) == list(script) == ["stage1", "stage2a", "stage2b", "stage3"]
@@ -58,8 +59,9 @@ def test_demo_runs_the_scripts_steps_with_only_its_stated_changes(tmp_path):
     for name, launched in script.items():
         assert launched[0] == "comp.train"
         theirs, mine = _pairs(launched[1:]), _pairs(ours[name])
-        assert set(mine) == set(theirs) | {"--seed"}
-        assert mine["--seed"] == "7" and mine["--max_steps"] == "5"
+        final = name == "stage3"
+        assert set(mine) == set(theirs) | {"--seed"} | ({"--mm_projector_lr"} if final else set())
+        assert mine["--seed"] == "7" and mine["--max_steps"] == ("60" if final else "5")
         assert mine["--data_path"] == str(root / "toyworld" / Path(theirs["--data_path"]).name)
         assert mine["--output_dir"] == str(run_dir / name)
         assert mine["--word_dist_path"] == str(root / "word_dist.pt")
@@ -68,13 +70,16 @@ def test_demo_runs_the_scripts_steps_with_only_its_stated_changes(tmp_path):
                                                                                     str(root / "siglip"))
         else:
             assert mine["--model_name_or_path"] == str(run_dir / previous)
-        # the demo's stated settings: toy resolution, token budget, learning-rate scale
+        # the demo's stated settings: toy resolution, token budget, learning rates (every one
+        # capped at 1e-3; Stage III's x10, its merger at 1e-3), Stage III's steps
         assert mine["--max_num_vistoken"] == "256"
         if "--force_resize" in theirs:
             assert int(mine["--force_resize"]) == round(int(theirs["--force_resize"]) * 112 / 48 / 28) * 28
         for flag in recipe.LR_FLAGS:
             if flag in theirs:
-                assert float(mine[flag]) == pytest.approx(10 * float(theirs[flag]))
+                assert float(mine[flag]) == pytest.approx(min(1e-3, (10 if final else 1) * float(theirs[flag])))
+        if final:
+            assert float(mine["--mm_projector_lr"]) == pytest.approx(1e-3)
         changed = {"--seed", "--max_steps", "--data_path", "--output_dir", "--word_dist_path",
                    "--model_name_or_path", "--custom_visual_model", "--max_num_vistoken", "--force_resize",
                    *recipe.LR_FLAGS}

@@ -248,7 +248,10 @@ def _results(attributes=("colour", "digit")) -> dict:
               "image_use": {"nll_right": 1.5, "nll_wrong": 1.8, "difference": 0.3, "difference_se": 0.05,
                             "right_better": 0.8, "n": 40}}
           for v in ("fixed 112px", "native", "native 2x")}
-    return {"seed": 0, "image_size": 112, "plan": {"steps": 20, "probe_seeds": 3, "attentive_attributes": ["digit"]},
+    health = {name: {"norm_ratio": 20.0, "image_specific": share}
+              for name, share in (("stage1", 0.6), ("stage2a", 0.05))}
+    return {"seed": 0, "image_size": 112, "health": health,
+            "plan": {"steps": 20, "stage3_steps_scale": 12, "probe_seeds": 3, "attentive_attributes": ["digit"]},
             "toy_quality": {"siglip": {"colour_accuracy": 0.9, "colour_chance": 0.125, "shape_accuracy": 0.3,
                                        "shape_chance": 1 / 6},
                             "lm": {"perplexity": 1.7, "unigram_perplexity": 60.0}},
@@ -282,6 +285,7 @@ def test_write_report_leads_with_the_summary_and_writes_every_figure_it_links(tm
     assert linked == {"loss.png", "probe_fixed.png", "probe_native.png", "probe_native-2x.png", "zero_shot.png",
                       "prototype_words.png", "qa.png", "image_use.png",
                       *(f"resolution_{a}.png" for a in attributes)}
+    assert "| stage2a | 20.0 | 0.05 |" in text and "(240 in Stage III)" in text
     # the attentive head is shown where it ran and "-" where it did not
     assert "| digit | CoMP-VFM | native | 220 | 0.400 ± 0.020 | 0.400 ± 0.020 | 0.100 |" in text
     if "colour" in attributes:

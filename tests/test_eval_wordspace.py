@@ -103,3 +103,25 @@ def test_demo_uses_the_one_implementation():
         for name in ("image_features", "text_features", "word_distributions", "recall_at", "top_words",
                      "mean_pairwise_cos", "retrieval", "zero_shot", "class_word_ids"):
             assert getattr(demo, name, ws) in (ws, getattr(ws, name)), (module, name)
+
+
+def test_merged_token_health_sees_a_shared_offset(mm, colour_images):
+    """A merger whose output is dominated by one bias vector (the collapse the demo watches
+    for) has a tiny image-specific share and a large norm against the word embeddings."""
+    model, processor = mm
+    paths, _ = colour_images
+    healthy = ws.merged_token_health(model, processor.image_processor, paths)
+    assert healthy["image_specific"] > 0.05 and healthy["images"] == len(paths)
+    bias = model.visual.merger.mlp[2].bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias.fill_(100.0)
+        collapsed = ws.merged_token_health(model, processor.image_processor, paths)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    assert collapsed["image_specific"] < healthy["image_specific"] / 10
+    assert collapsed["norm_ratio"] > 10 * healthy["norm_ratio"]
+    expected = 100.0 * bias.numel() ** 0.5 / model.get_input_embeddings().weight[: model.num_prototypes].norm(dim=-1).mean()
+    assert collapsed["norm_ratio"] == pytest.approx(float(expected), rel=0.05)

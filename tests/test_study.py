@@ -47,6 +47,9 @@ def test_cell_is_deterministic_and_resumes(tmp_path, assets, monkeypatch):
     monkeypatch.setattr(pipeline, "run_pipeline", no_training)
     again = study.run_cell(tmp_path / "a", "alignment loss off", 0, plan(), assets, say)
     assert again == json.loads(json.dumps(first))
+    # --jobs 2: the same cells through spawned workers (read back here: a worker finds cell.json)
+    pooled = study.run_cells(tmp_path / "a", ["alignment loss off"], [0], dict(pipeline.QUICK), jobs=2)
+    assert pooled == [again]
 
 
 def test_study_md_has_the_table_and_its_figures(tmp_path):

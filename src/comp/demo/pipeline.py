@@ -8,8 +8,18 @@ the word prior over the word-level vocabulary (cached per seed beside them).
 Demo settings on top of the script's smoke flags, the same for every variant and seed (the
 "before" models are not trained): ``--force_resize`` rescaled from the smoke scaling (Stage I
 = the VFM's pre-training size, 384 -> S) to the toy SigLIP's size S; a merged-token budget
-that keeps every toyworld image native; the learning rates times ``lr_scale`` (the recipe's
-are for 1B models and thousands of steps).
+that keeps every toyworld image native; and these learning rates and steps, chosen on seed 0
+(single runs; ``health`` in the results, the merged visual tokens' image-specific share after
+each step, shows when the merger has stopped carrying its images):
+- Stages I-II at the recipe's rates, capped at ``lr_cap`` = Stage I's merger rate (only
+  Stage II's merger rate, 5e-3, is above it). Scaled x10 there (LLM 2e-4, VFM 1e-3), Stage II
+  leaves the merged tokens one shared vector (image-specific share 0.01) and Stage III never
+  recovers (wrong- minus right-image answer NLL 0.00 ± 0.005 nats); at these rates the share is
+  ~0.1, which Stage III undoes.
+- Stage III at ``stage3_lr_scale`` x the recipe's rates (a 1B LLM's fine-tuning rates: 1e-5
+  LLM, 2e-5 VFM), the merger at ``stage3_projector_lr`` (the recipe gives it the LLM's rate),
+  for ``stage3_steps_scale`` x the steps on the medium toyworld: image use 0.00 at the recipe's
+  Stage III; 0.20 ± 0.06 nats at x6 steps on the small toyworld; 0.33 ± 0.045 with these.
 
 Evaluation (``evaluate``):
 - probes: linear (mean-pooled) and attentive (all tokens) heads on frozen encoder tokens of
@@ -40,6 +50,7 @@ import torch
 from comp.demo import recipe
 
 ZERO_SHOT_ATTRIBUTES = ("colour", "shape", "digit")
+FINAL_STEP = "stage3"  # the recipe's instruction-tuning step
 NATIVE_TOKENS = 1280  # the processor's default budget: every toyworld image (<= 896 px) stays native
 
 
@@ -48,9 +59,12 @@ class Plan:
     """What one run trains and measures: the full default, or ``quick`` (for tests)."""
     steps: int = 150  # optimizer steps per recipe step
     toys: str = "full"  # comp.demo.pretrain settings: full | quick
-    toyworld: str = "small"
+    toyworld: str = "medium"  # 3000 pool scenes: Stage III's 1800 steps x 2 records stay < 1.3 epochs
     train_tokens: int = 256  # merged tokens per training image: 448 px toyworld images stay native
-    lr_scale: float = 10.0
+    lr_cap: float = 1e-3  # learning rates and Stage III's length: see the module docstring
+    stage3_lr_scale: float = 10.0
+    stage3_projector_lr: float = 1e-3
+    stage3_steps_scale: int = 12
     attributes: tuple[str, ...] = ("colour", "shape", "digit", "word")
     probe_per_class: int | None = 16  # images per class and split (None: all)
     probe_seeds: int = 3
@@ -67,7 +81,7 @@ class Plan:
         return {k: v for k, v in asdict(self).items() if k != "timings"}
 
 
-QUICK = dict(steps=2, toys="quick", train_tokens=64, attributes=("colour", "digit"), probe_per_class=4,
+QUICK = dict(steps=2, toys="quick", toyworld="small", train_tokens=64, attributes=("colour", "digit"), probe_per_class=4,
              probe_seeds=3, probe_epochs=30, attentive_epochs=3, zero_shot_per_class=3, retrieval_images=12, qa_limit=12)
 
 
@@ -133,11 +147,18 @@ def step_overrides(step: recipe.RecipeStep, assets: Assets, plan: Plan, factor: 
     if resize is not None:
         unit = 28  # patch 14 x merge 2
         out["--force_resize"] = str(max(unit, round(int(resize) * factor / unit) * unit))
+    final = step.name == FINAL_STEP
     for flag in recipe.LR_FLAGS:
         value = recipe.flag_value(step.flags, flag)
         if value is not None:
-            out[flag] = f"{float(value) * plan.lr_scale:g}"
+            out[flag] = f"{min(float(value) * (plan.stage3_lr_scale if final else 1.0), plan.lr_cap):g}"
+    if final:
+        out["--mm_projector_lr"] = f"{plan.stage3_projector_lr:g}"
     return out | variant
+
+
+def step_count(step: recipe.RecipeStep, plan: Plan) -> int:
+    return plan.steps * (plan.stage3_steps_scale if step.name == FINAL_STEP else 1)
 
 
 def step_argvs(assets: Assets, run_dir: Path, plan: Plan, seed: int,
@@ -147,7 +168,7 @@ def step_argvs(assets: Assets, run_dir: Path, plan: Plan, seed: int,
     factor = resize_factor(steps, assets.image_size)
     return {s.name: recipe.demo_argv(s, llm=assets.llm, vision=assets.vision, toyworld=assets.toyworld,
                                      word_dist=word_dist or assets.word_dist, run_dir=run_dir,
-                                     max_steps=plan.steps, seed=seed,
+                                     max_steps=step_count(s, plan), seed=seed,
                                      overrides=step_overrides(s, assets, plan, factor, variant or {}))
             for s in steps}
 
@@ -175,7 +196,7 @@ def train_steps(argvs: dict[str, list[str]], plan: Plan, logs: Path, verbose: bo
         plan.timings[name] = time.perf_counter() - start
         last = histories[name][-1]
         align = f", align_loss {last['align_loss']:.3f}" if "align_loss" in last else ""
-        say(f"{name}: {plan.steps} steps, last lm_loss {last['lm_loss']:.3f}{align} "
+        say(f"{name}: {trainer.state.global_step} steps, last lm_loss {last['lm_loss']:.3f}{align} "
             f"({plan.timings[name]:.0f} s)")
     return histories
 
@@ -314,6 +335,24 @@ def word_space_results(initial, run_dir: Path, assets: Assets, plan: Plan) -> di
     return results
 
 
+def health_results(run_dir: Path, steps: Sequence[str], assets: Assets, plan: Plan, images: int = 16) -> dict:
+    """Each step's merged visual tokens on the first held-out QA images (training budget):
+    their norm against the word embeddings and their image-specific share."""
+    from comp.data.processor import CompProcessor
+    from comp.eval.qa import load_questions
+    from comp.eval.wordspace import merged_token_health
+    from comp.models.mllm import CompForConditionalGeneration
+
+    paths = [q["image"] for q in load_questions(assets.toyworld / "qa_eval")[:images]]
+    out = {}
+    with torch.no_grad():
+        for name in steps:
+            model = CompForConditionalGeneration.from_pretrained(run_dir / name).eval()
+            processor = CompProcessor.from_pretrained(run_dir / name, max_num_vistoken=plan.train_tokens)
+            out[name] = merged_token_health(model, processor.image_processor, paths)
+    return out
+
+
 def qa_results(run_dir: Path, assets: Assets, plan: Plan, seed: int) -> dict:
     from comp.eval.qa import evaluate_qa
     from comp.models.mllm import CompForConditionalGeneration
@@ -337,6 +376,10 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
     logs, run_dir = out / "logs", out / recipe.RUN
     argvs = step_argvs(assets, run_dir, plan, seed, variant, word_dist)
     histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for)
+    with timed(plan, "health"), captured(logs / "eval.log", verbose):
+        health = health_results(run_dir, list(argvs), assets, plan)
+    say("merged visual tokens (norm / word-embedding norm, image-specific share): " + ", ".join(
+        f"{k} {h['norm_ratio']:.0f}x {h['image_specific']:.2f}" for k, h in health.items()))
     vfm = run_dir / "comp-vfm"
     with timed(plan, "export"), captured(logs / "export.log", verbose):
         if not (vfm / "config.json").exists():
@@ -354,4 +397,4 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
     say(f"qa: exact match and image use after Stage III ({plan.timings['qa']:.0f} s)")
     return {"seed": seed, "plan": plan.settings(), "image_size": assets.image_size,
             "toy_quality": assets.quality, "argv": argvs, "histories": histories,
-            "probes": probes, "word_space": words, "qa": qa}
+            "health": health, "probes": probes, "word_space": words, "qa": qa}

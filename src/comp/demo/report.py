@@ -378,6 +378,16 @@ def loss_section(results: dict, figures: Path) -> list[str]:
             "![training losses](figures/loss.png)", ""]
 
 
+def health_section(results: dict) -> list[str]:
+    rows = [[name, f"{h['norm_ratio']:.1f}", f"{h['image_specific']:.2f}"] for name, h in results["health"].items()]
+    return ["## Merged visual tokens per stage", "",
+            "On the first held-out QA images: the tokens' mean norm over the LLM's mean word-embedding norm, "
+            "and their image-specific share (mean distance to the one vector common to all tokens, over "
+            "their mean norm). A share near 0 means the merger emits nearly the same tokens for every "
+            "image: after RMSNorm the LLM can no longer tell images apart.", "",
+            markdown_table(["after", "norm / word norm", "image-specific share"], rows), ""]
+
+
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -439,11 +449,15 @@ def word_space_section(results: dict, figures: Path) -> list[str]:
                     title="top words of p_v = softmax(F_v W^T / T) per image", uniform=None)
     return ["## Word space (before Stage I, after Stage II-b)", "",
             "Zero-shot: each val image's class is the class word whose prototype row scores highest "
-            "under p_v; retrieval: captions ranked per image through the prototypes (sum_k p_t log p_v).", "",
-            markdown_table(["model", *[f"zero-shot {a}" for a in attributes], "retrieval R@1", "R@5", "images"],
+            "under p_v; retrieval: captions ranked per image through the prototypes (sum_k p_t log p_v). "
+            "Image cos / caption cos: the mean cosine between distinct images' F_v / captions' F_t "
+            "(1: every image, or every caption, has the same word distribution to offer).", "",
+            markdown_table(["model", *[f"zero-shot {a}" for a in attributes], "retrieval R@1", "R@5", "images",
+                            "image cos", "caption cos"],
                            [[m, *[words[m]["zero_shot"][a]["top1"] for a in attributes],
                              words[m]["retrieval"]["prototypes"]["R@1"], words[m]["retrieval"]["prototypes"]["R@5"],
-                             words[m]["retrieval"]["images"]] for m in models]), "",
+                             words[m]["retrieval"]["images"], words[m]["retrieval"].get("image_cos"),
+                             words[m]["retrieval"].get("caption_cos")] for m in models]), "",
             f"Retrieval chance: R@1 = {1 / after['images']:.3f}, R@5 = {min(1.0, 5 / after['images']):.3f}.", "",
             "![zero-shot](figures/zero_shot.png)", "",
             "![prototype words](figures/prototype_words.png)", ""]
@@ -491,12 +505,13 @@ def write_report(out: str | Path, results: dict, *, rule: str) -> Path:
     lines = ["# comp demo: the SigLIP recipe on toy-pretrained originals", "",
              "## Summary", "", summary_markdown(results["summary"], rule=rule), "",
              "## Setup", "",
-             f"Seed {results['seed']}; {results['plan']['steps']} optimizer steps per recipe step; toy "
+             f"Seed {results['seed']}; {results['plan']['steps']} optimizer steps per recipe step "
+             f"({results['plan']['steps'] * results['plan']['stage3_steps_scale']} in Stage III); toy "
              f"SigLIP at {results['image_size']} px. Toy originals: SigLIP zero-shot colour "
              f"{q['siglip']['colour_accuracy']:.3f} (chance {q['siglip']['colour_chance']:.3f}), shape "
              f"{q['siglip']['shape_accuracy']:.3f} (chance {q['siglip']['shape_chance']:.3f}); LM held-out "
              f"perplexity {q['lm']['perplexity']:.2f} (unigram {q['lm']['unigram_perplexity']:.2f}).", "",
-             *loss_section(results, figures), *probe_section(results, figures),
+             *loss_section(results, figures), *health_section(results), *probe_section(results, figures),
              *word_space_section(results, figures), *qa_section(results, figures),
              "## Timings", "",
              markdown_table(["phase", "seconds"], [*[[k, f"{v:.0f}"] for k, v in timings.items()],

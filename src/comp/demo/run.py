@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("comp_demo"), help="output directory (default ./comp_demo)")
     p.add_argument("--seed", type=int, default=0, help="seeds the toy originals, toyworld and training")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"optimizer steps per recipe step (default {Plan.steps}; {QUICK['steps']} with --quick)")
+                   help=f"optimizer steps per recipe step, Stage III x {Plan.stage3_steps_scale} "
+                        f"(default {Plan.steps}; {QUICK['steps']} with --quick)")
     p.add_switch("--quick", default=False,
                  help="smoke-sized run: quick toys, few steps, two probe attributes, few images")
     p.add_argument("--threads", type=int, default=1,

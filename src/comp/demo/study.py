@@ -125,14 +125,59 @@ def build_parser():
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help="comma-separated subset of: " + ", ".join(VARIANTS))
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe step")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells (and seeds' toy originals) computed at once, one process and one thread "
+                        "each (default 1; 2 on a 2-core machine halves the wall time)")
     p.add_switch("--quick", default=False, help="smoke-sized cells (tests)")
     return p
+
+
+def _say(message: str) -> None:
+    print(f"[comp study] {message}", flush=True)
+
+
+def _assets_job(seed: int, plan_args: dict):
+    """The toy originals and toyworld of ``seed`` (a worker process, one thread)."""
+    import torch
+
+    from comp.demo.pipeline import Plan, build_assets
+
+    torch.set_num_threads(1)
+    return build_assets(seed, Plan(**plan_args), log=_say)
+
+
+def _cell_job(root: Path, variant: str, seed: int, plan_args: dict, assets) -> dict:
+    import torch
+
+    from comp.demo.pipeline import Plan
+
+    torch.set_num_threads(1)
+    return run_cell(root, variant, seed, Plan(**plan_args), assets, _say)
+
+
+def run_cells(root: Path, variants: list[str], seeds: list[int], plan_args: dict, jobs: int) -> list[dict]:
+    """Every (seed, variant) cell, seed-major; ``jobs`` > 1 runs them in that many spawned
+    worker processes (each seed's assets first, so no two workers build the same toys)."""
+    if jobs <= 1:
+        out = []
+        for seed in seeds:
+            assets = _assets_job(seed, plan_args)
+            out += [_cell_job(root, variant, seed, plan_args, assets) for variant in variants]
+        return out
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assets = dict(zip(seeds, pool.map(_assets_job, seeds, [plan_args] * len(seeds))))
+        futures = [pool.submit(_cell_job, root, variant, seed, plan_args, assets[seed])
+                   for seed in seeds for variant in variants]
+        return [f.result() for f in futures]
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from comp.demo.pipeline import QUICK, Plan, build_assets
+    from comp.demo.pipeline import QUICK
 
     args = build_parser().parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -140,24 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or args.seeds < 1:
         print(f"comp study: unknown variants {unknown} (choose from {VARIANTS}) or --seeds < 1", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"comp study: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
     plan_args = dict(QUICK) if args.quick else {}
     if args.steps is not None:
         plan_args["steps"] = args.steps
 
-    def say(message: str) -> None:
-        print(f"[comp study] {message}", flush=True)
-
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    cells = []
     seeds = list(range(args.seeds))
-    for seed in seeds:
-        assets = build_assets(seed, Plan(**plan_args), log=say)
-        for variant in variants:
-            cells.append(run_cell(args.out, variant, seed, Plan(**plan_args), assets, say))
+    cells = run_cells(args.out, variants, seeds, plan_args, args.jobs)
     (args.out / "study.json").write_text(json.dumps(
         {"seeds": seeds, "variants": variants, "table": cell_table(cells),
          "cells": [{k: c[k] for k in ("variant", "seed", "metrics", "seconds")} for c in cells]}, indent=1) + "\n")
     path = write_study(args.out, cells, seeds)
-    say(f"done: {len(cells)} cells; table: {path}")
+    _say(f"done: {len(cells)} cells; table: {path}")
     return 0

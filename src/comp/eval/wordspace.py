@@ -53,6 +53,22 @@ def image_features(model, image_processor, paths: Sequence[Path], batch: int = 1
 
 
 @torch.no_grad()
+def merged_token_health(model, image_processor, paths: Sequence[Path]) -> dict:
+    """Whether the merged visual tokens still carry their images: their mean norm against the
+    LLM's input word embeddings (``norm_ratio``), and the share of it that is not one vector
+    common to every token of every image (``image_specific``: mean ||f - mean f|| / mean ||f||).
+    A merger that drifts to a large shared offset leaves the LLM (after RMSNorm) nearly the
+    same tokens for every image, and it stops reading them."""
+    inputs = image_processor(list(paths), return_tensors="pt")
+    feats_MD = model.image_features(inputs["pixel_values"], inputs["image_grid_thw"]).float()
+    norm = feats_MD.norm(dim=-1).mean()
+    text = model.get_input_embeddings().weight[: model.num_prototypes].float().norm(dim=-1).mean()
+    specific = (feats_MD - feats_MD.mean(0)).norm(dim=-1).mean()
+    return {"visual_norm": float(norm), "text_norm": float(text), "norm_ratio": float(norm / text),
+            "image_specific": float(specific / norm), "images": len(paths)}
+
+
+@torch.no_grad()
 def text_features(model, tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """F_t [J, D]: the LLM's last hidden states of each text, masked mean, L2-normalised
     (the alignment loss's text pass)."""
