@@ -71,3 +71,5 @@ def test_cli_lists_study(capsys):
 
     assert main(["study", "--variants", "nonsense"]) == 2
     assert "unknown variants" in capsys.readouterr().err
+    assert main(["study", "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err

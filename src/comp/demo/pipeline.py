@@ -345,11 +345,10 @@ def health_results(run_dir: Path, steps: Sequence[str], assets: Assets, plan: Pl
 
     paths = [q["image"] for q in load_questions(assets.toyworld / "qa_eval")[:images]]
     out = {}
-    with torch.no_grad():
-        for name in steps:
-            model = CompForConditionalGeneration.from_pretrained(run_dir / name).eval()
-            processor = CompProcessor.from_pretrained(run_dir / name, max_num_vistoken=plan.train_tokens)
-            out[name] = merged_token_health(model, processor.image_processor, paths)
+    for name in steps:
+        model = CompForConditionalGeneration.from_pretrained(run_dir / name).eval()
+        processor = CompProcessor.from_pretrained(run_dir / name, max_num_vistoken=plan.train_tokens)
+        out[name] = merged_token_health(model, processor.image_processor, paths)
     return out
 
 

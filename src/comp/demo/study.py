@@ -129,7 +129,7 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe step")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells (and seeds' toy originals) computed at once, one process and one thread "
-                        "each (default 1; 2 on a 2-core machine halves the wall time)")
+                        "each (default 1; the default study took 48 min with 2 on 2 cores)")
     p.add_switch("--quick", default=False, help="smoke-sized cells (tests)")
     return p
 
