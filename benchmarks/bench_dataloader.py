@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from comp.data.collator import DataCollator
 from comp.data.conversation import encode_conversation
-from comp.data.dataset import MixtureDataset, Skipped, open_image, resolve_image_path
+from comp.data.dataset import MixtureDataset, Skipped, locate_image, open_image
 from comp.data.processor import CompProcessor
 from comp.data.toyworld import write_toyworld
 from comp.models.tiny import write_tiny
@@ -64,7 +64,7 @@ def sample_in_phases(ds: MixtureDataset, i: int, clock: PhaseClock) -> dict:
     source, r = ds.locate(i)
     with clock("read + parse"):
         record = source.record(r)
-        paths = [resolve_image_path(source.spec.image_root, p) for p in record.images]
+        paths = [locate_image(source.spec.image_root, p) for p in record.images]
     with clock("image decode"):
         images = [open_image(p, ds.load_image) for p in paths]
     sample: dict = {"pixel_values": None, "image_grid_thw": None, "has_image": bool(images)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,11 @@ def make_mixed(root: Path) -> tuple[Path, dict[str, str | None]]:
     Image.new("RGB", (30, 30)).save(root / "outside.png")
     Image.new("RGB", (402, 2)).save(images / "sliver.png")  # aspect ratio 201
     (images / "folder.png").mkdir()  # a directory named like an image
+    with zipfile.ZipFile(images / "shard.zip", "w") as z:  # a member whose CRC fails
+        z.writestr(zipfile.ZipInfo("member.png"), (images / "wide.png").read_bytes())
+    raw = bytearray((images / "shard.zip").read_bytes())
+    raw[60:64] = b"\0\0\0\0"  # inside the stored member's data
+    (images / "shard.zip").write_bytes(bytes(raw))
     records = [
         ("good_one", {"image": "wide.png", "conversations": turn("<image>\nWhat is it?")}, None),
         ("good_two", {"image": ["wide.png", "tall.jpg"], "conversations": turn("<image> vs <image>")}, None),
@@ -41,6 +47,7 @@ def make_mixed(root: Path) -> tuple[Path, dict[str, str | None]]:
         ("good_text", {"conversations": turn("Say hi.", "hi")}, None),
         ("bad_missing", {"image": "nope.png", "conversations": turn("<image>")}, "missing_image"),
         ("bad_decode", {"image": "broken.png", "conversations": turn("<image>")}, "undecodable_image"),
+        ("bad_member", {"image": "shard.zip/member.png", "conversations": turn("<image>")}, "bad_member"),
         ("bad_dir", {"image": "folder.png", "conversations": turn("<image>")}, "bad_image_path"),
         ("bad_escape", {"image": "../outside.png", "conversations": turn("<image>")}, "path_escape"),
         ("bad_aspect", {"image": "sliver.png", "conversations": turn("<image>")}, "unprocessable_image"),

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from comp.data.conversation import encode_conversation, load_tokenizer
-from comp.data.dataset import Source, check_image_path, resolve_image_path
+from comp.data.dataset import Source, image_source, locate_image
 from comp.data.index import JSONSyntaxError
 from comp.data.mixture import MixtureError, load_mixture
 from comp.data.records import SkipSample, prompt_messages
@@ -146,42 +146,42 @@ class CheckJob:
                 tally.error(e.reason, f"{source.where(r, rid or e.record_id)}: {e.detail}")
         return tally
 
-    def _image_tokens(self, path: Path) -> int:
+    def _image_tokens(self, location) -> int:
         """Visual tokens of one image, refusing it for the reasons training would: missing,
-        not a regular file, over the pixel limit (from the header: never decoded), truncated
-        (end marker, cheap), corrupt (``verify``, or a full decode with ``--decode``)."""
+        not a regular file, an unreadable archive member, over the pixel limit (from the
+        header: never decoded), truncated (end marker, cheap), corrupt (``verify``, or a full
+        decode with ``--decode``)."""
         from PIL import Image
 
         from comp.data.image import (DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, decode, image_size,
                                      truncation_problem)
 
-        check_image_path(path)
+        source = image_source(location)
         try:
-            height, width = image_size(path)
+            height, width = image_size(source)
         except ImageLoadError as e:
-            raise SkipSample("undecodable_image", f"{path}: {e}") from None
+            raise SkipSample("undecodable_image", f"{location}: {e}") from None
         if height * width > DEFAULT_MAX_IMAGE_PIXELS:  # load_image refuses it likewise
-            raise SkipSample("undecodable_image", f"{path}: {width}x{height} pixels is above the "
+            raise SkipSample("undecodable_image", f"{location}: {width}x{height} pixels is above the "
                              f"limit of {DEFAULT_MAX_IMAGE_PIXELS:,}")
         try:
             if self.decode:
-                decode(path)
+                decode(source)
             else:
-                with Image.open(path) as im:
-                    problem = truncation_problem(path, im.format)
+                with Image.open(source) as im:
+                    problem = truncation_problem(source, im.format)
                     if problem:
                         raise ImageLoadError(problem)
                     im.verify()
         except Exception as e:  # PIL raises many types for corrupt files
-            raise SkipSample("undecodable_image", f"{path}: {type(e).__name__}: {e}") from None
+            raise SkipSample("undecodable_image", f"{location}: {type(e).__name__}: {e}") from None
         try:
             return self.processor.num_visual_tokens(height, width)
         except ValueError as e:
-            raise SkipSample("unprocessable_image", f"{path}: {e}") from None
+            raise SkipSample("unprocessable_image", f"{location}: {e}") from None
 
     def _inspect(self, source: Source, record, k: int, tally: Tally) -> None:
-        paths = [resolve_image_path(source.spec.image_root, p) for p in record.images]
-        counts = [self._image_tokens(p) for p in paths]
+        counts = [self._image_tokens(locate_image(source.spec.image_root, p)) for p in record.images]
         if self.tokenizer is not None:
             messages = prompt_messages(record.messages)  # the default (reference) training format
             ids_L, _ = encode_conversation(self.tokenizer, messages, counts, max_length=1 << 62)

@@ -19,6 +19,7 @@ sampler expects. Training computes them once per run and data (comp.data.lengths
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections import Counter
@@ -34,6 +35,7 @@ from comp.data.index import JSONSyntaxError, RecordIndex
 from comp.data.mixture import DatasetSpec, load_mixture, select_indices
 from comp.data.records import (SKIP_REASONS, Record, SkipSample, assistant_texts, parse_record,
                                prompt_messages)
+from comp.data.storage import ImageLocation, MemberError, read_member, split_archive_path
 
 log = logging.getLogger(__name__)
 TEXT_BYTES_PER_TOKEN = 4
@@ -97,6 +99,11 @@ def resolve_image_path(root: Path, relative: str) -> Path:
     return Path(path_n)
 
 
+def locate_image(root: Path, relative: str) -> ImageLocation:
+    """The file or archive member (see comp.data.storage) a record's image path names."""
+    return split_archive_path(resolve_image_path(root, relative))
+
+
 def check_image_path(path: Path) -> None:
     """SkipSample unless ``path`` is a regular file: missing_image, or bad_image_path for a
     directory, pipe, socket, device or a name the file system refuses."""
@@ -110,14 +117,30 @@ def check_image_path(path: Path) -> None:
         raise SkipSample("bad_image_path", str(e)) from None
 
 
-def open_image(path: Path, load_image):
-    """Load one image, telling a missing file or a non-file from an undecodable one
-    (``load_image`` raises ImageLoadError, a ValueError, or an OSError from PIL)."""
-    check_image_path(path)
+def image_source(location: ImageLocation | Path) -> Path | io.BytesIO:
+    """What the image decoder reads: the file's path, or the archive member's bytes in a
+    BytesIO named after the member. SkipSample when there is nothing readable."""
+    if isinstance(location, Path) or location.member is None:
+        path = Path(location if isinstance(location, Path) else location.path)
+        check_image_path(path)
+        return path
     try:
-        return load_image(path)
+        data = read_member(location)
+    except MemberError as e:
+        raise SkipSample("missing_image" if e.kind == "missing" else "bad_member", str(e)) from None
+    buffer = io.BytesIO(data)
+    buffer.name = str(location)
+    return buffer
+
+
+def open_image(location: ImageLocation | Path, load_image):
+    """Load one image, telling a missing file or member or a non-file from an undecodable one
+    (``load_image`` raises ImageLoadError, a ValueError, or an OSError from PIL)."""
+    source = image_source(location)
+    try:
+        return load_image(source)
     except (ValueError, OSError) as e:
-        raise SkipSample("undecodable_image", f"{path}: {e}") from None
+        raise SkipSample("undecodable_image", f"{location}: {e}") from None
 
 
 class Source:
@@ -190,8 +213,8 @@ class MixtureDataset(Dataset):
             return Skipped(e.reason, e.detail, source.where(r, record.id if record else e.record_id))
 
     def _encode(self, source: Source, record: Record, position: int) -> dict:
-        paths = [resolve_image_path(source.spec.image_root, p) for p in record.images]
-        images = [open_image(p, self.load_image) for p in paths]
+        locations = [locate_image(source.spec.image_root, p) for p in record.images]
+        images = [open_image(loc, self.load_image) for loc in locations]
         sample: dict = {"pixel_values": None, "image_grid_thw": None, "has_image": bool(images)}
         counts: list[int] = []
         if images:
@@ -243,7 +266,7 @@ class MixtureDataset(Dataset):
 
         try:
             if height_width is None:
-                height_width = image_size(resolve_image_path(source.spec.image_root, relative))
+                height_width = image_size(image_source(locate_image(source.spec.image_root, relative)))
             return int(self.image_processor.num_visual_tokens(*height_width))
         except (SkipSample, OSError, ValueError):  # a bad sample: skipped when loaded
             return 1

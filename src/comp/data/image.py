@@ -80,22 +80,31 @@ def regular_file(path: str | os.PathLike) -> int:
     return st.st_size
 
 
-def truncation_problem(path: str | os.PathLike, image_format: str | None) -> str | None:
-    """Why a JPEG or PNG file is cut short (no end-of-image marker / IEND chunk near its
-    end), or None. Reads the last few KB only: cheap enough for every image of a dataset."""
+def truncation_problem(source: str | os.PathLike | IO[bytes], image_format: str | None) -> str | None:
+    """Why a JPEG or PNG file (path or seekable binary file) is cut short (no end-of-image
+    marker / IEND chunk near its end), or None. Reads the last few KB only: cheap enough for
+    every image of a dataset."""
     marker = _END_MARKERS.get(image_format or "")
     if marker is None:
         return None
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - TAIL_BYTES))
-        tail = f.read()
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            tail = _tail(f)
+    else:
+        position = source.tell()
+        tail = _tail(source)
+        source.seek(position)
     if marker in tail:
         return None
     what = "end-of-image marker (FFD9)" if marker != b"IEND" else "IEND chunk"
     return (f"the {image_format} file is truncated: no {what} in its last {TAIL_BYTES} bytes "
             "(an interrupted download or copy?); re-fetch the file")
+
+
+def _tail(f: IO[bytes]) -> bytes:
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - TAIL_BYTES))
+    return f.read()
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -156,7 +165,7 @@ def decode(source: ImageSource, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
                 f"cannot load image {name}: {width}x{height} = {width * height:,} pixels is "
                 f"above the limit of {max_image_pixels:,} (a decompression bomb?); "
                 "raise max_image_pixels if the image is genuine")
-        if isinstance(source, (str, os.PathLike)):
+        if isinstance(source, (str, os.PathLike)) or getattr(source, "seekable", lambda: False)():
             problem = truncation_problem(source, image.format)
             if problem:
                 raise ImageLoadError(f"cannot load image {name}: the data cannot be decoded: {problem}")

@@ -31,7 +31,8 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 SKIP_REASONS = {
     "malformed_record": "the record is not valid JSON or lacks/misshapes 'conversations' or 'image'",
     "placeholder_mismatch": "the number of <image> placeholders differs from the number of images",
-    "missing_image": "an image file does not exist",
+    "missing_image": "an image file (or archive member) does not exist",
+    "bad_member": "an archive member cannot be read: bad CRC, bad offset, truncated or damaged archive",
     "bad_image_path": "an image path is no regular file (directory, pipe, socket, device) or a "
                       "name the file system refuses (e.g. a component over 255 bytes)",
     "undecodable_image": "an image file exists but cannot be decoded, is truncated, or is over "
