@@ -1,7 +1,8 @@
 # Shared by the three CoMP recipes. Source it, then call `run_step NAME MODEL [flags...]`.
 #
 # Environment (all optional):
-#   COMP_SMOKE=1        smoke mode: tiny random checkpoints + toyworld data on the CPU, a few
+#   COMP_SMOKE=1        smoke mode: tiny random checkpoints + toyworld data (the seed's mixtures
+#                       instead when COMP_DATA_ROOT is set) on the CPU, a few
 #                       optimizer steps per stage, same steps and flags otherwise; one process
 #                       unless COMP_LAUNCHER says more, no DeepSpeed unless DEEPSPEED_CONFIG is
 #                       set (the GPU recipe minus CUDA: COMP_LAUNCHER="torchrun --nproc_per_node 2 -m"
@@ -42,10 +43,17 @@ if [[ "${COMP_SMOKE:-0}" != "0" ]]; then
   LLM_VERSION=$ASSETS/qwen2
   SIGLIP=$ASSETS/siglip
   DINOV2=$ASSETS/dinov2
-  STAGE1_DATA=$ASSETS/toyworld/stage1.yaml
-  STAGE2_DATA=$ASSETS/toyworld/stage2.yaml
-  STAGE3_DATA=$ASSETS/toyworld/stage3.yaml
-  DATA_FLAGS=()
+  if [[ -n "${COMP_DATA_ROOT:-}" ]]; then   # the seed's mixtures, as `comp data prepare` wrote them
+    STAGE1_DATA=$REPO/scripts/data/stage1.yaml
+    STAGE2_DATA=$REPO/scripts/data/stage2.yaml
+    STAGE3_DATA=$REPO/scripts/data/stage3.yaml
+    DATA_FLAGS=(--data_root "$COMP_DATA_ROOT" --image_folder "${COMP_IMAGE_FOLDER:-$COMP_DATA_ROOT/data}")
+  else
+    STAGE1_DATA=$ASSETS/toyworld/stage1.yaml
+    STAGE2_DATA=$ASSETS/toyworld/stage2.yaml
+    STAGE3_DATA=$ASSETS/toyworld/stage3.yaml
+    DATA_FLAGS=()
+  fi
   WORD_DIST=${WORD_DIST:-$ASSETS/word_dist.pt}
   # The reference's flags, shrunk to tiny models on one CPU (same steps, same switches).
   COMMON_FLAGS=(--use_cpu True --bf16 False --tf32 False --max_steps "$SMOKE_STEPS"

@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-vfm": ("comp.train.export:main", "write the trained encoder as a standalone CoMP-VFM"),
     "demo": ("comp.demo.run:main", "the SigLIP recipe on toy-pretrained models: before/after report"),
     "study": ("comp.demo.study:main", "the paper's ablations on the demo's toy setup, over seeds"),
-    "data": ("comp.cli:data_main", "data tools: check | prior | show | toyworld"),
+    "data": ("comp.cli:data_main", "data tools: check | prior | show | toyworld | prepare"),
     "chat": ("comp.eval.chat:main", "chat with a CoMP-MM checkpoint about images"),
     "encode": ("comp.eval.encode:main", "native-resolution encoder features to safetensors"),
     "probe": ("comp.eval.probe:main", "frozen-encoder probes (linear, attentive, k-NN)"),
@@ -32,6 +32,7 @@ DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "prior": ("comp.data.prior", "count assistant-answer tokens: the alignment loss's word prior"),
     "show": ("comp.data.show", "print records as the model sees them (rendered text, supervised spans, tokens)"),
     "toyworld": ("comp.data.toyworld", "write the synthetic toyworld dataset with Stage YAMLs"),
+    "prepare": ("comp.data.prepare", "download the seed's published datasets and write the stage YAMLs' files"),
 }
 
 
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def data_main(argv: list[str] | None = None) -> int:
-    """``comp data {check,prior,show,toyworld}``: each module's ``main`` takes the remaining argv."""
+    """``comp data {check,prior,show,toyworld,prepare}``: each module's ``main`` takes the remaining argv."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in DATA_COMMANDS:
-        usage = "usage: comp data {check,prior,show,toyworld} [args]\n\n" + "\n".join(
+        usage = "usage: comp data {check,prior,show,toyworld,prepare} [args]\n\n" + "\n".join(
             f"  {name:<9} {help_}" for name, (_, help_) in DATA_COMMANDS.items())
         known = not argv or argv[0] in ("-h", "--help")
         print(usage if known else f"comp data: unknown command {argv[0]!r}\n\n{usage}",

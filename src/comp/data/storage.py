@@ -15,7 +15,10 @@ Random access without extracting anything:
   CRCs and bad offsets: those members raise ``MemberError``, the others stay readable);
 - tar (uncompressed): member data offsets are indexed once; a read is one ``pread``;
 - parquet: rows are located through the footer's row-group sizes; the row group's image
-  column is read (pyarrow) and the last few are kept, so sequential scans read each once.
+  column is read (pyarrow) and the last few of the process are kept, so sequential scans
+  read each once. A random read costs the whole group (100 rows in Hub image datasets):
+  benchmarks/bench_storage.py measures it, which is why ``comp data prepare`` re-packs
+  parquet images into tar shards.
 
 Indexes are cached on disk (``$COMP_CACHE/archive-index``, keyed by the archive's real path,
 size and mtime) as sorted numpy arrays, so dataloader workers share them after ``fork`` and
@@ -39,7 +42,7 @@ import numpy as np
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".parquet")
 INDEX_VERSION = 1
 MAX_OPEN_READERS = 64
-PARQUET_CACHED_GROUPS = 2
+PARQUET_CACHED_GROUPS = 4  # per process, over all parquet files: a Hub row group is 5-40 MB
 _ZIP_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # signature ... name length, extra length
 
 
@@ -277,7 +280,6 @@ class ParquetReader:
         self._pid = os.getpid()
         meta = self._pf.metadata
         self.group_ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
-        self._groups: OrderedDict[int, object] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self.group_ends[-1]) if len(self.group_ends) else 0
@@ -288,9 +290,10 @@ class ParquetReader:
     def _group(self, g: int):
         if self._pid != os.getpid():  # pyarrow's file handle is not shared across fork
             self.__init__(self.archive)
-        if g in self._groups:
-            self._groups.move_to_end(g)
-            return self._groups[g]
+        key = (self.archive, g)
+        if key in _PARQUET_GROUPS:
+            _PARQUET_GROUPS.move_to_end(key)
+            return _PARQUET_GROUPS[key]
         try:
             column = self._pf.read_row_group(g, columns=[self.column]).column(0)
         except KeyError:
@@ -298,9 +301,9 @@ class ParquetReader:
         except Exception as err:
             raise MemberError(f"{self.archive}: row group {g} cannot be read ({err}); re-download "
                               "the file", "bad_member") from None
-        self._groups[g] = column
-        while len(self._groups) > PARQUET_CACHED_GROUPS:
-            self._groups.popitem(last=False)
+        _PARQUET_GROUPS[key] = column
+        while len(_PARQUET_GROUPS) > PARQUET_CACHED_GROUPS:
+            _PARQUET_GROUPS.popitem(last=False)
         return column
 
     def read(self, member: str) -> bytes:
@@ -317,6 +320,7 @@ class ParquetReader:
         return value
 
 
+_PARQUET_GROUPS: OrderedDict[tuple[Path, int], object] = OrderedDict()  # the last row groups read
 _READERS = {".zip": ZipReader, ".tar": TarReader, ".parquet": ParquetReader}
 _OPEN: OrderedDict[Path, object] = OrderedDict()
 
