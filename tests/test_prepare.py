@@ -171,3 +171,40 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_outputs(hub, offlin
     finished = subprocess.run(argv, env=hub_env(cache), capture_output=True, text=True, timeout=120)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert tree_digest(killed / "data") == want
+
+
+def test_caption_source_from_an_img2dataset_run(offline, tmp_path):
+    """DenseFusion's images taken from img2dataset's webdataset output (found by url, read in
+    place) instead of the zips; a url it failed to download is a named missing image."""
+    import io
+    import tarfile
+
+    from huggingface_hub import hf_hub_download
+    from PIL import Image
+
+    jsonl = hf_hub_download("BAAI/DenseFusion-1M", "DenseFusion-1M/DenseFusion-1M.jsonl", repo_type="dataset")
+    urls = [json.loads(line)["url"] for line in Path(jsonl).read_text().splitlines() if line.strip()]
+    shards = tmp_path / "img2dataset"
+    shards.mkdir()
+    with tarfile.open(shards / "00000.tar", "w") as tar:
+        for k, url in enumerate(urls[1:]):  # the first url failed to download
+            image = io.BytesIO()
+            Image.new("RGB", (30 + k, 20), (k * 30 % 256, 9, 9)).save(image, "JPEG")
+            for name, data in ((f"{k:09d}.jpg", image.getvalue()),
+                               (f"{k:09d}.json", json.dumps({"url": url, "key": f"{k:09d}",
+                                                             "status": "success"}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    root = tmp_path / "root"
+    assert prepare_main([str(STAGES[1]), "--data_root", str(root), "--only", "DenseFusion",
+                         "--img2dataset", str(shards)]) == 0
+    row = rows(root)["data/DenseFusion/DenseFusion-1M.json"]
+    assert (row["written"], row["dropped"]) == (len(urls) - 1, {"missing_image": 1})
+    records = json.loads((root / "data/DenseFusion/DenseFusion-1M.json").read_text())
+    assert all(r["image"].startswith("DenseFusion/img2dataset/00000.tar/") for r in records)
+    assert urls[0] in (root / STATE_DIR / "data__DenseFusion__DenseFusion-1M.json.problems.tsv").read_text()
+    summary = check(str(root / "data/DenseFusion/DenseFusion-1M.json"), image_folder=str(root / "data"))
+    assert (summary["num_errors"], summary["images"]) == (0, len(urls) - 1)
+    with pytest.raises(UserError, match="--img2dataset is for sources of captions"):
+        prepare_main([str(STAGES[0]), "--data_root", str(root), "--img2dataset", str(shards)])

@@ -14,6 +14,9 @@ Layouts (``--layout``):
   offset: measured, reading a row of a Hub parquet shard costs its whole 100-row group
   (benchmarks/bench_storage.py).
 - ``files``: every image extracted to ``<prefix>/images/...``, the reference's tree.
+Sources of captions with urls (DenseFusion-1M) can take their images from an img2dataset
+run instead of the published zips (``--img2dataset DIR``: its webdataset tars, read in place
+and matched by url); prepare downloads no image itself.
 
 Every image is checked on the way (zip CRC, header, truncation) and its size stored in the
 record (``width``/``height``), so the sampler's lengths need no image. Records are dropped,
@@ -199,6 +202,7 @@ class Context:
     data_root: Path
     layout: str
     state: Path  # DATA_ROOT/.comp-prepare/<slug>
+    img2dataset: Path | None = None  # caption sources' images from an img2dataset run instead
 
     @property
     def image_root(self) -> Path:
@@ -248,11 +252,26 @@ def write_jsonl(path: Path, lines: Iterator[str]) -> None:
     os.replace(tmp, path)
 
 
-def _bar(total: int | None, desc: str):
-    from tqdm.auto import tqdm
+class _Progress:
+    """Records and image bytes of one unit, on stderr when it is a terminal."""
 
-    return tqdm(total=total, desc=desc, unit="rec", file=sys.stderr, dynamic_ncols=True,
-                leave=False, disable=None)
+    def __init__(self, total: int | None, desc: str, tally: Tally):
+        from tqdm.auto import tqdm
+
+        self.tally = tally
+        self.bar = tqdm(total=total, desc=desc, unit="rec", file=sys.stderr, dynamic_ncols=True,
+                        leave=False, disable=None)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        if self.bar.n % 200 == 0:
+            self.bar.set_postfix_str(f"{self.tally.image_bytes / 1e6:.0f} MB images", refresh=False)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 # -- parquet: one unit per file -------------------------------------------------------------
@@ -288,7 +307,7 @@ def convert_parquet(ctx: Context, path: Path, name: str, rows: np.ndarray | None
 
     def lines() -> Iterator[str]:
         row = 0
-        with _bar(pf.metadata.num_rows if wanted is None else len(wanted), name) as bar:
+        with _Progress(pf.metadata.num_rows if wanted is None else len(wanted), name, tally) as bar:
             for g in range(pf.metadata.num_row_groups):
                 for obj in pf.read_row_group(g).to_pylist():
                     row, position = row + 1, row
@@ -346,7 +365,7 @@ def repack(ctx: Context, name: str, listing: Path, unit: Unit) -> Tally:
     path = ctx.hub.fetch(name)
 
     def lines() -> Iterator[str]:
-        with _bar(None, Path(name).name) as bar:
+        with _Progress(None, Path(name).name, tally) as bar:
             try:
                 with tarfile.open(path, "r|gz") as tar:
                     for info in tar:
@@ -422,8 +441,9 @@ class ArchiveImages:
         tail = image.split("/", 1)[1] if "/" in image else image
         return [image, f"images/{image}", tail, self.basenames.get(image.rsplit("/", 1)[-1], "")]
 
-    def resolve(self, image: str, writer: ImageWriter, tally: Tally, where: str) -> tuple | None:
-        """(ref, width, height) of the image, or None after counting why not."""
+    def resolve(self, obj: dict, writer: ImageWriter, tally: Tally, where: str) -> tuple | None:
+        """(ref, width, height) of the record's image, or None after counting why not."""
+        image = obj["image"]
         for member in self.candidates(image):
             if member in self.entries:
                 entry = self.entries[member]
@@ -432,7 +452,7 @@ class ArchiveImages:
                     return None
                 return entry[1:]
             if member in self.zips:
-                return self.from_zip(member, writer, tally, where)
+                return read_in_place(*self.zips[member], member, writer, tally)
         if self.truncated:
             tally.drop("bad_member", f"{where} image {image}",
                        f"not in the archives; damaged or truncated: {', '.join(self.truncated)}")
@@ -440,21 +460,65 @@ class ArchiveImages:
             tally.drop("missing_image", f"{where} image {image}", "no archive of the source holds it")
         return None
 
-    def from_zip(self, member: str, writer: ImageWriter, tally: Tally, where: str) -> tuple | None:
-        ref, reader = self.zips[member]
-        try:
-            data = reader.read(member)
-            width, height, _ = inspect_image(data, f"{ref}/{member}")
-        except MemberError as err:
-            tally.drop("bad_member", f"{ref} member {member}", str(err))
+
+def read_in_place(ref: str, reader, member: str, writer: ImageWriter, tally: Tally) -> tuple | None:
+    """(ref, width, height) of an archive member read where it lies (extracted with
+    ``--layout files``), or None after counting why not."""
+    try:
+        data = reader.read(member)
+        width, height, _ = inspect_image(data, f"{ref}/{member}")
+    except MemberError as err:
+        tally.drop("bad_member", f"{ref} member {member}", str(err))
+        return None
+    except ValueError as err:
+        tally.drop("broken_image", f"{ref} member {member}", str(err))
+        return None
+    tally.image_bytes += len(data)
+    if writer.layout == "files":
+        return writer.put(member, data), width, height
+    return f"{ref}/{member}", width, height
+
+
+class WebDatasetImages:
+    """The images of an img2dataset run over a source's URLs (its webdataset output:
+    ``NNNNN.tar`` holding ``<key>.jpg`` beside ``<key>.json`` with the ``url``), found by each
+    record's ``url``; the tars are read in place (linked into the data root)."""
+
+    IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
+
+    def __init__(self, ctx: Context, directory: Path):
+        self.by_url: dict[str, tuple] = {}
+        self.damaged_zips: list[tuple[str, str, str]] = []
+        tars = sorted(directory.glob("*.tar"))
+        if not tars:
+            raise UserError("no webdataset shards (*.tar) in the img2dataset output", directory,
+                            "run img2dataset with --output_format webdataset into that folder")
+        for tar in tars:
+            ref = f"{ctx.spec.image_prefix}/img2dataset/{tar.name}"
+            path = tar
+            if ctx.layout == "shards":
+                path = ctx.image_root / ref
+                link_in_place(tar, path)
+            reader = archive_reader(path)
+            members = reader.members()
+            images = {m.rsplit(".", 1)[0]: m for m in members if m.lower().endswith(self.IMAGE_SUFFIXES)}
+            for member in members:
+                key = member[:-len(".json")]
+                if member.endswith(".json") and key in images:
+                    try:
+                        url = json.loads(reader.read(member)).get("url")
+                    except (ValueError, MemberError, AttributeError) as err:
+                        self.damaged_zips.append((f"{tar} member {member}", "bad_member", str(err)))
+                        continue
+                    if url:
+                        self.by_url[url] = (ref, reader, images[key])
+
+    def resolve(self, obj: dict, writer: ImageWriter, tally: Tally, where: str) -> tuple | None:
+        found = self.by_url.get(obj.get("url") or "")
+        if found is None:
+            tally.drop("missing_image", where, f"img2dataset did not download {obj.get('url')!r}")
             return None
-        except ValueError as err:
-            tally.drop("broken_image", f"{ref} member {member}", str(err))
-            return None
-        tally.image_bytes += len(data)
-        if writer.layout == "files":
-            return writer.put(member, data), width, height
-        return f"{ref}/{member}", width, height
+        return read_in_place(*found, writer, tally)
 
 
 def link_in_place(target: Path, link: Path) -> None:
@@ -493,14 +557,17 @@ def records_unit(ctx: Context, part: Part, k: int, lists: list[Path]) -> Unit:
 
 def convert_records(ctx: Context, part: Part, lists: list[Path], unit: Unit) -> Tally:
     tally = Tally()
-    images = ArchiveImages(ctx, part, lists)
+    if part.format == "caption_jsonl" and ctx.img2dataset is not None:
+        images = WebDatasetImages(ctx, ctx.img2dataset)
+    else:
+        images = ArchiveImages(ctx, part, lists)
     tally.problems += images.damaged_zips
     path = ctx.hub.fetch(part.records)
     writer = ImageWriter(ctx.layout, ctx.image_root, ctx.spec.image_prefix, "unused")
     to_record = caption_record(part.prompt) if part.format == "caption_jsonl" else (lambda obj: obj)
 
     def lines() -> Iterator[str]:
-        with _bar(None, Path(part.records).name) as bar:
+        with _Progress(None, Path(part.records).name, tally) as bar:
             for i, obj, error in read_records(path):
                 bar.update(1)
                 where = f"{part.records} record {i}"
@@ -519,7 +586,7 @@ def convert_records(ctx: Context, part: Part, lists: list[Path], unit: Unit) -> 
                     continue
                 if not checked(obj, i, where, tally):
                     continue
-                found = images.resolve(image, writer, tally, where)
+                found = images.resolve(obj, writer, tally, where)
                 if found is not None:
                     tally.written += 1
                     yield record_line(obj, *found)
@@ -530,9 +597,9 @@ def convert_records(ctx: Context, part: Part, lists: list[Path], unit: Unit) -> 
 
 
 def caption_record(prompt: str):
-    """DenseFusion's ``{image_id, image_path, caption}`` as a one-turn LLaVA record."""
+    """DenseFusion's ``{image_id, image_path, caption, url}`` as a one-turn LLaVA record."""
     def convert(obj: dict) -> dict:
-        return {"id": str(obj.get("image_id", "")), "image": obj.get("image_path"),
+        return {"id": str(obj.get("image_id", "")), "image": obj.get("image_path"), "url": obj.get("url"),
                 "conversations": [{"from": "human", "value": f"<image>\n{prompt}"},
                                   {"from": "gpt", "value": obj.get("caption")}]}
     return convert
@@ -598,16 +665,22 @@ def write_json_array(path: Path, parts: list[Path]) -> None:
     os.replace(tmp, path)
 
 
-def prepare_source(spec: SourceSpec, data_root: Path, layout: str) -> dict:
+def uses_urls(spec: SourceSpec) -> bool:
+    return any(part.format == "caption_jsonl" for part in spec.parts)
+
+
+def prepare_source(spec: SourceSpec, data_root: Path, layout: str, img2dataset: Path | None = None) -> dict:
     """Build one json_path (or find it built); returns its closing-table row."""
     start = time.monotonic()
-    state = data_root / STATE_DIR / f"{spec.slug}.{layout}"
-    final_marker = data_root / STATE_DIR / f"{spec.slug}.{layout}.done"
+    img2dataset = img2dataset if uses_urls(spec) else None
+    variant = layout + (".img2dataset" if img2dataset else "")
+    state = data_root / STATE_DIR / f"{spec.slug}.{variant}"
+    final_marker = data_root / STATE_DIR / f"{spec.slug}.{variant}.done"
     done = _trusted(final_marker)
     if done is not None:
         return {**done["row"], "status": "done already"}
     hub = HubRepo(spec.repo, spec.revision)
-    ctx = Context(spec, hub, data_root, layout, state)
+    ctx = Context(spec, hub, data_root, layout, state, img2dataset)
     state.mkdir(parents=True, exist_ok=True)
     units = plan_units(ctx)
     tally = Tally()
@@ -654,14 +727,15 @@ def needed_sources(stage_yaml: Path, registry: dict[str, SourceSpec], only: str 
     return picked
 
 
-def dry_run(specs: list[SourceSpec], layout: str) -> list[dict]:
+def dry_run(specs: list[SourceSpec], layout: str, img2dataset: Path | None = None) -> list[dict]:
     """What would be fetched: files and sizes from the Hub's metadata (or the cache)."""
     rows = []
     for spec in specs:
         hub = HubRepo(spec.repo, spec.revision)
         files = []
         for part in spec.parts:
-            patterns = list(part.files) + list(part.archives) + ([part.records] if part.records else [])
+            archives = [] if part.format == "caption_jsonl" and img2dataset else list(part.archives)
+            patterns = list(part.files) + archives + ([part.records] if part.records else [])
             files += hub.match(patterns)
         total = sum(f.size or 0 for f in files)
         to_fetch = sum(f.size or 0 for f in files if not f.cached)
@@ -718,6 +792,9 @@ def build_parser():
     p.add_argument("--layout", choices=LAYOUTS, default="shards",
                    help="shards: images stay in zips / tar shards; files: extracted, one file per image")
     p.add_argument("--sources", help="the source registry (default: sources.yaml beside the stage YAML)")
+    p.add_argument("--img2dataset", help="images of the caption sources (DenseFusion) from an img2dataset "
+                   "run over their urls (its --output_format webdataset folder) instead of the "
+                   "published zips")
     p.add_switch("--dry_run", default=False, help="print the files, sizes and disk needed; fetch nothing")
     return p
 
@@ -727,8 +804,12 @@ def main(argv: list[str] | None = None) -> int:
     stage = Path(args.stage)
     registry = load_registry(args.sources or default_registry(stage))
     specs = needed_sources(stage, registry, args.only)
+    img2dataset = Path(args.img2dataset) if args.img2dataset else None
+    if img2dataset is not None and not any(uses_urls(spec) for spec in specs):
+        raise UserError("--img2dataset is for sources of captions with urls (DenseFusion-1M); none "
+                        "is selected", stage, "drop the flag, or pick that source with --only")
     if args.dry_run:
-        for row in dry_run(specs, args.layout):
+        for row in dry_run(specs, args.layout, img2dataset):
             print(f"{row['json_path']}: {row['repo']}, {row['files']} files, {_gb(row['download_bytes'])} "
                   f"({_gb(row['to_fetch_bytes'])} not cached), disk needed ~{_gb(row['disk_bytes'])}")
             print("".join(f"    {name}\n" for name in row["names"]), end="")
@@ -737,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     from comp.errors import ensure_writable_dir
 
     ensure_writable_dir(data_root, "data root")
-    rows = [prepare_source(spec, data_root, args.layout) for spec in specs]
+    rows = [prepare_source(spec, data_root, args.layout, img2dataset) for spec in specs]
     print(format_table(rows))
     problems = show_problems(rows)
     if problems:
