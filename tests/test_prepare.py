@@ -208,3 +208,23 @@ def test_caption_source_from_an_img2dataset_run(offline, tmp_path):
     assert (summary["num_errors"], summary["images"]) == (0, len(urls) - 1)
     with pytest.raises(UserError, match="--img2dataset is for sources of captions"):
         prepare_main([str(STAGES[0]), "--data_root", str(root), "--img2dataset", str(shards)])
+
+
+def test_a_resumed_source_stays_on_the_commit_its_first_run_resolved(tmp_path, monkeypatch):
+    """``main`` moving between a kill and the rerun does not mix two revisions' files."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "cache"
+    build_offline_hub(cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    root = tmp_path / "root"
+    assert prepare_main([str(STAGES[0]), "--data_root", str(root)]) == 0
+    refs = cache / "datasets--liuhaotian--LLaVA-Pretrain" / "refs" / "main"
+    commit = refs.read_text()
+    state = root / STATE_DIR / "data__LLaVA-Pretrain__blip_laion_cc_sbu_558k_mixin.json.shards"
+    assert (state / "commit").read_text() == commit
+    refs.write_text("f" * 40)  # main moved to a commit this cache does not have
+    (root / STATE_DIR / f"{state.name}.done").unlink()  # as if killed before the end
+    assert prepare_main([str(STAGES[0]), "--data_root", str(root)]) == 0
+    assert rows(root)["data/LLaVA-Pretrain/blip_laion_cc_sbu_558k_mixin.json"]["repo"].endswith(commit)

@@ -8,7 +8,9 @@ and stops training past ``max_skip_fraction`` (default 1%).
 
 Image paths are joined to the dataset's image root (see ``comp.data.mixture``); the check
 that they stay inside it is lexical (``..`` and absolute paths), so symlinks inside the root
-are trusted.
+are trusted. A path may enter a zip, tar or parquet shard like a directory
+(``images.zip/00453/004539375.jpg``, see ``comp.data.storage``): its member is read in place,
+and a member that cannot be read is a ``bad_member`` skip.
 
 ``estimate_lengths`` / ``modality_lengths`` (for the length-grouped sampler) parse each
 record: text tokens are estimated as UTF-8 bytes / 4 of the turns, plus per image the

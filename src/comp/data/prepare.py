@@ -665,6 +665,17 @@ def write_json_array(path: Path, parts: list[Path]) -> None:
     os.replace(tmp, path)
 
 
+def pinned_repo(spec: SourceSpec, state: Path) -> HubRepo:
+    """The source's repository at the commit its first run resolved (``state/commit``), so
+    a resumed run never mixes files of two revisions of a moving branch."""
+    pin = state / "commit"
+    hub = HubRepo(spec.repo, pin.read_text().strip() if pin.is_file() else spec.revision)
+    hub.listing()
+    if not pin.is_file():
+        atomic_write_bytes(pin, hub.commit.encode())
+    return hub
+
+
 def uses_urls(spec: SourceSpec) -> bool:
     return any(part.format == "caption_jsonl" for part in spec.parts)
 
@@ -679,9 +690,9 @@ def prepare_source(spec: SourceSpec, data_root: Path, layout: str, img2dataset: 
     done = _trusted(final_marker)
     if done is not None:
         return {**done["row"], "status": "done already"}
-    hub = HubRepo(spec.repo, spec.revision)
-    ctx = Context(spec, hub, data_root, layout, state, img2dataset)
     state.mkdir(parents=True, exist_ok=True)
+    hub = pinned_repo(spec, state)
+    ctx = Context(spec, hub, data_root, layout, state, img2dataset)
     units = plan_units(ctx)
     tally = Tally()
     for unit in units:
