@@ -163,3 +163,25 @@ def test_dataset_and_check_read_every_storage_alike(tmp_path, tiny_dir):
     summary = check(str(data), image_folder=str(tmp_path / "images"))
     assert summary["records"] == 7 and summary["images"] == 4
     assert {r: e["count"] for r, e in summary["errors"].items()} == {"bad_member": 1, "missing_image": 2}
+
+
+def test_many_shards_keep_few_descriptors_and_every_index(tmp_path, monkeypatch):
+    """Random reads over more shards than MAX_OPEN_FILES: descriptors stay bounded, the
+    indexes are not reloaded, and every read is right."""
+    import os
+
+    from comp.data import storage
+
+    monkeypatch.setattr(storage, "MAX_OPEN_FILES", 3)
+    shards = [write_tar(tmp_path / f"{k}.tar", IMAGES) for k in range(6)]
+    shards += [write_parquet(tmp_path / f"{k}.parquet", list(IMAGES.values())) for k in range(3)]
+    before = len(os.listdir("/proc/self/fd"))
+    loads = []
+    monkeypatch.setattr(storage, "_cached_index", lambda a, build: loads.append(a) or build(a))
+    names = list(IMAGES)
+    for k in [0, 5, 2, 7, 1, 8, 0, 3, 6, 5, 4, 2, 1, 8, 7] * 2:
+        shard = shards[k]
+        member = str(k % 5) if shard.suffix == ".parquet" else names[k % 5]
+        assert read_member(ImageLocation(shard, member)) == IMAGES[names[k % 5]]
+        assert len(os.listdir("/proc/self/fd")) <= before + 3
+    assert sorted(loads) == sorted(s for s in shards if s.suffix == ".tar")  # each index once

@@ -41,7 +41,7 @@ import numpy as np
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".parquet")
 INDEX_VERSION = 1
-MAX_OPEN_READERS = 64
+MAX_OPEN_FILES = 256  # descriptors a process keeps open; every index stays cached regardless
 PARQUET_CACHED_GROUPS = 4  # per process, over all parquet files: a Hub row group is 5-40 MB
 _ZIP_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # signature ... name length, extra length
 
@@ -175,8 +175,22 @@ def build_tar_index(archive: Path) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- readers
 
 
+_OPEN_FILES: OrderedDict[int, object] = OrderedDict()  # id -> handle with an open file, LRU
+
+
+def _opened(handle) -> None:
+    """Count ``handle`` as open (most recently used); close the least recently used ones
+    past MAX_OPEN_FILES, so thousands of shards never exhaust the descriptors."""
+    _OPEN_FILES[id(handle)] = handle
+    _OPEN_FILES.move_to_end(id(handle))
+    while len(_OPEN_FILES) > MAX_OPEN_FILES:
+        _, old = _OPEN_FILES.popitem(last=False)
+        old.close()
+
+
 class _FileHandle:
-    """One read-only descriptor per process (``pread`` needs no shared position)."""
+    """One read-only descriptor per process (``pread`` needs no shared position), opened
+    on use and closed when the process holds too many."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -184,8 +198,9 @@ class _FileHandle:
         self._pid: int | None = None
 
     def pread(self, n: int, offset: int) -> bytes:
-        if self._pid != os.getpid():
+        if self._fd is None or self._pid != os.getpid():  # after fork: the child's own
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        _opened(self)
         return os.pread(self._fd, n, offset)
 
     def close(self) -> None:
@@ -269,17 +284,26 @@ class ParquetReader:
     column = "image"
 
     def __init__(self, archive: Path):
+        self.archive = archive
+        self._pf, self._pid = None, None
+        meta = self._file().metadata
+        self.group_ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+
+    def _file(self):
+        """The open ParquetFile of this process (reopened after fork or when closed)."""
         import pyarrow.parquet as pq
 
-        self.archive = archive
-        try:
-            self._pf = pq.ParquetFile(archive)
-        except Exception as err:  # pyarrow raises ArrowInvalid / OSError for damaged files
-            raise MemberError(f"{archive}: not a readable parquet file ({err}); re-download it",
-                              "bad_member") from None
-        self._pid = os.getpid()
-        meta = self._pf.metadata
-        self.group_ends = np.cumsum([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        if self._pf is None or self._pid != os.getpid():
+            try:
+                self._pf, self._pid = pq.ParquetFile(self.archive), os.getpid()
+            except Exception as err:  # pyarrow raises ArrowInvalid / OSError for damaged files
+                raise MemberError(f"{self.archive}: not a readable parquet file ({err}); "
+                                  "re-download it", "bad_member") from None
+        _opened(self)
+        return self._pf
+
+    def close(self) -> None:
+        self._pf = None
 
     def __len__(self) -> int:
         return int(self.group_ends[-1]) if len(self.group_ends) else 0
@@ -288,14 +312,12 @@ class ParquetReader:
         return [str(r) for r in range(len(self))]
 
     def _group(self, g: int):
-        if self._pid != os.getpid():  # pyarrow's file handle is not shared across fork
-            self.__init__(self.archive)
         key = (self.archive, g)
         if key in _PARQUET_GROUPS:
             _PARQUET_GROUPS.move_to_end(key)
             return _PARQUET_GROUPS[key]
         try:
-            column = self._pf.read_row_group(g, columns=[self.column]).column(0)
+            column = self._file().read_row_group(g, columns=[self.column]).column(0)
         except KeyError:
             raise MemberError(f"{self.archive}: no column {self.column!r}", "bad_member") from None
         except Exception as err:
@@ -322,22 +344,16 @@ class ParquetReader:
 
 _PARQUET_GROUPS: OrderedDict[tuple[Path, int], object] = OrderedDict()  # the last row groups read
 _READERS = {".zip": ZipReader, ".tar": TarReader, ".parquet": ParquetReader}
-_OPEN: OrderedDict[Path, object] = OrderedDict()
+_INDEXED: dict[Path, object] = {}
 
 
 def archive_reader(archive: str | os.PathLike):
-    """The process's reader for ``archive`` (kept open, least recently used ones closed)."""
+    """The process's reader for ``archive``: its index is loaded once and kept (a few bytes
+    a member); its file is open while used (see MAX_OPEN_FILES)."""
     path = Path(archive)
-    reader = _OPEN.get(path)
+    reader = _INDEXED.get(path)
     if reader is None:
-        reader = _READERS[path.suffix.lower()](path)
-        _OPEN[path] = reader
-        while len(_OPEN) > MAX_OPEN_READERS:
-            _, old = _OPEN.popitem(last=False)
-            if hasattr(old, "file"):
-                old.file.close()
-    else:
-        _OPEN.move_to_end(path)
+        reader = _INDEXED[path] = _READERS[path.suffix.lower()](path)
     return reader
 
 
