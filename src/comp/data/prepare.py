@@ -42,7 +42,8 @@ import tarfile
 import time
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,10 +212,10 @@ class Context:
 
 @dataclass
 class Unit:
-    """One resumable piece of a source: ``run`` returns (tally, extra marker data) after
-    writing ``records_path`` (JSONL, may be absent) and its images."""
+    """One resumable piece of a source: ``run(unit)`` writes ``records_path`` and its images,
+    puts the images' shard paths in ``outputs`` and returns the unit's Tally."""
     key: str
-    run: object  # callable(Unit) -> Tally
+    run: Callable[["Unit"], Tally]
     records_path: Path | None = None  # JSONL of records, or a members list (repack units)
     emits_records: bool = True
     outputs: list = field(default_factory=list)
@@ -289,9 +290,7 @@ def parquet_units(ctx: Context, part: Part, k: int) -> list[Unit]:
     for j, (name, path) in enumerate(zip(files, local)):
         rows = None if keep is None else keep[(keep >= starts[j]) & (keep < starts[j + 1])] - starts[j]
         shard = re.sub(r"\.parquet$", "", name)
-        units.append(Unit(f"part{k}-parquet-{name}",
-                          lambda u, path=path, name=name, rows=rows, shard=shard:
-                          convert_parquet(ctx, path, name, rows, shard, u),
+        units.append(Unit(f"part{k}-parquet-{name}", partial(convert_parquet, ctx, path, name, rows, shard),
                           ctx.state / f"part{k}-{j:05d}.jsonl"))
     return units
 
@@ -305,18 +304,19 @@ def convert_parquet(ctx: Context, path: Path, name: str, rows: np.ndarray | None
     wanted = None if rows is None else set(rows.tolist())
     pf = pq.ParquetFile(path)
 
+    def every_row() -> Iterator[dict]:
+        for g in range(pf.metadata.num_row_groups):  # one row group in memory at a time
+            yield from pf.read_row_group(g).to_pylist()
+
     def lines() -> Iterator[str]:
-        row = 0
         with _Progress(pf.metadata.num_rows if wanted is None else len(wanted), name, tally) as bar:
-            for g in range(pf.metadata.num_row_groups):
-                for obj in pf.read_row_group(g).to_pylist():
-                    row, position = row + 1, row
-                    if wanted is not None and position not in wanted:
-                        continue
-                    bar.update(1)
-                    line = parquet_record(obj, position, name, writer, tally)
-                    if line is not None:
-                        yield line
+            for position, obj in enumerate(every_row()):
+                if wanted is not None and position not in wanted:
+                    continue
+                bar.update(1)
+                line = parquet_record(obj, position, name, writer, tally)
+                if line is not None:
+                    yield line
 
     write_jsonl(unit.records_path, lines())
     writer.close()
@@ -352,8 +352,7 @@ def repack_units(ctx: Context, part: Part, k: int) -> tuple[list[Unit], list[Pat
     for j, remote in enumerate(ctx.hub.match([a for a in part.archives if a.endswith((".tar.gz", ".tgz"))])):
         listing = ctx.state / f"part{k}-members-{j:03d}.tsv"
         lists.append(listing)
-        units.append(Unit(f"part{k}-repack-{remote.name}",
-                          lambda u, name=remote.name, listing=listing: repack(ctx, name, listing, u),
+        units.append(Unit(f"part{k}-repack-{remote.name}", partial(repack, ctx, remote.name, listing),
                           listing, emits_records=False))
     return units, lists
 
@@ -551,7 +550,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict | None, str]]:
 
 
 def records_unit(ctx: Context, part: Part, k: int, lists: list[Path]) -> Unit:
-    return Unit(f"part{k}-records-{part.records}", lambda u: convert_records(ctx, part, lists, u),
+    return Unit(f"part{k}-records-{part.records}", partial(convert_records, ctx, part, lists),
                 ctx.state / f"part{k}-records.jsonl")
 
 
