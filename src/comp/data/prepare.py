@@ -347,7 +347,8 @@ def parquet_record(obj: dict, row: int, name: str, writer: ImageWriter, tally: T
 
 def repack_units(ctx: Context, part: Part, k: int) -> tuple[list[Unit], list[Path]]:
     """A unit per ``.tar.gz``: its regular members checked and written (tar shard or files),
-    with a members list ``member\\twidth\\theight`` (or ``member\\t-\\treason``)."""
+    with a members list: ``member\\twidth\\theight\\tref``, ``member\\t-\\treason`` for a
+    member that is no readable image, and ``\\t#truncated\\tarchive`` when the stream broke."""
     units, lists = [], []
     for j, remote in enumerate(ctx.hub.match([a for a in part.archives if a.endswith((".tar.gz", ".tgz"))])):
         listing = ctx.state / f"part{k}-members-{j:03d}.tsv"
