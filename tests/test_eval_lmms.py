@@ -124,6 +124,7 @@ def test_loglikelihood_equals_qwen2_on_text(tiny_mm_dir, tiny_dir, direct):
     assert is_greedy and not other_greedy and nll_greedy < nll_other
 
     reference = Qwen2ForCausalLM.from_pretrained(tiny_dir("qwen2")).eval()
+    reference.resize_token_embeddings(len(processor.tokenizer))  # the CoMP-MM's rows, as the reference resizes
     prompt_ids = processor(_prompt(processor, context, 0))["input_ids"]
     for cont, nll in ((greedy, nll_greedy), (" blue red", nll_other)):
         cont_ids = processor.tokenizer(cont, add_special_tokens=False, return_tensors="pt")["input_ids"]

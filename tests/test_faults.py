@@ -448,9 +448,9 @@ def test_all_skipped_steps_do_not_move_the_weights(assets, tmp_path):
 
     trained = load_file(out / "model.safetensors")
     llm = load_state_dict(assets["llm"])
-    for name, tensor in llm.items():
+    for name, tensor in llm.items():  # the word table cut to the tokenizer's rows at build time
         if name in trained:
-            assert torch.equal(trained[name], tensor), f"{name} moved in an all-skipped step"
+            assert torch.equal(trained[name], tensor[:trained[name].shape[0]]), f"{name} moved in an all-skipped step"
     state = json.loads((out / "trainer_state.json").read_text())
     lrs = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
     assert lrs and len(set(lrs)) == 1  # the schedule did not advance

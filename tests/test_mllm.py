@@ -45,7 +45,9 @@ def test_text_only_logits_equal_qwen2(model, parts):
     with torch.no_grad():
         ours = model(input_ids=ids).logits
         theirs = reference(input_ids=ids).logits
-    assert (ours - theirs).abs().max() <= 1e-4
+    # the table is resized to the tokenizer (as the reference does): its rows are Qwen2's first rows
+    assert ours.shape[-1] == len(AutoTokenizer.from_pretrained(parts[0])) < theirs.shape[-1]
+    assert (ours - theirs[..., :ours.shape[-1]]).abs().max() <= 1e-4
 
 
 def test_save_load_round_trip_is_exact(model, processor, tmp_path):

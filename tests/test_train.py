@@ -43,8 +43,8 @@ def test_only_tunable_parts_change(assets, tmp_path):
     train(*parse_args(_flags(assets, stage1, steps=2, tunable="mm_mlp_adapter")))
     after1 = load_file(stage1 / "model.safetensors")
     llm = load_file(assets["llm"] / "model.safetensors")
-    for name, tensor in llm.items():
-        assert torch.equal(after1[name], tensor), f"{name} changed in a merger-only step"
+    for name, tensor in llm.items():  # the word table was cut to the tokenizer's rows, as the reference
+        assert torch.equal(after1[name], tensor[:after1[name].shape[0]]), f"{name} changed in a merger-only step"
     vision_keys = [k for k in after1 if k.startswith("visual.") and not k.startswith("visual.merger.")]
     from comp.models.weights import load_state_dict
     original_vision = load_state_dict(assets["vision"])

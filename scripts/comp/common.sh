@@ -10,7 +10,8 @@
 #   COMP_WORKDIR        where every output goes (default: ./work_dirs)
 #   COMP_DATA_ROOT      root of the seed's data/ tree; the stage YAMLs' json_path entries are
 #                       relative to it (default: the repository root, i.e. ./data/...)
-#   COMP_IMAGE_FOLDER   root of the records' relative image paths (default: COMP_DATA_ROOT)
+#   COMP_IMAGE_FOLDER   root of the records' relative image paths (default: COMP_DATA_ROOT/data,
+#                       as the reference's --image_folder data next to its data/... json_paths)
 #   COMP_LAUNCHER       command that starts `comp.train` (default: torchrun on NUM_GPUS GPUs;
 #                       e.g. "deepspeed --num_gpus 8 --module", "python -m", "torchrun --nnodes 2 ... -m")
 #   NUM_GPUS            GPUs per node for the default launcher (default 8)
@@ -67,7 +68,7 @@ else
   SMOKE=0
   LAUNCHER=${COMP_LAUNCHER:-"torchrun --nproc_per_node ${NUM_GPUS:-8} -m"}
   DATA_ROOT=${COMP_DATA_ROOT:-$REPO}
-  IMAGE_FOLDER=${COMP_IMAGE_FOLDER:-$DATA_ROOT}
+  IMAGE_FOLDER=${COMP_IMAGE_FOLDER:-$DATA_ROOT/data}
   LLM_VERSION=${LLM_VERSION:-Qwen/Qwen2.5-0.5B-Instruct}
   SIGLIP=${SIGLIP:-google/siglip-so400m-patch14-384}
   DINOV2=${DINOV2:-facebook/dinov2-large}

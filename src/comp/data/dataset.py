@@ -166,18 +166,23 @@ class Source:
         return f"{self.spec.json_path} record {i}" + (f" (id {rid})" if rid is not None else "")
 
 
+ALIGN_MAX_LENGTH = 2048  # the reference's alignment text limit, whatever model_max_length is
+
+
 class MixtureDataset(Dataset):
     """Samples ``{input_ids [L], labels [L], pixel_values [T, C*P*P] | None,
     image_grid_thw [N, 3] | None, has_image}`` or ``Skipped`` markers."""
 
     def __init__(self, specs: list[DatasetSpec], tokenizer, image_processor, *,
                  model_max_length: int, seed: int = 0, load_image=None,
-                 visual_tokens_per_image: int | None = None, prompt_format: str = "reference"):
+                 visual_tokens_per_image: int | None = None, prompt_format: str = "reference",
+                 align_max_length: int | None = ALIGN_MAX_LENGTH):
         if load_image is None:
             from comp.data.image import load_image
         self.sources = [Source(spec, k, seed) for k, spec in enumerate(specs)]
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.model_max_length = model_max_length
+        self.align_max_length = align_max_length or model_max_length
         self.seed = seed
         self.load_image = load_image
         self.visual_tokens_per_image = visual_tokens_per_image
@@ -236,12 +241,13 @@ class MixtureDataset(Dataset):
 
     def alignment_text_ids(self, record: Record, position: int) -> torch.Tensor:
         """The F_t text of the alignment loss: the answers in a shuffled order, joined with
-        spaces. The order depends only on (seed, sample position), so runs and resumes agree
-        whatever the workers and ranks."""
+        spaces, cut after ``align_max_length`` tokens (the reference's alignment tokenizer has
+        ``model_max_length=2048``). The order depends only on (seed, sample position), so runs
+        and resumes agree whatever the workers and ranks."""
         answers = assistant_texts(record)
         order = np.random.default_rng([self.seed, position]).permutation(len(answers))
         text = " ".join(answers[k] for k in order)
-        ids = encode_plain_text(self.tokenizer, text)["input_ids"][:self.model_max_length]
+        ids = encode_plain_text(self.tokenizer, text)["input_ids"][:self.align_max_length]
         return torch.tensor(ids, dtype=torch.long)
 
     # Lengths for the length-grouped sampler (see comp.data.lengths) ----------------------

@@ -9,7 +9,10 @@ The reference implementation's released CoMP-MM checkpoints store
 - no DINOv2 ``embeddings.cls_token`` (its DINOv2 has none; ours keeps the tensor, unused
   when CLS is dropped, so it loads as zeros);
 - with the alignment loss on (Stage I/II), the persistent buffer ``vocab_dist`` [V, 1]: the
-  normalised word prior, not a weight; it is dropped (pass the prior file to train on).
+  normalised word prior, not a weight; it is dropped (pass the prior file to train on);
+- word embeddings resized to the reference's tokenizer, Qwen2-VL's (151,657 rows), which lacks
+  Qwen2.5's eight tool tokens (151,657-151,664): the table grows to the LLM tokenizer's length,
+  the new rows at the mean of the others, so every id indexes a row and prototypes = tokens.
 The reference also added the interpolated position table in raster order to tokens in
 merge-window order; its weights were trained that way, so they load with ``pos_order="raster"``.
 """
@@ -43,7 +46,7 @@ def load_reference_checkpoint(ckpt_dir: str | Path, *, llm_dir: str | Path, visi
                               pos_order: str = "raster", **config_overrides):
     """A CoMP-MM from a reference-layout checkpoint. ``llm_dir`` / ``vision_dir`` supply the
     architecture (configs and tokenizer: e.g. Qwen2.5-0.5B-Instruct and SigLIP-So400M); every
-    weight comes from ``ckpt_dir``."""
+    weight comes from ``ckpt_dir``. A table shorter than the tokenizer grows to it (module doc)."""
     from comp.models.mllm import CompForConditionalGeneration
 
     model = CompForConditionalGeneration.from_components(llm_dir, vision_dir, use_rope=True,
@@ -66,4 +69,5 @@ def load_reference_checkpoint(ckpt_dir: str | Path, *, llm_dir: str | Path, visi
     model.load_state_dict(state, strict=True)
     if model.config.tie_word_embeddings:
         model.tie_weights()
+    model.resize_vocab(model.config.num_prototypes, "llm")  # grows only: every token gets a row
     return model

@@ -36,6 +36,7 @@ M merged visual tokens of the batch, N images, S samples (= B unless rows are pa
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -54,9 +55,13 @@ from comp.models.configuration import CompConfig, text_config_from_qwen2
 from comp.models.losses import chunked_causal_lm_loss
 from comp.models.positions import get_mrope_position_ids, packed_mrope_position_ids
 from comp.models.vision.configuration import CompVisionConfig
+from comp.models.vision.loading import saved_merger_width
 from comp.models.vision.model import CompVisionModel
 from comp.models.weights import load_state_dict, no_progress_bars, normal_permissions
 from comp.tokens import IMAGE_PAD, config_token_ids, ensure_vision_tokens, stop_ids
+
+logger = logging.getLogger(__name__)
+VOCAB_ROWS = ("tokenizer", "llm")
 
 
 @dataclass
@@ -255,10 +260,16 @@ class CompForConditionalGeneration(CompModel, GenerationMixin):
     @classmethod
     def from_components(cls, llm_dir: str | Path, vision_dir: str | Path, *, tokenizer=None,
                         use_rope: bool | None = None, dtype: torch.dtype | None = None,
+                        vocab_rows: str = "tokenizer", new_merger: bool = False,
                         **config_overrides) -> "CompForConditionalGeneration":
         """A CoMP-MM from a Qwen2/Qwen2.5 checkpoint and any encoder ``CompVisionModel``
-        loads (directories or Hub ids, see ``comp.hub``) (original SigLIP / DINOv2 / AIMv2 or a CoMP-VFM). The merger starts random.
-        The LLM tokenizer gets any missing vision tokens appended (embeddings resized).
+        loads (directories or Hub ids, see ``comp.hub``) (original SigLIP / DINOv2 / AIMv2 or a
+        CoMP-VFM). The merger starts random, unless the encoder directory holds one that fits
+        the LLM (loaded, as the reference loads it; ``new_merger=True`` starts a new one).
+        The LLM tokenizer gets any missing vision tokens appended. ``vocab_rows``: "tokenizer"
+        resizes the word embeddings to ``len(tokenizer)`` as the reference does (Qwen2.5:
+        151,936 -> 151,665 rows; the checkpoint loads unchanged first), "llm" keeps the LLM's
+        padded table (grown only when the tokenizer is longer).
         ``use_rope`` None: CompVisionConfig's default (C-RoPE on)."""
         from transformers import AutoTokenizer
 
@@ -269,8 +280,13 @@ class CompForConditionalGeneration(CompModel, GenerationMixin):
         ensure_vision_tokens(tokenizer)
         if use_rope is None:
             use_rope = CompVisionConfig.use_rope
-        visual = CompVisionModel.from_pretrained(vision_dir, use_rope=use_rope,
-                                                 w_merger=qwen2_config.hidden_size)
+        saved = saved_merger_width(vision_dir)
+        if saved and saved != qwen2_config.hidden_size:
+            logger.info("%s: its merger (width %d) does not fit this LLM (width %d); a new one starts",
+                        vision_dir, saved, qwen2_config.hidden_size)
+        visual = CompVisionModel.from_pretrained(
+            vision_dir, use_rope=use_rope, w_merger=qwen2_config.hidden_size,
+            new_merger=new_merger or saved != qwen2_config.hidden_size)
         config = CompConfig(
             vision_config=visual.config, text_config=text_config_from_qwen2(qwen2_config),
             tie_word_embeddings=bool(getattr(qwen2_config, "tie_word_embeddings", False)),
@@ -278,8 +294,7 @@ class CompForConditionalGeneration(CompModel, GenerationMixin):
         model = cls(config)
         model.visual.load_state_dict(visual.state_dict())
         model._load_llm_weights(llm_dir)
-        if len(tokenizer) > config.text_config.vocab_size:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.resize_vocab(len(tokenizer), vocab_rows)
         model.generation_config = generation_config_for(llm_dir, tokenizer)
         if dtype is not None:
             model.to(dtype)
@@ -303,7 +318,24 @@ class CompForConditionalGeneration(CompModel, GenerationMixin):
         return self.lm_head
 
     def set_output_embeddings(self, value):
+        if type(value) is nn.Linear:  # transformers' resizing of an untied head builds a plain Linear
+            value.__class__ = CompLMHead
         self.lm_head = value
+
+    def resize_vocab(self, num_tokens: int, vocab_rows: str = "tokenizer") -> None:
+        """Word-embedding rows for a tokenizer of ``num_tokens``: exactly that many ("tokenizer",
+        the reference's ``resize_token_embeddings(len(tokenizer))``) or the current table, grown
+        when too short ("llm"). New rows start at the mean of the old ones; under ZeRO-3
+        transformers gathers the partitioned table. The alignment prototypes are those rows."""
+        if vocab_rows not in VOCAB_ROWS:
+            raise ValueError(f"vocab_rows must be one of {VOCAB_ROWS}, got {vocab_rows!r}")
+        rows = self.get_input_embeddings().weight.shape[0]
+        if hasattr(self.get_input_embeddings().weight, "ds_shape"):  # ZeRO-3: the full shape
+            rows = self.get_input_embeddings().weight.ds_shape[0]
+        want = target_rows(num_tokens, rows, vocab_rows)
+        if want != rows:
+            self.resize_token_embeddings(want, mean_resizing=want > rows)
+        self.config.num_prototypes = num_tokens
 
     @property
     def num_prototypes(self) -> int:
@@ -393,6 +425,9 @@ class CompForConditionalGeneration(CompModel, GenerationMixin):
         return partial(self._alignment_loss, f_v_SD, f_t_SD, keep_S, normalizer)
 
     def _alignment_loss(self, f_v_SD, f_t_SD, keep_S, normalizer, words_VD) -> torch.Tensor:
+        if words_VD.shape[0] < self.num_prototypes:
+            raise ValueError(f"the word embeddings have {words_VD.shape[0]} rows but the tokenizer "
+                             f"{self.num_prototypes} tokens; resize them (model.resize_vocab(len(tokenizer)))")
         mean = alignment_loss(
             f_v_SD.float(), f_t_SD, words_VD[:self.num_prototypes], self._log_prior(), keep_S,
             embed_temp=self.config.embed_temp, word_eps=self.config.word_eps,
@@ -443,6 +478,12 @@ class CompForConditionalGeneration(CompModel, GenerationMixin):
         patches = torch.split(pixels_TD, [int(g.prod(-1).sum()) for g in grids])
         return (torch.cat([p for p in patches for _ in range(times)]),
                 torch.cat([g for g in grids for _ in range(times)]))
+
+
+def target_rows(num_tokens: int, rows: int, vocab_rows: str) -> int:
+    """Embedding rows for a tokenizer of ``num_tokens`` when the table has ``rows`` (see
+    ``resize_vocab``)."""
+    return num_tokens if vocab_rows == "tokenizer" else max(rows, num_tokens)
 
 
 def generation_config_for(llm_dir: str | Path, tokenizer) -> GenerationConfig:

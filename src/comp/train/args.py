@@ -57,6 +57,12 @@ class ModelArguments:
         "help": "merge | raster: order in which the encoder adds its position table; default: the "
                 "checkpoint's (raster for an encoder detected as trained by the reference code)"})
     lm_loss_chunk_size: int = field(default=4096, metadata={"help": "tokens per chunk of the LM loss"})
+    vocab_rows: str = field(default="tokenizer", metadata={
+        "help": "tokenizer: word embeddings resized to the tokenizer's length, as the reference "
+                "(Qwen2.5: 151,665 rows); llm: keep the LLM's padded table (151,936 rows)"})
+    new_merger: bool = field(default=False, metadata={
+        "help": "start a new merger even when --custom_visual_model holds one of the LLM's width "
+                "(by default it is loaded, as the reference loads it)"})
 
 
 @dataclass
@@ -70,6 +76,9 @@ class DataArguments:
     min_num_vistoken: int = field(default=4, metadata={"help": "min visual tokens per image after the merge"})
     force_resize: int | None = field(default=None, metadata={"help": "resize to N x N before smart_resize"})
     model_max_length: int = field(default=4096, metadata={"help": "longest token sequence of a sample"})
+    align_max_length: int = field(default=2048, metadata={
+        "help": "longest alignment text (the answers the alignment loss reads), as the reference's "
+                "2048; 0: --model_max_length"})
     max_skip_fraction: float = field(default=0.01, metadata={"help": "stop when more samples are skipped"})
     pack_length: int | None = field(default=None, metadata={"help": "pack samples into rows of N tokens"})
     length_cache_dir: str | None = field(default=None, metadata={
@@ -230,6 +239,8 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
         ("pack_length", d.pack_length is None or d.pack_length > 0, "must be > 0"),
         ("prompt_format", d.prompt_format in ("reference", "inplace"), "must be reference or inplace"),
         ("pos_order", m.pos_order in (None, "merge", "raster"), "must be merge or raster"),
+        ("vocab_rows", m.vocab_rows in ("tokenizer", "llm"), "must be tokenizer or llm"),
+        ("align_max_length", d.align_max_length >= 0, "must be >= 0 (0: --model_max_length)"),
     ]
     if t is not None:
         checks += [

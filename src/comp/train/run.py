@@ -53,6 +53,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments,
                            "encoder continues training", source)
         model = load_comp_mm(source, dtype=dtype)
         processor = CompProcessor.from_pretrained(source, **image_settings(data_args))
+        model.resize_vocab(len(processor.tokenizer), model_args.vocab_rows)  # no-op once resized
     else:
         if not model_args.custom_visual_model:
             raise UserError("this LLM is no CoMP-MM checkpoint, so a new one is built around it",
@@ -63,7 +64,8 @@ def build_model(model_args: ModelArguments, data_args: DataArguments,
                                                   **image_settings(data_args))
         model = CompForConditionalGeneration.from_components(
             source, model_args.custom_visual_model, tokenizer=processor.tokenizer,
-            use_rope=bool(model_args.use_rope), dtype=dtype)
+            use_rope=bool(model_args.use_rope), dtype=dtype, vocab_rows=model_args.vocab_rows,
+            new_merger=bool(model_args.new_merger))
     configure(model, model_args)
     return model, processor
 
@@ -132,7 +134,7 @@ def build_data(data_args: DataArguments, processor: CompProcessor, training_args
         data_args.data_path, processor.tokenizer, processor.image_processor,
         data_root=data_args.data_root, image_folder=data_args.image_folder,
         model_max_length=data_args.model_max_length, seed=training_args.seed,
-        prompt_format=data_args.prompt_format)
+        prompt_format=data_args.prompt_format, align_max_length=data_args.align_max_length or None)
     collator = DataCollator(pad_token_id=processor.tokenizer.pad_token_id, pack_length=data_args.pack_length)
     sampler = None
     if training_args.group_by_modality_length:

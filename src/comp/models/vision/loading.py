@@ -42,18 +42,26 @@ _HUB_KWARGS = {"cache_dir": None, "force_download": False, "local_files_only": F
 
 
 def load_vision_model(cls: type[CompVisionModel], path: str | Path, *model_args, use_rope: bool | None = None,
-                      w_merger: int | None = None, dtype: torch.dtype | str | None = None,
+                      w_merger: int | bool | None = None, dtype: torch.dtype | str | None = None,
                       revision: str | None = None, config: CompVisionConfig | None = None,
-                      **overrides) -> CompVisionModel:
+                      torch_dtype: torch.dtype | str | None = None, device_map=None,
+                      new_merger: bool = False, **overrides) -> CompVisionModel:
     """Load an HF SigLIP / DINOv2 / AIMv2 or a saved CoMP-VFM: a directory or a Hub id
     (``org/name[@revision]``, see ``comp.hub``).
 
     use_rope / w_merger None keep the directory's setting (a plain HF checkpoint: rope
     off, no merger); ``w_merger=0`` drops a saved merger; a new merger is freshly
-    initialised (as the family initialises its linear layers). ``dtype``: a torch dtype,
-    its name, or "auto" (the saved one); default float32. ``config``: a CompVisionConfig
-    to use instead of a CoMP-VFM's config.json (AutoModel passes it). ``overrides`` set any
-    other CompVisionConfig field.
+    initialised (as the family initialises its linear layers). The reference's booleans work
+    as in its quick start: ``w_merger=False`` = no merger, ``True`` = the saved one. ``dtype``
+    (or the reference's ``torch_dtype``): a torch dtype, its name, or "auto" (the saved one);
+    default float32. ``device_map``: a device ("cpu", "cuda", "cuda:1"), ``{"": device}`` or
+    "auto" (the first GPU if any), as transformers takes it for a one-device model.
+    ``config``: a CompVisionConfig to use instead of a CoMP-VFM's config.json (AutoModel
+    passes it). ``overrides`` set any other CompVisionConfig field.
+
+    A merger saved in the directory (a CoMP-VFM's, or ``merger.*`` next to an original
+    encoder config, as the reference saves its encoders) is loaded when the width asks for it,
+    as the reference's ``from_pretrained`` loads it; ``new_merger=True`` starts a new one.
 
     An encoder trained by the reference code (a released CoMP-SigLIP / CoMP-DINOv2) added
     its position table in raster order; when the directory shows it (see
@@ -65,7 +73,10 @@ def load_vision_model(cls: type[CompVisionModel], path: str | Path, *model_args,
         overrides.pop(key, None)
     _check_hub_kwargs(path, overrides)
     path = resolve_model_dir(path, revision)
+    dtype = _one_dtype(dtype, torch_dtype, path)
     config, saved_merger = _config_for(path, overrides, config)
+    if new_merger:
+        saved_merger = None
     why = reference_trained(path) if "pos_order" not in overrides else None
     if why and config.pos_order != "raster":
         logger.info("%s: %s, so positions are added in raster order (pos_order='raster'; "
@@ -74,7 +85,7 @@ def load_vision_model(cls: type[CompVisionModel], path: str | Path, *model_args,
     if use_rope is not None:
         config.use_rope = bool(use_rope)
     if w_merger is not None:
-        config.w_merger = w_merger
+        config.w_merger = _merger_width(w_merger, saved_merger, path)
     config.w_merger = config.w_merger or None
     if saved_merger and config.w_merger and config.w_merger != saved_merger:
         raise ValueError(f"{path} holds a merger of width {saved_merger}; pass w_merger="
@@ -90,7 +101,42 @@ def load_vision_model(cls: type[CompVisionModel], path: str | Path, *model_args,
     preprocessor = path / PREPROCESSOR_NAME
     if preprocessor.exists():
         model.preprocessor_config = json.loads(preprocessor.read_text())
+    if device_map is not None:
+        model.to(_one_device(device_map, path))
     return model.eval()
+
+
+def _one_dtype(dtype, torch_dtype, path):
+    """``dtype``, or the reference's older spelling ``torch_dtype`` (not both)."""
+    if torch_dtype is not None and dtype is not None:
+        raise TypeError(f"from_pretrained({path}): pass dtype or torch_dtype, not both")
+    return torch_dtype if torch_dtype is not None else dtype
+
+
+def _merger_width(w_merger: int | bool, saved: int | None, path: Path) -> int:
+    """An integer width from ``w_merger``: the reference's quick start passes a bool (False:
+    no merger; True: keep the saved one, whose width the directory records)."""
+    if w_merger is False:
+        return 0
+    if w_merger is True:
+        if not saved:
+            raise ValueError(f"from_pretrained({path}): w_merger=True keeps a saved merger, and this "
+                             "directory has none; pass its width (the LLM's hidden size) as an int")
+        return saved
+    return w_merger
+
+
+def _one_device(device_map, path: Path) -> torch.device:
+    """The single device of a ``device_map`` (the encoder is never split across devices)."""
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if set(device_map) != {""} or len(devices) != 1:
+            raise ValueError(f"from_pretrained({path}): device_map must place the whole encoder on "
+                             f"one device ({{'': 'cuda:0'}}), got {device_map}")
+        device_map = devices.pop()
+    if device_map == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(f"cuda:{device_map}" if isinstance(device_map, int) else device_map)
 
 
 def _check_hub_kwargs(path, kwargs: dict) -> None:
@@ -141,15 +187,43 @@ def _disk_keys(path: Path) -> set[str]:
     return keys
 
 
+def saved_merger_width(path: str | Path) -> int | None:
+    """Output width of a merger stored in ``path`` (``merger.mlp.2.weight`` rows, unprefixed or
+    under ``vision_model.``), None when it holds none."""
+    for f in weight_files(Path(path)):
+        with safe_open(f, "pt") as sf:
+            for key in ("merger.mlp.2.weight", "vision_model.merger.mlp.2.weight"):
+                if key in sf.keys():
+                    return int(sf.get_slice(key).get_shape()[0])
+    return None
+
+
+REFERENCE_SOURCES = ("Original-SigLIP-So400M", "Original-DINOv2-Large")
+
+
+def reference_source(path: str | Path) -> str | None:
+    """The name of the reference's model source ``path`` is (a Hub snapshot of, or a directory
+    named as, ``SliMM-X/Original-SigLIP-So400M`` / ``-DINOv2-Large``), else None. The reference
+    trains from these: the original encoder saved with its own code (so possibly a merger, and
+    DINOv2 without ``cls_token``) next to its tokenizer and image processor; their files cannot
+    be told from a CoMP-trained encoder's, their name can."""
+    for part in Path(path).resolve().parts[-3:]:
+        name = part.split("--")[-1]  # models--SliMM-X--Original-SigLIP-So400M
+        if name in REFERENCE_SOURCES:
+            return name
+    return None
+
+
 def reference_trained(path: str | Path) -> str | None:
     """Why the encoder in ``path`` was trained by the reference code (so with raster-order
     positions), or None. Signs, from the reference's files: a ``CoMP...`` architecture name in
     config.json, a merger saved next to a plain SigLIP/DINOv2 config, or DINOv2 weights
     without ``embeddings.cls_token`` (the reference's DINOv2 has none). A ``comp_vision``
-    directory records ``pos_order`` itself and is never guessed about."""
+    directory records ``pos_order`` itself and is never guessed about, and neither is one of the
+    reference's own model sources (see ``reference_source``): they hold untrained encoders."""
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())
-    if raw.get("model_type") == CompVisionConfig.model_type:
+    if raw.get("model_type") == CompVisionConfig.model_type or reference_source(path):
         return None
     arch = [a for a in raw.get("architectures") or [] if a.lower().startswith("comp")]
     if arch:
@@ -182,11 +256,11 @@ def _config_for(path: Path, overrides: dict, given: CompVisionConfig | None
             raise TypeError(f"from_pretrained({path}): config= applies to CoMP-VFM directories; this is an "
                             f"original {model_type} checkpoint (pass CompVisionConfig fields as keywords)")
         family = MODEL_TYPES[model_type]
+        saved = saved_merger_width(path)
         with _quiet_transformers():  # e.g. a two-tower config's text token ids: not our concern
             hf_config = AutoConfig.from_pretrained(path)
         # an original checkpoint was trained without RoPE: it loads as it was trained
         config = CompVisionConfig(family=family, use_rope=False, **FAMILIES[family].config_from_hf(hf_config))
-        saved = None
     else:
         raise ValueError(f"{cfg_file}: model_type {model_type!r} is not a supported vision encoder; "
                          f"expected one of {sorted(MODEL_TYPES) + ['comp_vision']}")
@@ -226,7 +300,7 @@ def report_unused(path: Path, ignored: list[str], prefix: str) -> None:
     unused tensor is a warning (a wrong checkpoint or a naming mismatch)."""
     text = [k for k in ignored if k.startswith(TEXT_TOWER)]
     rest = [k for k in ignored if k not in set(text)]
-    designed = [k for k in rest if k[len(prefix):].startswith(DESIGNED_OUT)]
+    designed = [k for k in rest if k[len(prefix):].startswith(DESIGNED_OUT) or k.startswith("merger.")]
     unexpected = [k for k in rest if k not in set(designed)]
     if text:
         logger.info("%s: two-tower checkpoint; its text tower (%d tensors) is not used", path, len(text))
@@ -253,7 +327,8 @@ def _read_weights(path: Path, model: CompVisionModel, saved_merger: int | None) 
         with safe_open(f, "pt") as sf:
             on_disk.update({k: f for k in sf.keys()})
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in on_disk) else ""
-    source = {k: prefix + k for k in wanted}
+    # the trunk under the two-tower prefix; a reference-layout merger sits beside it, unprefixed
+    source = {k: k if k.startswith("merger.") and prefix + k not in on_disk else prefix + k for k in wanted}
     zeros = set()
     if not model.config.keep_cls:
         zeros = {k for k in _OPTIONAL_WITHOUT_CLS if k in source and source[k] not in on_disk}
