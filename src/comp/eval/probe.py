@@ -130,15 +130,20 @@ class TrainSettings:
     seed: int = 0
 
 
-def fit(model: nn.Module, inputs, labels_N: torch.Tensor, settings: TrainSettings, batch_fn) -> nn.Module:
+def fit(model: nn.Module, inputs, labels_N, settings: TrainSettings, batch_fn, loss_fn=None) -> nn.Module:
     """AdamW, cross-entropy, shuffled mini-batches from a seeded generator.
-    ``batch_fn(inputs, index_B)`` gives the model's positional arguments for a batch."""
+    ``batch_fn(inputs, index_B)`` gives the model's positional arguments for a batch;
+    ``loss_fn(output, index_B)`` (None: cross-entropy against ``labels_N[index_B]``) lets a
+    dense probe score per-pixel label maps instead of one label per item."""
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.wd)
     gen = torch.Generator().manual_seed(settings.seed)
+    if loss_fn is None:
+        def loss_fn(output, index_B):
+            return nn.functional.cross_entropy(output, labels_N[index_B])
     model.train()
     for _ in range(settings.epochs):
         for index_B in torch.randperm(len(labels_N), generator=gen).split(settings.batch_size):
-            loss = nn.functional.cross_entropy(model(*batch_fn(inputs, index_B)), labels_N[index_B])
+            loss = loss_fn(model(*batch_fn(inputs, index_B)), index_B)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -209,9 +214,15 @@ def holdout_split(labels_N: torch.Tensor, fraction: float, seed: int) -> tuple[t
 
 
 def select_setting(fit_predict, labels_N: torch.Tensor, settings: TrainSettings, lrs, wds,
-                   holdout: float, desc: str = "") -> tuple[TrainSettings, list[dict]]:
+                   holdout: float, desc: str = "", score=None,
+                   metric: str = "heldout_top1") -> tuple[TrainSettings, list[dict]]:
     """The (lr, wd) of the grid whose probe, trained without the held-out part, is most
-    accurate on it. ``fit_predict(fit_idx, eval_idx, settings)`` -> predictions for eval_idx."""
+    accurate on it. ``fit_predict(fit_idx, eval_idx, settings)`` -> predictions for eval_idx;
+    ``score(predictions, eval_idx)`` (None: top-1 against ``labels_N``) ranks them, saved
+    as ``metric``. ``labels_N`` also stratifies the held-out part (all zeros: no strata)."""
+    if score is None:
+        def score(pred, idx):
+            return top1(pred, labels_N[idx])
     grid = [(lr, wd) for lr in lrs for wd in wds]
     if len(grid) == 1:
         return replace(settings, lr=grid[0][0], wd=grid[0][1]), []
@@ -222,8 +233,8 @@ def select_setting(fit_predict, labels_N: torch.Tensor, settings: TrainSettings,
     sweep = []
     for lr, wd in tqdm(grid, desc=desc, unit="setting", disable=None, leave=False):
         pred = fit_predict(fit_idx, held_idx, replace(settings, lr=lr, wd=wd))
-        sweep.append({"lr": lr, "wd": wd, "heldout_top1": top1(pred, labels_N[held_idx])})
-    best = max(sweep, key=lambda r: r["heldout_top1"])  # max keeps the first of equals
+        sweep.append({"lr": lr, "wd": wd, metric: score(pred, held_idx)})
+    best = max(sweep, key=lambda r: r[metric])  # max keeps the first of equals
     return replace(settings, lr=best["lr"], wd=best["wd"]), sweep
 
 
