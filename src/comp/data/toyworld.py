@@ -19,7 +19,9 @@ Layout of OUT (all JSON paths relative to the file that names them)::
     probe/<attr>/<split>.json        [{image, label, meta}] for the same files
     retrieval/images/NNNNN.png, retrieval/captions.json    unique captions per image
     qa_eval/{val,val_hires}/NNNNN.png, qa_eval/questions.json  held-out questions, one image each
-    manifest.json                    seed, size, counts per file and folder
+    seg/{train,val}/images/NNNNN.png, seg/{train,val}/annotations/NNNNN.png   segmentation split
+    seg/{train,val}.json, seg/classes.json   [{image, annotation, meta}]; names of labels 1..K
+    manifest.json                    seed, size, counts per file and folder (seg's: seg/classes.json)
 
 Image-folder convention: record ``image`` paths are relative to OUT/images (``pool/...``);
 each Stage YAML entry sets ``image_folder: images``, resolved like ``json_path`` against the
@@ -34,6 +36,13 @@ wide. ``qa_eval/questions.json`` holds [{id, image, image_hires, type, question,
 meta}], types QA_TYPES, asked exactly as the Stage III records ask them; each draws from its
 own stream ("qa-eval-<type>"), so it shares no scene with training and adding it changed no
 other output.
+
+The segmentation split is in ADE20K's layout (``comp probe --task segmentation``): pool-like
+scenes, each with a label map (mode L) drawn by the same calls as the image, without
+anti-aliasing: label k is SEG_CLASSES[k - 1] (background, the shapes, word and number ink:
+pixels at least half covered by the anti-aliased glyphs), 0 (ignore) only on the glyphs'
+rim (ink covering less than half of a pixel: 9-13 px text has few fully inked ones). It has
+its own streams and files: the other outputs, manifest.json included, are as before.
 
 Legend: ``bbox`` = [x0, y0, x1, y1] in pixels, x1/y1 exclusive; ``xy`` = text origin
 (left, ascender top). Positions are the 3x3 cell of an item's centre, as words
@@ -74,6 +83,8 @@ DIGITS = tuple("0123456789")
 PROBES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES, "colour": tuple(COLOURS), "digit": DIGITS, "word": WORDS,
 }
+# Segmentation classes: label k (1-based; 0 = ignore) is SEG_CLASSES[k - 1].
+SEG_CLASSES = ("background", *SHAPES, "word", "number")
 # Held-out QA: the Stage III question types an evaluation scores (``typed_qa_pairs``).
 QA_TYPES = ("colour", "shape", "position", "count", "number", "word")
 SIDE_MIN, SIDE_MAX = 56, 448
@@ -85,11 +96,11 @@ SIZES: dict[str, dict[str, int]] = {
     # pool images, probe images per class (train / val), retrieval pairs, Stage III extras
     # and held-out QA questions per type
     "small": dict(pool=300, probe_train=40, probe_val=20, retrieval=100, multi=16, text_only=16,
-                  qa_eval=20),
+                  qa_eval=20, seg_train=100, seg_val=40),
     "medium": dict(pool=3000, probe_train=100, probe_val=50, retrieval=500, multi=120,
-                   text_only=120, qa_eval=50),
+                   text_only=120, qa_eval=50, seg_train=1000, seg_val=200),
 }
-OUTPUTS = ("images", "data", "probe", "retrieval", "qa_eval", "stage1.yaml", "stage2.yaml",
+OUTPUTS = ("images", "data", "probe", "retrieval", "qa_eval", "seg", "stage1.yaml", "stage2.yaml",
            "stage3.yaml", "manifest.json")
 
 
@@ -249,6 +260,28 @@ def render(scene: Scene) -> Image.Image:
     for t in scene.texts:
         draw.text(t.xy, t.text, fill=TEXT_RGB, font=font(t.font_size), anchor="lt")
     return image
+
+
+def render_labels(scene: Scene) -> Image.Image:
+    """The scene's label map (mode L, values as SEG_CLASSES + 1): ``render``'s draw calls
+    with class ids for colours. Shapes are not anti-aliased, so their pixels match the image
+    exactly; text is: a pixel at least half inked is the text's class, a less inked one 0."""
+    labels = Image.new("L", (scene.width, scene.height), SEG_CLASSES.index("background") + 1)
+    draw = ImageDraw.Draw(labels)
+    for o in scene.objects:
+        _draw_shape(draw, o.shape, o.bbox, SEG_CLASSES.index(o.shape) + 1)
+    if not scene.texts:
+        return labels
+    ink = Image.new("L", labels.size, 0)
+    ink_draw = ImageDraw.Draw(ink)
+    label_HW = np.array(labels)
+    for t in scene.texts:
+        ink_draw.rectangle((0, 0, *ink.size), fill=0)
+        ink_draw.text(t.xy, t.text, fill=255, font=font(t.font_size), anchor="lt")
+        ink_HW = np.asarray(ink)
+        label_HW[ink_HW >= 128] = SEG_CLASSES.index(t.kind) + 1
+        label_HW[(ink_HW > 0) & (ink_HW < 128)] = 0
+    return Image.fromarray(label_HW, mode="L")
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -627,6 +660,25 @@ def _write_retrieval(out: Path, seed: int, n: int, counts: dict) -> None:
     counts["retrieval/captions.json"] = n
 
 
+def write_seg(out: str | Path, seed: int, n_train: int, n_val: int) -> dict[str, int]:
+    """The segmentation split under ``out`` (toyworld's OUT/seg); returns its counts."""
+    out = Path(out)
+    counts = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        entries = []
+        for i in range(n):
+            scene = pool_scene(rng_for(seed, f"seg-{split}", i))
+            paths = {"image": f"{split}/images/{i:05d}.png", "annotation": f"{split}/annotations/{i:05d}.png"}
+            _write_png(out / paths["image"], scene)
+            (out / paths["annotation"]).parent.mkdir(parents=True, exist_ok=True)
+            (out / paths["annotation"]).write_bytes(png_bytes(render_labels(scene)))
+            entries.append({**paths, "meta": scene.meta()})
+        _write_json(out / f"{split}.json", entries)
+        counts[f"seg/{split}"] = n
+    (out / "classes.json").write_text(json.dumps(list(SEG_CLASSES)) + "\n")
+    return counts
+
+
 def write_toyworld(out: str | Path, *, seed: int = 0, size: str = "small") -> Path:
     """Write the toyworld dataset to ``out`` (layout in the module docstring); returns ``out``."""
     if size not in SIZES:
@@ -640,6 +692,7 @@ def write_toyworld(out: str | Path, *, seed: int = 0, size: str = "small") -> Pa
     _write_probes(out, seed, spec, counts)
     _write_retrieval(out, seed, spec["retrieval"], counts)
     _write_qa_eval(out, seed, spec["qa_eval"], counts)
+    write_seg(out / "seg", seed, spec["seg_train"], spec["seg_val"])  # counts kept out: manifest as before
     manifest = {"name": "toyworld", "version": 1, "seed": seed, "size": size,
                 "pillow": PIL.__version__, "image_folder": "images",
                 "probes": {a: list(c) for a, c in PROBES.items()},
@@ -656,7 +709,7 @@ def build_parser():
     parser = ArgumentParser(
         prog="comp data toyworld",
         description="Write the synthetic toyworld dataset (Stage I/II/III JSON + YAML, probe\n"
-                    "splits, retrieval pairs). Deterministic for a seed.")
+                    "splits, retrieval pairs, a segmentation split). Deterministic for a seed.")
     parser.add_out("output folder (new, empty, or a toyworld output)", type=Path)
     parser.add_argument("--seed", type=int, default=0, help="seeds every drawn scene and caption")
     parser.add_argument("--size", choices=list(SIZES), default="small", help="how many images")
@@ -677,6 +730,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - start:.1f} s -> {args.out}")
     for name, count in counts.items():
         print(f"  {name:<28} {count}")
+    spec = SIZES[args.size]
+    print(f"  {'seg/train, seg/val':<28} {spec['seg_train']}, {spec['seg_val']} (images + label maps)")
     return 0
 
 

@@ -14,10 +14,11 @@ import argparse
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -79,6 +80,13 @@ def load_encoder(vfm_dir: str | Path, *, use_rope: bool | None = None, resolutio
     return Encoder(model, processor, vfm_dir, setting)
 
 
+def at_resolution(encoder: Encoder, resolution: int | None) -> Encoder:
+    """The same model (no second copy in memory) with images resized to ``resolution`` x
+    ``resolution`` first (None: native), within the same token budget."""
+    processor = replace(encoder.processor, force_resize=resolution, max_num_vistoken=None, min_num_vistoken=None)
+    return replace(encoder, processor=processor, setting={**encoder.setting, "resolution": resolution})
+
+
 def budget_text(encoder: Encoder) -> str:
     """The resolution rule in words, printed and saved by encode and probe."""
     s = encoder.setting
@@ -134,21 +142,23 @@ def to_raster(tokens_TD: torch.Tensor, h: int, w: int, merge: int = 2) -> torch.
     return tokens_TD[torch.argsort(merge_window_perm(h, w, merge))]
 
 
-def patch_counts(encoder: Encoder, paths: list[Path]) -> list[int]:
+def patch_counts(encoder: Encoder, paths: list[Path | Image.Image]) -> list[int]:
     """Encoder tokens of each image, from the file headers alone (no pixel decoded)."""
     proc = encoder.processor
     counts = []
     for path in paths:
-        height, width = proc.resized_size(*image_size(path))
+        size = (path.height, path.width) if isinstance(path, Image.Image) else image_size(path)
+        height, width = proc.resized_size(*size)
         counts.append((height // proc.patch_size) * (width // proc.patch_size))
     return counts
 
 
 @torch.no_grad()
-def encode_files(encoder: Encoder, paths: list[Path], batch_tokens: int = 16384,
+def encode_files(encoder: Encoder, paths: list[Path | Image.Image], batch_tokens: int = 16384,
                  desc: str | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """-> (tokens per image, each [n_i, D] float32 in raster order; grid_N3). A progress bar
-    (images) is shown on a terminal when ``desc`` is given."""
+    """-> (tokens per image, each [n_i, D] float32 in raster order; grid_N3). Image files or
+    PIL images (crops of one, as a sliding window makes). A progress bar (images) is shown
+    on a terminal when ``desc`` is given."""
     model, merge = encoder.model, encoder.model.config.merge_size
     tokens: list[torch.Tensor] = []
     grids: list[torch.Tensor] = []

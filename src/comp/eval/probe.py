@@ -11,7 +11,8 @@ linear evaluations: every (lr, wd) of a small grid is trained on the training sp
 held-out part (``--holdout``, per class), the best on the held-out part wins (ties: the
 earlier grid entry), and the winner is retrained on the whole training split; a single lr
 and wd skip the sweep. Everything random draws from the seed, so a seed gives the same
-accuracies.
+accuracies. ``--task segmentation`` runs the dense linear probe of ``segmentation`` instead
+(same sweep, training loop and flags).
 
 Shape legend: N images, B a batch, L tokens (padded), D encoder width, C classes, K neighbours.
 """
@@ -130,15 +131,20 @@ class TrainSettings:
     seed: int = 0
 
 
-def fit(model: nn.Module, inputs, labels_N: torch.Tensor, settings: TrainSettings, batch_fn) -> nn.Module:
+def fit(model: nn.Module, inputs, labels_N, settings: TrainSettings, batch_fn, loss_fn=None) -> nn.Module:
     """AdamW, cross-entropy, shuffled mini-batches from a seeded generator.
-    ``batch_fn(inputs, index_B)`` gives the model's positional arguments for a batch."""
+    ``batch_fn(inputs, index_B)`` gives the model's positional arguments for a batch;
+    ``loss_fn(output, index_B)`` (None: cross-entropy against ``labels_N[index_B]``) lets a
+    dense probe score per-pixel label maps instead of one label per item."""
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.wd)
     gen = torch.Generator().manual_seed(settings.seed)
+    if loss_fn is None:
+        def loss_fn(output, index_B):
+            return nn.functional.cross_entropy(output, labels_N[index_B])
     model.train()
     for _ in range(settings.epochs):
         for index_B in torch.randperm(len(labels_N), generator=gen).split(settings.batch_size):
-            loss = nn.functional.cross_entropy(model(*batch_fn(inputs, index_B)), labels_N[index_B])
+            loss = loss_fn(model(*batch_fn(inputs, index_B)), index_B)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -209,9 +215,15 @@ def holdout_split(labels_N: torch.Tensor, fraction: float, seed: int) -> tuple[t
 
 
 def select_setting(fit_predict, labels_N: torch.Tensor, settings: TrainSettings, lrs, wds,
-                   holdout: float, desc: str = "") -> tuple[TrainSettings, list[dict]]:
+                   holdout: float, desc: str = "", score=None,
+                   metric: str = "heldout_top1") -> tuple[TrainSettings, list[dict]]:
     """The (lr, wd) of the grid whose probe, trained without the held-out part, is most
-    accurate on it. ``fit_predict(fit_idx, eval_idx, settings)`` -> predictions for eval_idx."""
+    accurate on it. ``fit_predict(fit_idx, eval_idx, settings)`` -> predictions for eval_idx;
+    ``score(predictions, eval_idx)`` (None: top-1 against ``labels_N``) ranks them, saved
+    as ``metric``. ``labels_N`` also stratifies the held-out part (all zeros: no strata)."""
+    if score is None:
+        def score(pred, idx):
+            return top1(pred, labels_N[idx])
     grid = [(lr, wd) for lr in lrs for wd in wds]
     if len(grid) == 1:
         return replace(settings, lr=grid[0][0], wd=grid[0][1]), []
@@ -222,8 +234,8 @@ def select_setting(fit_predict, labels_N: torch.Tensor, settings: TrainSettings,
     sweep = []
     for lr, wd in tqdm(grid, desc=desc, unit="setting", disable=None, leave=False):
         pred = fit_predict(fit_idx, held_idx, replace(settings, lr=lr, wd=wd))
-        sweep.append({"lr": lr, "wd": wd, "heldout_top1": top1(pred, labels_N[held_idx])})
-    best = max(sweep, key=lambda r: r["heldout_top1"])  # max keeps the first of equals
+        sweep.append({"lr": lr, "wd": wd, metric: score(pred, held_idx)})
+    best = max(sweep, key=lambda r: r[metric])  # max keeps the first of equals
     return replace(settings, lr=best["lr"], wd=best["wd"]), sweep
 
 
@@ -282,15 +294,31 @@ def _float_list(value: str) -> list[float]:
     return values
 
 
+def _size_list(value: str) -> list[str]:
+    from comp.eval.segmentation import SIZES
+
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names or any(n not in SIZES for n in names):
+        raise argparse.ArgumentTypeError(f"--sizes takes a comma list of {','.join(SIZES)}, got {value!r}")
+    return [n for n in SIZES if n in names]  # native before sliding (sliding uses its head)
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(
         prog="comp probe",
         description="Frozen-encoder probes (linear, attentive pooling, k-NN) on ImageFolder splits\n"
                     "(root/<class>/<image>); prints top-1 per probe and the lr/wd each trained\n"
-                    "probe chose on a held-out part of the training split.")
+                    "probe chose on a held-out part of the training split.\n"
+                    "--task segmentation: a linear head on every patch token, trained and scored\n"
+                    "(mIoU) on ADE20K-layout splits (DIR/images, DIR/annotations: label PNGs, 0 = ignore)\n"
+                    "at a fixed square size, at native size and by sliding windows.")
     p.add_argument("vfm", help="encoder: directory or Hub id (HF SigLIP/DINOv2/AIMv2 or CoMP-VFM)")
-    p.add_argument("--train", type=Path, required=True, help="ImageFolder root of the training split")
-    p.add_argument("--val", type=Path, required=True, help="ImageFolder root of the validation split")
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                   help="classification: ImageFolder probes; segmentation: the dense linear probe")
+    p.add_argument("--train", type=Path, required=True,
+                   help="training split: ImageFolder root, or (segmentation) a directory holding images/ "
+                        "and annotations/")
+    p.add_argument("--val", type=Path, required=True, help="validation split, as --train")
     add_budget_flags(p)
     p.add_switch("--use_rope", default=None, help="2D RoPE on/off; default: the checkpoint's setting")
     p.add_argument("--pos_order", choices=POS_ORDERS, default=None,
@@ -306,13 +334,27 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--wd", type=_float_list, default=list(DEFAULT_WDS),
                    help=f"weight decay(s), comma list (default {','.join(map(str, DEFAULT_WDS))})")
     p.add_argument("--holdout", type=float, default=0.2,
-                   help="fraction of each training class held out to select lr and wd")
-    p.add_argument("--batch_size", type=int, default=32, help="probe training batch size")
+                   help="fraction of each training class (segmentation: of the training images) "
+                        "held out to select lr and wd")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="probe training batch size (default 32 images; segmentation 8)")
     p.add_argument("--k", type=int, default=20, help="k-NN neighbours (capped at the train size)")
     p.add_argument("--seed", type=int, default=0, help="seeds the probes, the held-out split and the batches")
     p.add_argument("--batch_tokens", type=int, default=16384, help="encoder tokens per forward pass")
     p.add_argument("--device", default=None, help="encoder device, e.g. cpu, cuda:0; default: CUDA when available")
     p.add_threads()
+    seg = p.add_argument_group("segmentation", "with --task segmentation; --resolution N sets the fixed "
+                               "size (default: the encoder's training size)")
+    seg.add_argument("--train_split", default=None,
+                     help="subfolder of images/ and annotations/ under --train (ADEChallengeData2016: training)")
+    seg.add_argument("--val_split", default=None,
+                     help="subfolder of images/ and annotations/ under --val (ADEChallengeData2016: validation)")
+    seg.add_argument("--sizes", type=_size_list, default="fixed,native,sliding",
+                     help="comma list of fixed,native,sliding (sliding: only images over the budget)")
+    seg.add_argument("--overlap", type=float, default=1 / 3, help="least overlap of sliding windows, in [0, 1) (default %(default).2f)")
+    seg.add_argument("--max_train_images", type=int, default=None,
+                     help="use this many training images, evenly spread (features of all ADE20K's "
+                          "20k images at native size do not fit in memory)")
     p.add_argument("--cache", type=Path, default=None, help="feature cache directory (reused across runs)")
     p.add_out("JSON result file", required=False, type=Path)
     return p
@@ -323,9 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.holdout < 1:
         print(f"comp probe: --holdout must be in (0, 1), got {args.holdout}", file=sys.stderr)
         return 2
+    if not 0 <= args.overlap < 1:
+        print(f"comp probe: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
+        return 2
     apply_threads(args.threads)
-    settings = TrainSettings(args.epochs, args.lr[0], args.wd[0], args.batch_size, args.seed)
+    dense = args.task == "segmentation"
+    batch_size = args.batch_size or (8 if dense else 32)
+    settings = TrainSettings(args.epochs, args.lr[0], args.wd[0], batch_size, args.seed)
     start = time.perf_counter()
+    if dense:
+        return _segmentation_main(args, settings, start)
     try:
         train_paths, train_labels, classes = read_image_folder(args.train)
         val_paths, val_labels, _ = read_image_folder(args.val, classes)
@@ -350,6 +399,25 @@ def main(argv: list[str] | None = None) -> int:
               "n_val": len(val_paths), "chance": 1 / len(classes),
               "settings": {**asdict(settings), "lr": args.lr, "wd": args.wd, "holdout": args.holdout},
               "results": results, "seconds": round(time.perf_counter() - start, 2)}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _segmentation_main(args, settings: TrainSettings, start: float) -> int:
+    """``--task segmentation``: the encoder at native size (the fixed size is derived from
+    it), ``segmentation.main`` for the rest; the same error handling and --out."""
+    from comp.eval import segmentation
+
+    try:
+        encoder = load_encoder(args.vfm, use_rope=args.use_rope, max_num_vistoken=args.max_num_vistoken,
+                               device=args.device, pos_order=args.pos_order)
+        report = segmentation.main(args, encoder, settings)
+    except (ImageLoadError, FileNotFoundError, ValueError, KeyError) as err:
+        print(f"comp probe: {err}", file=sys.stderr)
+        return 2
+    report["seconds"] = round(time.perf_counter() - start, 2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
