@@ -344,16 +344,17 @@ class ParquetReader:
 
 _PARQUET_GROUPS: OrderedDict[tuple[Path, int], object] = OrderedDict()  # the last row groups read
 _READERS = {".zip": ZipReader, ".tar": TarReader, ".parquet": ParquetReader}
-_INDEXED: dict[Path, object] = {}
+_INDEXED: dict[str, object] = {}
 
 
 def archive_reader(archive: str | os.PathLike):
     """The process's reader for ``archive``: its index is loaded once and kept (a few bytes
     a member); its file is open while used (see MAX_OPEN_FILES)."""
-    path = Path(archive)
-    reader = _INDEXED.get(path)
+    key = os.fspath(archive)
+    reader = _INDEXED.get(key)
     if reader is None:
-        reader = _INDEXED[path] = _READERS[path.suffix.lower()](path)
+        path = Path(key)
+        reader = _INDEXED[key] = _READERS[path.suffix.lower()](path)
     return reader
 
 
