@@ -98,6 +98,10 @@ class CompTrainingArguments(TrainingArguments):
         "help": "warmup as a fraction of all steps (the reference's flag; transformers 5 spells "
                 "it --warmup_steps with a value below 1)"})
     remove_unused_columns: bool = False
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start this run in an output_dir that holds checkpoints of another run (other "
+                "flags, data or seed), deleting those checkpoints; without it such a start is refused"})
+
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "'auto' (or True): continue from the newest complete checkpoint in output_dir, if "
                 "any (model, optimizer, scheduler, RNG, data position); or a checkpoint directory"})
