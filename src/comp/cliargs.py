@@ -25,6 +25,17 @@ def to_bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected one of 1/0, true/false, yes/no; got {value!r}")
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number >= 1 (a count of threads, neighbours, tokens, ...)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Descriptions keep their line breaks (each line wrapped to the terminal); each flag's
     help ends with its default."""
@@ -56,7 +67,8 @@ class ArgumentParser(argparse.ArgumentParser):
         return self.add_argument("--out", required=required, help=help, **kwargs)
 
     def add_threads(self):
-        return self.add_argument("--threads", type=int, default=None,
+        return self.add_argument("--threads", type=positive_int, default=None,
+
                                  help="CPU threads for torch (default: OMP_NUM_THREADS when set, "
                                       "else torch's choice); on small CPUs 1 is often fastest")
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from comp.cliargs import positive_int
 from comp.data.image import CompImageProcessor, image_size
 from comp.hub import resolve_model_dir
 from comp.models.vision.model import CompVisionModel
@@ -107,7 +108,7 @@ def add_budget_flags(parser) -> None:
     parser.add_argument("--resolution", type=_resolution, default=None,
                         help="'native' (default): each image at its own size within the budget; "
                              "N: every image resized to N x N first")
-    parser.add_argument("--max_num_vistoken", type=int, default=None,
+    parser.add_argument("--max_num_vistoken", type=positive_int, default=None,
                         help=f"pixel budget per image in merged (2x2) tokens (default {DEFAULT_EVAL_TOKENS}; "
                              "not the budget the VFM was trained with)")
 

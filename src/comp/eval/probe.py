@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from comp.data.image import ImageLoadError
-from comp.cliargs import ArgumentParser, apply_threads
+from comp.cliargs import ArgumentParser, apply_threads, positive_int
 from comp.eval.features import add_budget_flags, budget_text, cached_features, load_encoder, mean_pool
 from comp.models.vision.configuration import POS_ORDERS
 
@@ -299,7 +299,7 @@ def build_parser() -> ArgumentParser:
                         "reference-trained)")
     p.add_argument("--probes", type=_probe_list, default=list(PROBES),
                    help="comma list of linear,attentive,knn (default: all)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of the linear and attentive probes")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs of the linear and attentive probes")
     p.add_argument("--lr", type=_float_list, default=list(DEFAULT_LRS),
                    help="AdamW learning rate(s), comma list: swept with --wd "
                         f"(default {','.join(map(str, DEFAULT_LRS))})")
@@ -307,10 +307,11 @@ def build_parser() -> ArgumentParser:
                    help=f"weight decay(s), comma list (default {','.join(map(str, DEFAULT_WDS))})")
     p.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of each training class held out to select lr and wd")
-    p.add_argument("--batch_size", type=int, default=32, help="probe training batch size")
-    p.add_argument("--k", type=int, default=20, help="k-NN neighbours (capped at the train size)")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="probe training batch size")
+    p.add_argument("--k", type=positive_int, default=20, help="k-NN neighbours (capped at the train size)")
     p.add_argument("--seed", type=int, default=0, help="seeds the probes, the held-out split and the batches")
-    p.add_argument("--batch_tokens", type=int, default=16384, help="encoder tokens per forward pass")
+    p.add_argument("--batch_tokens", type=positive_int, default=16384, help="encoder tokens per forward pass")
+
     p.add_argument("--device", default=None, help="encoder device, e.g. cpu, cuda:0; default: CUDA when available")
     p.add_threads()
     p.add_argument("--cache", type=Path, default=None, help="feature cache directory (reused across runs)")

@@ -7,6 +7,8 @@ the seed scripts' command lines run unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
+
 import textwrap
 from dataclasses import dataclass, field, fields
 
@@ -237,6 +239,18 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
     ]
     if t is not None:
         checks += [
+            ("max_steps", t.max_steps == -1 or t.max_steps > 0,
+             "must be > 0, or -1 to train --num_train_epochs"),
+            ("num_train_epochs", t.max_steps > 0 or t.num_train_epochs > 0, "must be > 0"),
+            ("logging_steps", t.logging_steps > 0, "must be > 0 (below 1: a fraction of the steps)"),
+            ("save_steps", t.save_steps > 0, "must be > 0 (below 1: a fraction of the steps)"),
+            ("dataloader_num_workers", t.dataloader_num_workers >= 0, "must be >= 0"),
+            ("seed", 0 <= t.seed < 2**32, "must be in [0, 2**32)"),
+            ("data_seed", t.data_seed is None or 0 <= t.data_seed < 2**32, "must be in [0, 2**32)"),
+            ("adam_beta1", 0 <= t.adam_beta1 < 1, "must be in [0, 1)"),
+            ("adam_beta2", 0 <= t.adam_beta2 < 1, "must be in [0, 1)"),
+            ("adam_epsilon", t.adam_epsilon >= 0, "must be >= 0"),
+            ("label_smoothing_factor", 0 <= t.label_smoothing_factor < 1, "must be in [0, 1)"),
             ("learning_rate", t.learning_rate >= 0, "must be >= 0"),
             ("mm_vision_tower_lr", t.mm_vision_tower_lr is None or t.mm_vision_tower_lr >= 0, "must be >= 0"),
             ("mm_projector_lr", t.mm_projector_lr is None or t.mm_projector_lr >= 0, "must be >= 0"),
@@ -245,7 +259,9 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
             ("per_device_train_batch_size", t.per_device_train_batch_size > 0, "must be > 0"),
             ("gradient_accumulation_steps", t.gradient_accumulation_steps > 0, "must be > 0"),
         ]
-    problems = [f"--{name} {fix}, got {_value(m, d, t, name)!r}" for name, ok, fix in checks if not ok]
+    problems = [f"--{name} must be a finite number, got {value!r}" for name, value in _non_finite(m, d, t)]
+    problems += [f"--{name} {fix}, got {_value(m, d, t, name)!r}" for name, ok, fix in checks
+                 if not ok and name not in dict(_non_finite(m, d, t))]
     parts = parse_tunable_parts(m.mm_tunable_parts)
     unknown = sorted(set(parts) - set(TUNABLE_PARTS))
     if unknown:
@@ -255,6 +271,13 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
     return problems
 
 
+def _non_finite(*objects) -> list[tuple[str, float]]:
+    """Every float flag that is NaN or infinite (comparisons with NaN are all False, so a range
+    check alone lets it through, and inf passes ``>= 0``)."""
+    return [(f.name, getattr(o, f.name)) for o in objects if o is not None for f in fields(o)
+            if isinstance(getattr(o, f.name), float) and not math.isfinite(getattr(o, f.name))]
+
+
 def _value(*args_and_name):
     *objects, name = args_and_name
     return next(getattr(o, name) for o in objects if o is not None and hasattr(o, name))
@@ -262,7 +285,14 @@ def _value(*args_and_name):
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CompTrainingArguments]:
     parser = build_parser()
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # unknown flags, transformers' own checks in TrainingArguments
+        text = " ".join(str(err).split())
+        unused = "Some specified arguments are not used by the HfArgumentParser: "
+        parser.error(f"unknown flag(s) {text[len(unused):]} (see `comp train --help`)"
+                     if text.startswith(unused) else text)
+
     if training_args.fsdp:
         parser.error("--fsdp is not supported: comp train shards with DeepSpeed ZeRO-3 "
                      "(--deepspeed scripts/zero3.json) or ZeRO-2 (scripts/zero2.json), the engines "

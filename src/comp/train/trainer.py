@@ -24,7 +24,8 @@ import torch
 from transformers import Trainer
 
 from comp.data.collator import Batch
-from comp.data.dataset import SkipStats
+from comp.data.dataset import SkipStats, TooManySkips
+
 from comp.errors import UserError
 from comp.files import atomic_output, disk_full_is_user_error, file_sha256
 from comp.tokens import IGNORE_INDEX
@@ -39,6 +40,10 @@ ALL_SKIPPED_VERDICT_FRACTION = 0.01
 # What a checkpoint needs to resume the run exactly (besides its weights).
 STATE_FILES = ("trainer_state.json",)
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
+
+
+class SkippedTooMany(UserError, TooManySkips):
+    """More samples were skipped than --max_skip_fraction allows: the one-line form."""
 
 
 class NonFiniteError(UserError):
@@ -315,7 +320,13 @@ class CompTrainer(Trainer):
         batches, counts = super().get_batch_samples(epoch_iterator, num_batches, device)
         for batch in batches:
             self.skip_stats.update(batch.num_samples, batch.skipped)
-        self.skip_stats.check(self.max_skip_fraction, min_samples=self._skip_verdict_samples(len(batches)))
+        try:
+            self.skip_stats.check(self.max_skip_fraction, min_samples=self._skip_verdict_samples(len(batches)))
+        except TooManySkips as err:
+            summary = "; ".join(line.strip() for line in self.skip_stats.summary().splitlines())
+            raise SkippedTooMany(f"too many bad samples, more than --max_skip_fraction "
+                                 f"{self.max_skip_fraction:g} ({summary})", self.args.output_dir,
+                                 "fix the data (`comp data check`) or raise --max_skip_fraction") from err
         return batches, counts
 
     def _skip_verdict_samples(self, micro_batches: int) -> int:
