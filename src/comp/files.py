@@ -12,10 +12,11 @@ from pathlib import Path
 
 from comp.errors import UserError
 
-# How libraries word a full disk: OSError (ENOSPC/EDQUOT), safetensors' Rust IoError
-# ("StorageFull"), torch.save's PytorchStreamWriter ("file write failed").
-_FULL_DISK_WORDS = ("No space left on device", "StorageFull", "Disk quota exceeded",
-                    "file write failed", "QuotaExceeded")
+# How libraries word a full disk (measured on a 64 KiB tmpfs): OSError ENOSPC/EDQUOT;
+# safetensors "I/O error: No space left on device (os error 28)"; torch.save's zip writer
+# "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534" (a short write).
+_FULL_DISK_WORDS = ("No space left on device", "Disk quota exceeded", "os error 28", "os error 122",
+                    "unexpected pos ", "PytorchStreamWriter failed writing file")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -93,14 +94,15 @@ def atomic_output(path: str | os.PathLike, *, directory: bool = False):
         raise
 
 
-def refuse_output_over_input(out: str | os.PathLike, inputs, *, flag: str = "--out") -> None:
-    """Raise when the output path is one of the inputs, lies inside one, or contains one:
-    writing it would destroy what the command reads."""
+def refuse_output_over_input(out: str | os.PathLike, inputs, *, flag: str = "--out",
+                             nested: bool = True) -> None:
+    """Raise when the output path is one of the inputs or (``nested``) lies inside one or
+    contains one: writing it would destroy what the command reads."""
     target = Path(out).expanduser().resolve()
     for source in inputs:
-        if source is None:
+        if source is None or not os.path.exists(source):  # a Hub id, or a missing input
             continue
         src = Path(source).expanduser().resolve()
-        if target == src or src in target.parents or target in src.parents:
+        if target == src or nested and (src in target.parents or target in src.parents):
             raise UserError(f"{flag} would write over this command's own input {src}", out,
                             f"choose an {flag} outside the input")

@@ -64,12 +64,14 @@ def load_encoder(vfm_dir: str | Path, *, use_rope: bool | None = None, resolutio
     directory's (raster for a detected reference-trained encoder). Features come back as
     float32 on the CPU.
     """
-    from comp.models.kinds import require_kind
+    from comp.models.kinds import refuse_non_finite, require_kind
 
     vfm_dir = resolve_model_dir(vfm_dir)
     require_kind(vfm_dir, "comp-vfm", "vfm")
     overrides = {} if pos_order is None else {"pos_order": pos_order}
     model = CompVisionModel.from_pretrained(vfm_dir, use_rope=use_rope, w_merger=0, **overrides)
+    refuse_non_finite(model, vfm_dir)
+
     model.requires_grad_(False).to(device or default_device())
     tokens = DEFAULT_EVAL_TOKENS if max_num_vistoken is None else max_num_vistoken
     processor = CompImageProcessor.from_pretrained(vfm_dir, force_resize=resolution, max_num_vistoken=tokens,

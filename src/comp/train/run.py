@@ -22,7 +22,8 @@ from comp.data.lengths import shared_lengths
 from comp.data.processor import CompProcessor
 from comp.data.sampler import ModalityLengthGroupedSampler
 from comp.errors import UserError, ensure_writable_dir
-from comp.files import disk_full_is_user_error, file_sha256
+from comp.files import disk_full_is_user_error, file_sha256, refuse_output_over_input
+
 from comp.models.alignment import UNIFORM_PRIOR
 from comp.models.kinds import load_comp_mm, require_kind
 from comp.models.mllm import CompForConditionalGeneration
@@ -244,6 +245,8 @@ def train(model_args: ModelArguments, data_args: DataArguments,
     transformers.set_seed(training_args.seed)
     start_deepspeed_comm(training_args)
     lock = None
+    refuse_output_over_input(training_args.output_dir, [model_args.model_name_or_path,
+                             model_args.custom_visual_model], flag="--output_dir", nested=False)
     if training_args.should_save:
         ensure_writable_dir(training_args.output_dir)
         lock = OutputLock(training_args.output_dir).acquire()
