@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from comp.cliargs import positive_int
-from comp.data.image import CompImageProcessor, image_size
+from comp.data.image import DEFAULT_MAX_IMAGE_PIXELS, CompImageProcessor, image_size
+from comp.errors import UserError
 from comp.hub import resolve_model_dir
 from comp.models.vision.model import CompVisionModel
 from comp.models.weights import save_file
@@ -76,6 +79,10 @@ def load_encoder(vfm_dir: str | Path, *, use_rope: bool | None = None, resolutio
     tokens = DEFAULT_EVAL_TOKENS if max_num_vistoken is None else max_num_vistoken
     processor = CompImageProcessor.from_pretrained(vfm_dir, force_resize=resolution, max_num_vistoken=tokens,
                                                    min_num_vistoken=4)
+    if processor.max_pixels > DEFAULT_MAX_IMAGE_PIXELS:
+        raise UserError(f"--max_num_vistoken {tokens} allows {processor.max_pixels} pixels per image, above "
+                        f"the limit of {DEFAULT_MAX_IMAGE_PIXELS}", vfm_dir,
+                        f"use at most {tokens * DEFAULT_MAX_IMAGE_PIXELS // processor.max_pixels}")
     setting = {"use_rope": bool(model.config.use_rope), "pos_order": model.config.pos_order,
                "resolution": resolution, "max_num_vistoken": tokens,
                "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels}
@@ -102,6 +109,10 @@ def _resolution(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"--resolution must be 'native' or a size in pixels, got {value!r}")
     if size < 1:
         raise argparse.ArgumentTypeError(f"--resolution must be positive, got {size}")
+    if size * size > DEFAULT_MAX_IMAGE_PIXELS:  # the resize alone would take gigabytes
+        raise argparse.ArgumentTypeError(
+            f"--resolution {size} makes {size * size} pixels per image, above the limit of "
+            f"{DEFAULT_MAX_IMAGE_PIXELS}; use at most {math.isqrt(DEFAULT_MAX_IMAGE_PIXELS)}")
     return size
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from comp.data.image import DEFAULT_MAX_NUM_VISTOKEN
+from comp.data.image import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_VISTOKEN
+
 from comp.models.vision.configuration import CompVisionConfig
 
 LM_LOSS_NORMALIZATIONS = ("step", "micro_batch")
@@ -232,7 +233,8 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
         ("max_num_vistoken", d.max_num_vistoken > 0, "must be > 0"),
         ("min_num_vistoken", 0 < d.min_num_vistoken <= d.max_num_vistoken,
          "must be > 0 and <= --max_num_vistoken"),
-        ("force_resize", d.force_resize is None or d.force_resize > 0, "must be > 0"),
+        ("force_resize", d.force_resize is None or 0 < d.force_resize ** 2 <= DEFAULT_MAX_IMAGE_PIXELS,
+         f"must be > 0 and at most {math.isqrt(DEFAULT_MAX_IMAGE_PIXELS)} (the image pixel limit)"),
         ("pack_length", d.pack_length is None or d.pack_length > 0, "must be > 0"),
         ("prompt_format", d.prompt_format in ("reference", "inplace"), "must be reference or inplace"),
         ("pos_order", m.pos_order in (None, "merge", "raster"), "must be merge or raster"),

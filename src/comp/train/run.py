@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import transformers
 
 from comp.data.collator import DataCollator
 from comp.data.dataset import MixtureDataset
+from comp.data.index import JSONSyntaxError
+
 from comp.data.lengths import shared_lengths
 from comp.data.processor import CompProcessor
 from comp.data.sampler import ModalityLengthGroupedSampler
@@ -128,17 +131,24 @@ def configure(model: CompForConditionalGeneration, model_args: ModelArguments) -
     for name in _ALIGNMENT_FIELDS:
         setattr(model.config, name, getattr(model_args, name))
     if model.config.use_alignment_loss:
-        model.set_word_prior(word_prior_for_step(model.config, model_args.word_dist_path),
-                             pad=model_args.word_dist_pad)
+        prior = word_prior_for_step(model.config, model_args.word_dist_path)
+        try:
+            model.set_word_prior(prior, pad=model_args.word_dist_pad)
+        except (ValueError, OSError) as err:  # empty, truncated, text, NaN, negative, 2-D, too short
+            raise UserError(f"the word prior cannot be used: {' '.join(str(err).split())}", prior, "write it with `comp data prior DATA --tokenizer LLM --out FILE`, or pass "
+                            "--word_dist_path uniform for the ablation") from None
     set_tunable_parts(model, parse_tunable_parts(model_args.mm_tunable_parts))
 
 
 def build_data(data_args: DataArguments, processor: CompProcessor, training_args: CompTrainingArguments):
-    dataset = MixtureDataset.from_yaml(
-        data_args.data_path, processor.tokenizer, processor.image_processor,
-        data_root=data_args.data_root, image_folder=data_args.image_folder,
-        model_max_length=data_args.model_max_length, seed=training_args.seed,
-        prompt_format=data_args.prompt_format)
+    try:
+        dataset = MixtureDataset.from_yaml(
+            data_args.data_path, processor.tokenizer, processor.image_processor,
+            data_root=data_args.data_root, image_folder=data_args.image_folder,
+            model_max_length=data_args.model_max_length, seed=training_args.seed,
+            prompt_format=data_args.prompt_format)
+    except (JSONSyntaxError, FileNotFoundError) as err:  # a data file that cannot be indexed
+        raise UserError(str(err), None, "fix the file, or find the bad records with `comp data check`") from None
     collator = DataCollator(pad_token_id=processor.tokenizer.pad_token_id, pack_length=data_args.pack_length)
     sampler = None
     if training_args.group_by_modality_length:
@@ -252,9 +262,25 @@ def train(model_args: ModelArguments, data_args: DataArguments,
         lock = OutputLock(training_args.output_dir).acquire()
     try:
         return _train(model_args, data_args, training_args, callbacks)
+    except KeyboardInterrupt as err:
+        err.hint = interrupted_hint(model_args, data_args, training_args)
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def interrupted_hint(model_args: ModelArguments, data_args: DataArguments,
+                     training_args: CompTrainingArguments) -> str:
+    """What to run after Ctrl-C: resume from the newest checkpoint of this run, if any."""
+    runs = accepted_runs(training_args.output_dir, run_id(run_identity(model_args, data_args, training_args)),
+                         _named_checkpoint(training_args))
+    last = last_complete_checkpoint(training_args.output_dir, runs=runs, report=lambda *_: None)
+
+    if last is None:
+        return "no checkpoint was saved; run the same command again (--save_steps keeps progress)"
+    return f"resume with the same flags and --resume_from_checkpoint auto (newest checkpoint: {last})"
+
 
 
 def _train(model_args: ModelArguments, data_args: DataArguments,
