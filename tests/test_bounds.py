@@ -177,3 +177,56 @@ def test_ctrl_c_in_training_says_how_to_resume(assets, tmp_path):  # noqa: F811
     resumed = _cli("train", *_flags(assets, out, "--resume_from_checkpoint", "auto", steps=3))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------ damaged weights
+
+def _damage(directory: Path, how: str) -> None:
+    weights = directory / "model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "bad_header":
+        with open(weights, "r+b") as f:
+            f.write(b"\xff" * 8)  # the header length: far past the end of the file
+    else:  # one tensor of another shape than config.json builds
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(weights)
+        name = next(k for k in state if k.endswith("encoder.layers.0.mlp.fc1.weight") and "vis" in k)
+        state[name] = torch.zeros(3, 5)
+        save_file(state, weights, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("how", ["truncated", "bad_header", "shape"])
+def test_damaged_encoder_weights_are_one_line_in_encode_and_probe(tiny_dir, tmp_path, how):
+    import shutil
+
+    from PIL import Image
+
+    vfm = tmp_path / "vfm"
+    shutil.copytree(tiny_dir("siglip"), vfm)
+    _damage(vfm, how)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(tmp_path / split / label / "x.png")
+    expected = "do not fit config.json" if how == "shape" else "the weight file is truncated or corrupt"
+    line = _one_line_error(_cli("encode", vfm, tmp_path / "val" / "a" / "x.png", "--out", tmp_path / "f"),
+                           "comp encode")
+    assert expected in line and str(vfm) in line
+    if how != "shape":  # probe loads the encoder the same way
+        line = _one_line_error(_cli("probe", vfm, "--train", tmp_path / "train", "--val", tmp_path / "val"),
+                               "comp probe")
+        assert expected in line
+
+
+def test_a_comp_mm_tensor_of_another_shape_is_named(tiny_mm_dir, tmp_path):
+    import shutil
+
+    mm = tmp_path / "mm"
+    shutil.copytree(tiny_mm_dir, mm)
+    _damage(mm, "shape")
+    for args, prog in ((["export-vfm", mm, "--out", tmp_path / "vfm"], "comp export-vfm"),
+                       (["chat", mm, "--prompt", "hi", "--device", "cpu"], "comp chat")):
+        line = _one_line_error(_cli(*args), prog)
+        assert "the tensor visual.encoder.layers.0.mlp.fc1.weight has shape [3, 5] but config.json builds" in line

@@ -68,12 +68,26 @@ def load_encoder(vfm_dir: str | Path, *, use_rope: bool | None = None, resolutio
     float32 on the CPU.
     """
     from comp.models.kinds import refuse_non_finite, require_kind
+    from comp.models.weights import check_weight_files
 
     vfm_dir = resolve_model_dir(vfm_dir)
     require_kind(vfm_dir, "comp-vfm", "vfm")
+    try:
+        check_weight_files(vfm_dir)  # a truncated or corrupt header: named, not a traceback
+    except FileNotFoundError as err:
+        raise UserError("the encoder has no weights", vfm_dir, str(err)) from None
+
     overrides = {} if pos_order is None else {"pos_order": pos_order}
-    model = CompVisionModel.from_pretrained(vfm_dir, use_rope=use_rope, w_merger=0, **overrides)
+    try:
+        model = CompVisionModel.from_pretrained(vfm_dir, use_rope=use_rope, w_merger=0, **overrides)
+    except RuntimeError as err:  # torch's load_state_dict report: one line per tensor
+        mismatch = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        if not mismatch:
+            raise
+        raise UserError(f"the weights do not fit config.json ({mismatch[0]})", vfm_dir,
+                        "use the config.json the weights were saved with") from None
     refuse_non_finite(model, vfm_dir)
+
 
     model.requires_grad_(False).to(device or default_device())
     tokens = DEFAULT_EVAL_TOKENS if max_num_vistoken is None else max_num_vistoken

@@ -106,8 +106,13 @@ def load_comp_mm(directory: str | Path, *, allow_new_tensors: bool = False, **kw
         check_weight_files(directory)
     except FileNotFoundError as err:
         raise UserError("the checkpoint has no weights", directory, str(err)) from None
-    model, info = CompForConditionalGeneration.from_pretrained(directory, output_loading_info=True, **kwargs)
+    model, info = CompForConditionalGeneration.from_pretrained(
+        directory, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)  # named below
+    for name, saved, built in sorted(info.get("mismatched_keys") or [])[:1]:
+        raise UserError(f"the tensor {name} has shape {list(saved)} but config.json builds {list(built)}",
+                        directory, "use the config.json the weights were saved with")
     missing = sorted(info.get("missing_keys") or [])
+
     if missing and not allow_new_tensors:
         raise UserError(f"the checkpoint lacks {len(missing)} tensors that would start random, e.g. "
                         f"{missing[:5]}", directory,
