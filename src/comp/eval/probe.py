@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from comp.data.image import ImageLoadError
 from comp.cliargs import ArgumentParser, apply_threads, positive_int
 from comp.eval.features import add_budget_flags, budget_text, cached_features, load_encoder, mean_pool
+from comp.files import atomic_output, refuse_output_over_input
 from comp.models.vision.configuration import POS_ORDERS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -324,8 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.holdout < 1:
         print(f"comp probe: --holdout must be in (0, 1), got {args.holdout}", file=sys.stderr)
         return 2
+    if args.out is not None:
+        refuse_output_over_input(args.out, [args.vfm, args.train, args.val])
     apply_threads(args.threads)
     settings = TrainSettings(args.epochs, args.lr[0], args.wd[0], args.batch_size, args.seed)
+
     start = time.perf_counter()
     try:
         train_paths, train_labels, classes = read_image_folder(args.train)
@@ -353,5 +357,6 @@ def main(argv: list[str] | None = None) -> int:
               "results": results, "seconds": round(time.perf_counter() - start, 2)}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        with atomic_output(args.out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     return 0
