@@ -55,8 +55,9 @@ def _data_identity(data_path: str, data_root: str | None) -> dict:
     from comp.data.mixture import load_mixture
 
     out = {}
-    if os.path.isfile(data_path):
-        out["sha256"] = file_sha256(data_path)
+    if os.path.isfile(data_path) and not data_path.lower().endswith((".json", ".jsonl")):
+        out["sha256"] = file_sha256(data_path)  # the mixture YAML: small
+
     try:
         specs = load_mixture(data_path, data_root=data_root)
     except (ValueError, OSError):  # reported with its own message when the data is read
