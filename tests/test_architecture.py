@@ -11,7 +11,7 @@ import comp
 PACKAGE = Path(comp.__file__).parent
 # Lowest first. A module's layer is that of its longest matching prefix.
 LAYERS = {
-    "comp.tokens": 0, "comp.errors": 0, "comp.hub": 0, "comp.cliargs": 0,
+    "comp.tokens": 0, "comp.errors": 0, "comp.files": 0, "comp.hub": 0, "comp.cliargs": 0,
     "comp.models": 1,
     "comp.data": 2,
     "comp.train": 3, "comp.eval": 3,

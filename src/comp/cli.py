@@ -77,11 +77,18 @@ def data_main(argv: list[str] | None = None) -> int:
 
 
 def run_command(prog: str, func, argv: list[str], *, debug: bool = False) -> int:
-    """``func(argv)``; a UserError becomes ``prog: <line>`` on stderr and exit status 2."""
+    """``func(argv)``; a UserError becomes ``prog: <line>`` on stderr and exit status 2, Ctrl-C
+    ``prog: interrupted; <how to go on>`` (a KeyboardInterrupt's ``hint``) and exit status 130."""
+
     from comp.errors import UserError
 
     try:
         return int(func(argv) or 0)
+    except KeyboardInterrupt as err:  # Ctrl-C: no traceback, and how to go on
+        _close_progress_bars()
+        print(f"\n{prog}: interrupted; {getattr(err, 'hint', None) or 'run it again to redo the work'}",
+              file=sys.stderr)
+        return 130
     except UserError as err:
         if debug:
             import traceback

@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+
 
 TRUE, FALSE = ("1", "true", "yes", "y", "on"), ("0", "false", "no", "n", "off")
 
@@ -23,6 +25,35 @@ def to_bool(value: str | bool) -> bool:
     if value.lower() in FALSE:
         return False
     raise argparse.ArgumentTypeError(f"expected one of 1/0, true/false, yes/no; got {value!r}")
+
+
+def positive_int(value: str) -> int:
+    """An argparse type: a whole number >= 1 (a count of threads, neighbours, tokens, ...)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def float_in(low: float, high: float = math.inf, *, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] ((low, high] with ``low_open``); NaN
+    and inf are refused (NaN passes every comparison-based range check by failing it)."""
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        below = number <= low if low_open else number < low
+        if not math.isfinite(number) or below or number > high:
+            where = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else \
+                f"{'>' if low_open else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {'in ' if math.isfinite(high) else ''}"
+                                             f"{where}, got {value!r}")
+        return number
+    return parse
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -56,7 +87,8 @@ class ArgumentParser(argparse.ArgumentParser):
         return self.add_argument("--out", required=required, help=help, **kwargs)
 
     def add_threads(self):
-        return self.add_argument("--threads", type=int, default=None,
+        return self.add_argument("--threads", type=positive_int, default=None,
+
                                  help="CPU threads for torch (default: OMP_NUM_THREADS when set, "
                                       "else torch's choice); on small CPUs 1 is often fastest")
 

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from comp.data.conversation import encode_conversation, encode_plain_text
+from comp.data.conversation import encode_conversation, encode_plain_text, text_char_cap
+
 from comp.data.index import JSONSyntaxError, RecordIndex
 from comp.data.mixture import DatasetSpec, load_mixture, select_indices
 from comp.data.records import (SKIP_REASONS, Record, SkipSample, assistant_texts, parse_record,
@@ -247,6 +248,7 @@ class MixtureDataset(Dataset):
         answers = assistant_texts(record)
         order = np.random.default_rng([self.seed, position]).permutation(len(answers))
         text = " ".join(answers[k] for k in order)
+        text = text[:text_char_cap(self.tokenizer, self.align_max_length)]  # the rest is never used
         ids = encode_plain_text(self.tokenizer, text)["input_ids"][:self.align_max_length]
         return torch.tensor(ids, dtype=torch.long)
 

@@ -22,11 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+
+
 CHUNK_BYTES = 4 << 20
 PROGRESS_BYTES = 64 << 20  # files at least this large show a progress bar while indexed
 _WS = re.compile(r"[ \t\r\n]*")
 _WS_BYTES = frozenset(b" \t\r\n")
 _BOM = b"\xef\xbb\xbf"
+_TOO_DEEP = "nested deeper than Python's parser allows (a LLaVA record is a few levels deep)"
+
 
 
 class JSONSyntaxError(ValueError):
@@ -175,7 +179,10 @@ class RecordIndex:
         self.is_jsonl = _is_jsonl(self.path)
         scan = _scan_jsonl if self.is_jsonl else _scan_json_array
         with _progress(self.path) as bar:
-            self.offsets, self.lengths = scan(self.path, bar)
+            try:
+                self.offsets, self.lengths = scan(self.path, bar)
+            except RecursionError:  # e.g. "[" x 100000: json recurses once per level
+                raise JSONSyntaxError(self.path, 1, 1, _TOO_DEEP) from None
         self._fd: int | None = None
         self._pid: int | None = None
 
@@ -202,3 +209,5 @@ class RecordIndex:
         except UnicodeDecodeError as e:
             line, col = line_column(self.path, int(self.offsets[i]) + e.start)
             raise JSONSyntaxError(self.path, line, col, "invalid UTF-8") from None
+        except RecursionError:
+            raise JSONSyntaxError(self.path, *line_column(self.path, int(self.offsets[i])), _TOO_DEEP) from None

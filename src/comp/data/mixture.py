@@ -16,18 +16,58 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from comp.errors import UserError
+
+
 STRATEGIES = ("all", "first", "end", "random")
 _STRATEGY_RE = re.compile(r"^(all)$|^(first|end|random):(\d+(?:\.\d+)?)(%?)$")
 
 
-class MixtureError(ValueError):
-    """A mixture file or entry the pipeline cannot use; the message names the file and entry."""
+# A mixture lists a few datasets: a document whose aliases expand to more nodes than this is
+# refused before it is built (a few anchors nested 9 deep otherwise expand to 21 GB).
+MAX_YAML_NODES = 100_000
+
+
+class MixtureError(UserError):
+    """A mixture file or entry the pipeline cannot use; the message names the file and entry
+    (a UserError: the ``comp`` commands print it as one line)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Nodes of ``node`` with every alias expanded (each shared node counted once per use)."""
+    if id(node) not in sizes:
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def safe_load_yaml(text: str, path: Path):
+    """``yaml.safe_load`` that refuses alias bombs (more than MAX_YAML_NODES expanded nodes)
+    and nesting deeper than Python's recursion limit, as MixtureErrors naming ``path``."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise MixtureError(f"{path}: its aliases expand to more than {MAX_YAML_NODES} YAML nodes; "
+                               "a mixture lists a few datasets: write it without nested aliases")
+        return loader.construct_document(node)
+    except RecursionError:
+        raise MixtureError(f"{path}: nested too deeply to be a mixture") from None
+    finally:
+        loader.dispose()
 
 
 @dataclass(frozen=True)
@@ -99,7 +139,7 @@ def load_mixture(path: str | Path, *, data_root: str | Path | None = None,
     if path.suffix.lower() in (".json", ".jsonl"):
         return [DatasetSpec(path, Strategy("all"), global_images, str(path))]
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = safe_load_yaml(path.read_text(), path)
     except FileNotFoundError:
         raise MixtureError(f"{path}: mixture file not found") from None
     except yaml.YAMLError as e:
@@ -111,7 +151,7 @@ def load_mixture(path: str | Path, *, data_root: str | Path | None = None,
     for i, entry in enumerate(doc["datasets"]):
         where = f"{path}, datasets entry {i}"
         if not isinstance(entry, dict) or "json_path" not in entry:
-            raise MixtureError(f"{where}: expected a mapping with 'json_path', got {entry!r}")
+            raise MixtureError(f"{where}: expected a mapping with 'json_path', got {reprlib.repr(entry)}")
         unknown = set(entry) - {"json_path", "sampling_strategy", "image_folder"}
         if unknown:
             raise MixtureError(f"{where}: unknown keys {sorted(unknown)} "
@@ -121,6 +161,10 @@ def load_mixture(path: str | Path, *, data_root: str | Path | None = None,
         except ValueError as e:
             raise MixtureError(f"{where}: {e}") from None
         folder = entry.get("image_folder")
+        for key in ("json_path", "image_folder"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise MixtureError(f"{where}: {key} must be a path, got a {type(entry[key]).__name__} "
+                                   f"({reprlib.repr(entry[key])}); write it without brackets")
         specs.append(DatasetSpec(
             json_path=_resolve(str(entry["json_path"]), base),
             strategy=strategy,

@@ -75,9 +75,14 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from comp.files import atomic_output, refuse_output_over_input
+
+    refuse_output_over_input(args.out, [args.data, args.tokenizer])
     counts, bad = word_prior(args.data, args.tokenizer, data_root=args.data_root, workers=args.workers)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(counts, args.out)
+    with atomic_output(args.out) as tmp:  # a full disk leaves no 0-byte prior behind
+        torch.save(counts, tmp)
+
     print(f"wrote {args.out}: {len(counts)} token counts, {sum(counts)} tokens, "
           f"{sum(c > 0 for c in counts)} ids seen" + (f"; {bad} malformed records skipped" if bad else ""),
           file=sys.stderr)

@@ -17,10 +17,12 @@ import torch
 from PIL import Image
 from transformers import TextStreamer
 
-from comp.cliargs import ArgumentParser, apply_threads
+from comp.cliargs import ArgumentParser, apply_threads, float_in, positive_int
+
 from comp.data.image import ImageLoadError, load_image
 from comp.data.processor import CompProcessor
 from comp.data.records import PROMPT_FORMATS
+from comp.errors import UserError
 from comp.eval.features import default_device
 from comp.hub import resolve_model_dir
 from comp.models.kinds import load_comp_mm
@@ -184,9 +186,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--image", type=Path, action="append", default=[],
                         help="image for the (first) prompt; repeat for several")
     parser.add_argument("--prompt", default=None, help="one question; omit for interactive mode")
-    parser.add_argument("--max_new_tokens", type=int, default=512, help="answer length limit")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=512, help="answer length limit")
+    parser.add_argument("--temperature", type=float_in(0), default=0.0, help="0 = greedy")
+    parser.add_argument("--top_p", type=float_in(0, 1, low_open=True), default=1.0,
+                        help="nucleus sampling mass (with --temperature > 0)")
     parser.add_argument("--max_num_vistoken", type=int, default=None,
                         help="pixel budget per image in merged tokens; default: the saved processor's")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -201,6 +204,9 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.prompt is None and (sys.stdin is None or sys.stdin.closed):
+        raise UserError("no prompt and no input to read prompts from (stdin is closed)", None,
+                        "pass --prompt TEXT, or run it with a terminal or a pipe on stdin")
     apply_threads(args.threads)
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
     image_kwargs = {} if args.max_num_vistoken is None else {"max_num_vistoken": args.max_num_vistoken}

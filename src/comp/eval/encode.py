@@ -17,6 +17,7 @@ from comp.cliargs import ArgumentParser, apply_threads
 from comp.data.image import ImageLoadError, load_image
 from comp.errors import UserError, ensure_writable_dir
 from comp.eval.features import add_budget_flags, budget_text, encode_files, load_encoder
+from comp.files import atomic_output, refuse_output_over_input
 from comp.models.vision.configuration import POS_ORDERS
 from comp.models.weights import save_file
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.out.is_dir():
             raise UserError("--out is a directory", args.out, "name a .safetensors file")
+        refuse_output_over_input(args.out, [args.vfm, *args.images])
         ensure_writable_dir(args.out.parent, "--out directory")
         encoder = load_encoder(args.vfm, use_rope=args.use_rope, resolution=args.resolution,
                                max_num_vistoken=args.max_num_vistoken, device=args.device,
@@ -83,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                 "files": json.dumps([str(p) for p in args.images]),
                 "setting": json.dumps(encoder.setting, sort_keys=True), "budget": budget_text(encoder)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(feature_tensors(args.images, tokens, grid_N3), args.out, metadata=metadata)
+    with atomic_output(args.out) as tmp:
+        save_file(feature_tensors(args.images, tokens, grid_N3), tmp, metadata=metadata)
+
     total = sum(len(t) for t in tokens)
     print(f"comp encode: {len(tokens)} images, {total} tokens of width {tokens[0].shape[1]} in "
           f"{time.perf_counter() - start:.1f} s -> {args.out}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +23,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from comp.data.image import CompImageProcessor, image_size
+from comp.cliargs import positive_int
+from comp.data.image import DEFAULT_MAX_IMAGE_PIXELS, CompImageProcessor, image_size
+from comp.errors import UserError
 from comp.hub import resolve_model_dir
 from comp.models.vision.model import CompVisionModel
 from comp.models.weights import save_file
@@ -64,16 +67,36 @@ def load_encoder(vfm_dir: str | Path, *, use_rope: bool | None = None, resolutio
     directory's (raster for a detected reference-trained encoder). Features come back as
     float32 on the CPU.
     """
-    from comp.models.kinds import require_kind
+    from comp.models.kinds import refuse_non_finite, require_kind
+    from comp.models.weights import check_weight_files
 
     vfm_dir = resolve_model_dir(vfm_dir)
     require_kind(vfm_dir, "comp-vfm", "vfm")
+    try:
+        check_weight_files(vfm_dir)  # a truncated or corrupt header: named, not a traceback
+    except FileNotFoundError as err:
+        raise UserError("the encoder has no weights", vfm_dir, str(err)) from None
+
     overrides = {} if pos_order is None else {"pos_order": pos_order}
-    model = CompVisionModel.from_pretrained(vfm_dir, use_rope=use_rope, w_merger=0, **overrides)
+    try:
+        model = CompVisionModel.from_pretrained(vfm_dir, use_rope=use_rope, w_merger=0, **overrides)
+    except RuntimeError as err:  # torch's load_state_dict report: one line per tensor
+        mismatch = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        if not mismatch:
+            raise
+        raise UserError(f"the weights do not fit config.json ({mismatch[0]})", vfm_dir,
+                        "use the config.json the weights were saved with") from None
+    refuse_non_finite(model, vfm_dir)
+
+
     model.requires_grad_(False).to(device or default_device())
     tokens = DEFAULT_EVAL_TOKENS if max_num_vistoken is None else max_num_vistoken
     processor = CompImageProcessor.from_pretrained(vfm_dir, force_resize=resolution, max_num_vistoken=tokens,
                                                    min_num_vistoken=4)
+    if processor.max_pixels > DEFAULT_MAX_IMAGE_PIXELS:
+        raise UserError(f"--max_num_vistoken {tokens} allows {processor.max_pixels} pixels per image, above "
+                        f"the limit of {DEFAULT_MAX_IMAGE_PIXELS}", vfm_dir,
+                        f"use at most {tokens * DEFAULT_MAX_IMAGE_PIXELS // processor.max_pixels}")
     setting = {"use_rope": bool(model.config.use_rope), "pos_order": model.config.pos_order,
                "resolution": resolution, "max_num_vistoken": tokens,
                "min_pixels": processor.min_pixels, "max_pixels": processor.max_pixels}
@@ -107,6 +130,10 @@ def _resolution(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"--resolution must be 'native' or a size in pixels, got {value!r}")
     if size < 1:
         raise argparse.ArgumentTypeError(f"--resolution must be positive, got {size}")
+    if size * size > DEFAULT_MAX_IMAGE_PIXELS:  # the resize alone would take gigabytes
+        raise argparse.ArgumentTypeError(
+            f"--resolution {size} makes {size * size} pixels per image, above the limit of "
+            f"{DEFAULT_MAX_IMAGE_PIXELS}; use at most {math.isqrt(DEFAULT_MAX_IMAGE_PIXELS)}")
     return size
 
 
@@ -115,7 +142,7 @@ def add_budget_flags(parser) -> None:
     parser.add_argument("--resolution", type=_resolution, default=None,
                         help="'native' (default): each image at its own size within the budget; "
                              "N: every image resized to N x N first")
-    parser.add_argument("--max_num_vistoken", type=int, default=None,
+    parser.add_argument("--max_num_vistoken", type=positive_int, default=None,
                         help=f"pixel budget per image in merged (2x2) tokens (default {DEFAULT_EVAL_TOKENS}; "
                              "not the budget the VFM was trained with)")
 

@@ -31,8 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from comp.data.image import ImageLoadError
-from comp.cliargs import ArgumentParser, apply_threads
+from comp.cliargs import ArgumentParser, apply_threads, positive_int
 from comp.eval.features import add_budget_flags, budget_text, cached_features, load_encoder, mean_pool
+from comp.files import atomic_output, refuse_output_over_input
 from comp.models.vision.configuration import POS_ORDERS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -327,7 +328,7 @@ def build_parser() -> ArgumentParser:
                         "reference-trained)")
     p.add_argument("--probes", type=_probe_list, default=list(PROBES),
                    help="comma list of linear,attentive,knn (default: all)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of the linear and attentive probes")
+    p.add_argument("--epochs", type=positive_int, default=10, help="epochs of the linear and attentive probes")
     p.add_argument("--lr", type=_float_list, default=list(DEFAULT_LRS),
                    help="AdamW learning rate(s), comma list: swept with --wd "
                         f"(default {','.join(map(str, DEFAULT_LRS))})")
@@ -336,11 +337,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--holdout", type=float, default=0.2,
                    help="fraction of each training class (segmentation: of the training images) "
                         "held out to select lr and wd")
-    p.add_argument("--batch_size", type=int, default=None,
+    p.add_argument("--batch_size", type=positive_int, default=None,
                    help="probe training batch size (default 32 images; segmentation 8)")
-    p.add_argument("--k", type=int, default=20, help="k-NN neighbours (capped at the train size)")
+    p.add_argument("--k", type=positive_int, default=20, help="k-NN neighbours (capped at the train size)")
     p.add_argument("--seed", type=int, default=0, help="seeds the probes, the held-out split and the batches")
-    p.add_argument("--batch_tokens", type=int, default=16384, help="encoder tokens per forward pass")
+    p.add_argument("--batch_tokens", type=positive_int, default=16384, help="encoder tokens per forward pass")
+
     p.add_argument("--device", default=None, help="encoder device, e.g. cpu, cuda:0; default: CUDA when available")
     p.add_threads()
     seg = p.add_argument_group("segmentation", "with --task segmentation; --resolution N sets the fixed "
@@ -365,13 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.holdout < 1:
         print(f"comp probe: --holdout must be in (0, 1), got {args.holdout}", file=sys.stderr)
         return 2
-    if not 0 <= args.overlap < 1:
-        print(f"comp probe: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
-        return 2
-    apply_threads(args.threads)
-    dense = args.task == "segmentation"
-    batch_size = args.batch_size or (8 if dense else 32)
-    settings = TrainSettings(args.epochs, args.lr[0], args.wd[0], batch_size, args.seed)
+                   help="fraction of each training class (segmentation: of the training images) "
+                        "held out to select lr and wd")
+    p.add_argument("--batch_size", type=positive_int, default=None,
+                   help="probe training batch size (default 32 images; segmentation 8)")
+    p.add_argument("--k", type=positive_int, default=20, help="k-NN neighbours (capped at the train size)")
     start = time.perf_counter()
     if dense:
         return _segmentation_main(args, settings, start)
@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
               "results": results, "seconds": round(time.perf_counter() - start, 2)}
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        with atomic_output(args.out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

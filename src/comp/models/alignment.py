@@ -65,12 +65,18 @@ def masked_mean_pool(hidden_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.T
 def load_word_counts(path: str | os.PathLike) -> torch.Tensor:
     """Token counts from a ``.pt``/``.pth`` (pickled list or tensor) or ``.npy`` file, float64."""
     path = Path(path)
-    if path.suffix in (".pt", ".pth"):
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    elif path.suffix == ".npy":
-        raw = np.load(path, allow_pickle=False)
-    else:
+    if path.suffix not in (".pt", ".pth", ".npy"):
         raise ValueError(f"{path}: word counts must be a .pt/.pth (list or tensor) or .npy file")
+    try:
+        if path.suffix == ".npy":
+            raw = np.load(path, allow_pickle=False)
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # empty, truncated, text: the loaders' own errors say little or pages
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable counts file ({type(err).__name__}{': ' + first if first else ''}; "
+                         f"{path.stat().st_size if path.exists() else 0} bytes)") from None
+
     try:
         counts = torch.as_tensor(raw, dtype=torch.float64)
     except (TypeError, ValueError) as err:

@@ -65,6 +65,33 @@ def require_kind(directory: str | Path, *kinds: str) -> str:
     return kind
 
 
+def _layer_counts(config, prefix: str = "") -> list[tuple[str, int]]:
+    """Every ``num_hidden_layers`` of ``config`` and its sub-configs (text, vision)."""
+    found = []
+    for key, value in vars(config).items():
+        if key == "num_hidden_layers" and isinstance(value, int):
+            found.append((prefix + key, value))
+        elif hasattr(value, "to_dict") and hasattr(value, "num_hidden_layers"):
+            found += _layer_counts(value, f"{prefix}{key}.")
+    return found
+
+
+def refuse_non_finite(model, directory: str | Path) -> None:
+    """UserError naming the first weight that holds NaN or inf, or a config that builds no
+    model (``num_hidden_layers`` below 1): features, answers and exports from it are garbage."""
+    import torch
+
+    empty = [(name, n) for name, n in _layer_counts(model.config) if n < 1]
+    if empty:
+        raise UserError(f"config.json sets {empty[0][0]} = {empty[0][1]}: that builds a model "
+                        "without layers", Path(directory) / "config.json",
+                        "restore the config.json the checkpoint was saved with")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"the weight {name} holds NaN or inf", directory,
+                            "use a checkpoint saved before the numbers went non-finite")
+
+
 def load_comp_mm(directory: str | Path, *, allow_new_tensors: bool = False, **kwargs):
     """A saved CoMP-MM, after checking the directory's kind and weight files. Tensors the
     checkpoint lacks would be "newly initialized" (random): that is an error naming them,
@@ -79,10 +106,17 @@ def load_comp_mm(directory: str | Path, *, allow_new_tensors: bool = False, **kw
         check_weight_files(directory)
     except FileNotFoundError as err:
         raise UserError("the checkpoint has no weights", directory, str(err)) from None
-    model, info = CompForConditionalGeneration.from_pretrained(directory, output_loading_info=True, **kwargs)
+    model, info = CompForConditionalGeneration.from_pretrained(
+        directory, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)  # named below
+    for name, saved, built in sorted(info.get("mismatched_keys") or [])[:1]:
+        raise UserError(f"the tensor {name} has shape {list(saved)} but config.json builds {list(built)}",
+                        directory, "use the config.json the weights were saved with")
     missing = sorted(info.get("missing_keys") or [])
+
     if missing and not allow_new_tensors:
         raise UserError(f"the checkpoint lacks {len(missing)} tensors that would start random, e.g. "
                         f"{missing[:5]}", directory,
                         "use a complete CoMP-MM checkpoint (the weights of a `comp train` output_dir)")
+    refuse_non_finite(model, directory)
     return model
+

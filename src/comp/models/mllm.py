@@ -35,7 +35,6 @@ M merged visual tokens of the batch, N images, S samples (= B unless rows are pa
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from transformers import AutoConfig, GenerationConfig, GenerationMixin, PreTrain
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLTextModel
 from transformers.utils import ModelOutput, can_return_tuple
 
+from comp.files import file_sha256
 from comp.hub import resolve_model_dir
 from comp.models.alignment import (UNIFORM_PRIOR, alignment_loss, log_word_prior, masked_mean_pool,
                                    pool_image_features)
@@ -500,14 +500,6 @@ def generation_config_for(llm_dir: str | Path, tokenizer) -> GenerationConfig:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else llm.pad_token_id
     return GenerationConfig(bos_token_id=llm.bos_token_id, eos_token_id=stop_ids(tokenizer),
                             pad_token_id=pad)
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _mismatch_message(tokens_per_row, num_features: int, record_ids) -> str:

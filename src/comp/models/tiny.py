@@ -203,7 +203,22 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from comp.errors import UserError
+    from comp.files import atomic_output
+
     args = build_parser().parse_args(argv)
-    path = write_tiny(args.out, args.kind, args.seed)
-    print(f"wrote tiny {args.kind} checkpoint to {path}")
+    out = Path(args.out)
+    with atomic_output(out, directory=True) as tmp:
+        write_tiny(tmp, args.kind, args.seed)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and _contents(out) != _contents(tmp):
+            raise UserError("--out already holds something else (a checkpoint, a training output?)", out,
+                            "name a new or empty directory; comp tiny writes over nothing but the "
+                            "same tiny checkpoint")
+    print(f"wrote tiny {args.kind} checkpoint to {out}")
     return 0
+
+
+def _contents(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+

@@ -7,12 +7,15 @@ the seed scripts' command lines run unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
+
 import textwrap
 from dataclasses import dataclass, field, fields
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from comp.data.image import DEFAULT_MAX_NUM_VISTOKEN
+from comp.data.image import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_VISTOKEN
+
 from comp.models.vision.configuration import CompVisionConfig
 
 LM_LOSS_NORMALIZATIONS = ("step", "micro_batch")
@@ -107,6 +110,10 @@ class CompTrainingArguments(TrainingArguments):
         "help": "warmup as a fraction of all steps (the reference's flag; transformers 5 spells "
                 "it --warmup_steps with a value below 1)"})
     remove_unused_columns: bool = False
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start this run in an output_dir that holds checkpoints of another run (other "
+                "flags, data or seed), deleting those checkpoints; without it such a start is refused"})
+
     resume_from_checkpoint: str | None = field(default=None, metadata={
         "help": "'auto' (or True): continue from the newest complete checkpoint in output_dir, if "
                 "any (model, optimizer, scheduler, RNG, data position); or a checkpoint directory"})
@@ -235,7 +242,8 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
         ("max_num_vistoken", d.max_num_vistoken > 0, "must be > 0"),
         ("min_num_vistoken", 0 < d.min_num_vistoken <= d.max_num_vistoken,
          "must be > 0 and <= --max_num_vistoken"),
-        ("force_resize", d.force_resize is None or d.force_resize > 0, "must be > 0"),
+        ("force_resize", d.force_resize is None or 0 < d.force_resize ** 2 <= DEFAULT_MAX_IMAGE_PIXELS,
+         f"must be > 0 and at most {math.isqrt(DEFAULT_MAX_IMAGE_PIXELS)} (the image pixel limit)"),
         ("pack_length", d.pack_length is None or d.pack_length > 0, "must be > 0"),
         ("prompt_format", d.prompt_format in ("reference", "inplace"), "must be reference or inplace"),
         ("pos_order", m.pos_order in (None, "merge", "raster"), "must be merge or raster"),
@@ -244,6 +252,18 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
     ]
     if t is not None:
         checks += [
+            ("max_steps", t.max_steps == -1 or t.max_steps > 0,
+             "must be > 0, or -1 to train --num_train_epochs"),
+            ("num_train_epochs", t.max_steps > 0 or t.num_train_epochs > 0, "must be > 0"),
+            ("logging_steps", t.logging_steps > 0, "must be > 0 (below 1: a fraction of the steps)"),
+            ("save_steps", t.save_steps > 0, "must be > 0 (below 1: a fraction of the steps)"),
+            ("dataloader_num_workers", t.dataloader_num_workers >= 0, "must be >= 0"),
+            ("seed", 0 <= t.seed < 2**32, "must be in [0, 2**32)"),
+            ("data_seed", t.data_seed is None or 0 <= t.data_seed < 2**32, "must be in [0, 2**32)"),
+            ("adam_beta1", 0 <= t.adam_beta1 < 1, "must be in [0, 1)"),
+            ("adam_beta2", 0 <= t.adam_beta2 < 1, "must be in [0, 1)"),
+            ("adam_epsilon", t.adam_epsilon >= 0, "must be >= 0"),
+            ("label_smoothing_factor", 0 <= t.label_smoothing_factor < 1, "must be in [0, 1)"),
             ("learning_rate", t.learning_rate >= 0, "must be >= 0"),
             ("mm_vision_tower_lr", t.mm_vision_tower_lr is None or t.mm_vision_tower_lr >= 0, "must be >= 0"),
             ("mm_projector_lr", t.mm_projector_lr is None or t.mm_projector_lr >= 0, "must be >= 0"),
@@ -252,7 +272,9 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
             ("per_device_train_batch_size", t.per_device_train_batch_size > 0, "must be > 0"),
             ("gradient_accumulation_steps", t.gradient_accumulation_steps > 0, "must be > 0"),
         ]
-    problems = [f"--{name} {fix}, got {_value(m, d, t, name)!r}" for name, ok, fix in checks if not ok]
+    problems = [f"--{name} must be a finite number, got {value!r}" for name, value in _non_finite(m, d, t)]
+    problems += [f"--{name} {fix}, got {_value(m, d, t, name)!r}" for name, ok, fix in checks
+                 if not ok and name not in dict(_non_finite(m, d, t))]
     parts = parse_tunable_parts(m.mm_tunable_parts)
     unknown = sorted(set(parts) - set(TUNABLE_PARTS))
     if unknown:
@@ -262,6 +284,13 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
     return problems
 
 
+def _non_finite(*objects) -> list[tuple[str, float]]:
+    """Every float flag that is NaN or infinite (comparisons with NaN are all False, so a range
+    check alone lets it through, and inf passes ``>= 0``)."""
+    return [(f.name, getattr(o, f.name)) for o in objects if o is not None for f in fields(o)
+            if isinstance(getattr(o, f.name), float) and not math.isfinite(getattr(o, f.name))]
+
+
 def _value(*args_and_name):
     *objects, name = args_and_name
     return next(getattr(o, name) for o in objects if o is not None and hasattr(o, name))
@@ -269,7 +298,14 @@ def _value(*args_and_name):
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, CompTrainingArguments]:
     parser = build_parser()
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # unknown flags, transformers' own checks in TrainingArguments
+        text = " ".join(str(err).split())
+        unused = "Some specified arguments are not used by the HfArgumentParser: "
+        parser.error(f"unknown flag(s) {text[len(unused):]} (see `comp train --help`)"
+                     if text.startswith(unused) else text)
+
     if training_args.fsdp:
         parser.error("--fsdp is not supported: comp train shards with DeepSpeed ZeRO-3 "
                      "(--deepspeed scripts/zero3.json) or ZeRO-2 (scripts/zero2.json), the engines "

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from comp.cliargs import ArgumentParser
 from comp.errors import UserError
+from comp.files import atomic_output, refuse_output_over_input
 from comp.hub import resolve_model_dir
 from comp.models.kinds import load_comp_mm
+
 from comp.models.vision.model import CompVisionModel
 from comp.models.vision.standalone import add_modeling_code
 
@@ -25,7 +27,8 @@ PREPROCESSOR = "preprocessor_config.json"
 def export_vfm(checkpoint: str | Path, out: str | Path, *, keep_merger: bool = False,
                standalone: bool = False) -> Path:
     checkpoint, out = resolve_model_dir(checkpoint), Path(out)
-    model = load_comp_mm(checkpoint)  # its kind checked; no tensor left random
+    model = load_comp_mm(checkpoint)  # its kind checked; no tensor left random or non-finite
+    refuse_output_over_input(out, [checkpoint])
     visual: CompVisionModel = model.visual
     if not keep_merger:
         visual.merger = None
@@ -35,9 +38,10 @@ def export_vfm(checkpoint: str | Path, out: str | Path, *, keep_merger: bool = F
         raise UserError(f"no {PREPROCESSOR}", checkpoint, "export from a directory written by "
                         "`comp train` (model and processor together)")
     visual.preprocessor_config = json.loads(preprocessor.read_text())
-    visual.save_pretrained(out)
-    if standalone:
-        add_modeling_code(out)
+    with atomic_output(out, directory=True) as tmp:  # a failure leaves no half-written directory
+        visual.save_pretrained(tmp)
+        if standalone:
+            add_modeling_code(tmp)
     return out
 
 

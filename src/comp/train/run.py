@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+
 import sys
 from pathlib import Path
 
@@ -18,17 +19,25 @@ import transformers
 
 from comp.data.collator import DataCollator
 from comp.data.dataset import MixtureDataset
+from comp.data.index import JSONSyntaxError
+
 from comp.data.lengths import shared_lengths
 from comp.data.processor import CompProcessor
 from comp.data.sampler import ModalityLengthGroupedSampler
 from comp.errors import UserError, ensure_writable_dir
+from comp.files import disk_full_is_user_error, file_sha256, refuse_output_over_input
+
 from comp.models.alignment import UNIFORM_PRIOR
 from comp.models.kinds import load_comp_mm, require_kind
-from comp.models.mllm import CompForConditionalGeneration, file_sha256
+from comp.models.mllm import CompForConditionalGeneration
 from comp.train.args import (CompTrainingArguments, DataArguments, ModelArguments, parse_args,
                              parse_tunable_parts)
 from comp.train.trainer import (CompTrainer, checkpoint_fingerprint, checkpoint_problem,
                                 last_complete_checkpoint, model_fingerprint, set_tunable_parts)
+from comp.train.ownership import (OutputLock, accepted_runs, foreign_checkpoints, record_run,
+                                  refuse_foreign, run_id, run_identity)
+
+
 
 logger = logging.getLogger("comp.train")
 
@@ -124,17 +133,24 @@ def configure(model: CompForConditionalGeneration, model_args: ModelArguments) -
     for name in _ALIGNMENT_FIELDS:
         setattr(model.config, name, getattr(model_args, name))
     if model.config.use_alignment_loss:
-        model.set_word_prior(word_prior_for_step(model.config, model_args.word_dist_path),
-                             pad=model_args.word_dist_pad)
+        prior = word_prior_for_step(model.config, model_args.word_dist_path)
+        try:
+            model.set_word_prior(prior, pad=model_args.word_dist_pad)
+        except (ValueError, OSError) as err:  # empty, truncated, text, NaN, negative, 2-D, too short
+            raise UserError(f"the word prior cannot be used: {' '.join(str(err).split())}", prior, "write it with `comp data prior DATA --tokenizer LLM --out FILE`, or pass "
+                            "--word_dist_path uniform for the ablation") from None
     set_tunable_parts(model, parse_tunable_parts(model_args.mm_tunable_parts))
 
 
 def build_data(data_args: DataArguments, processor: CompProcessor, training_args: CompTrainingArguments):
-    dataset = MixtureDataset.from_yaml(
-        data_args.data_path, processor.tokenizer, processor.image_processor,
-        data_root=data_args.data_root, image_folder=data_args.image_folder,
-        model_max_length=data_args.model_max_length, seed=training_args.seed,
-        prompt_format=data_args.prompt_format, align_max_length=data_args.align_max_length or None)
+    try:
+        dataset = MixtureDataset.from_yaml(
+            data_args.data_path, processor.tokenizer, processor.image_processor,
+            data_root=data_args.data_root, image_folder=data_args.image_folder,
+            model_max_length=data_args.model_max_length, seed=training_args.seed,
+            prompt_format=data_args.prompt_format, align_max_length=data_args.align_max_length or None)
+    except (JSONSyntaxError, FileNotFoundError) as err:  # a data file that cannot be indexed
+        raise UserError(str(err), None, "fix the file, or find the bad records with `comp data check`") from None
     collator = DataCollator(pad_token_id=processor.tokenizer.pad_token_id, pack_length=data_args.pack_length)
     sampler = None
     if training_args.group_by_modality_length:
@@ -146,15 +162,26 @@ def build_data(data_args: DataArguments, processor: CompProcessor, training_args
     return dataset, collator, sampler
 
 
-def resume_point(training_args: CompTrainingArguments, model=None) -> str | None:
-    """``--resume_from_checkpoint auto`` (or ``True``) = the newest checkpoint that verifies
-    (newer ones that do not are named and skipped); a named checkpoint must verify. With
-    ``model``, a checkpoint of another architecture or vocabulary is refused."""
+_NO_RESUME = (None, "", "False", "false", "0")
+_AUTO_RESUME = ("auto", "True", "true", "1")
+
+
+def _named_checkpoint(training_args: CompTrainingArguments) -> str | None:
+    """The checkpoint ``--resume_from_checkpoint`` names (None: none, or auto)."""
     wanted = training_args.resume_from_checkpoint
-    if wanted in (None, "", "False", "false", "0"):
+    return None if wanted in _NO_RESUME + _AUTO_RESUME else wanted
+
+
+def resume_point(training_args: CompTrainingArguments, model=None, runs: set[str] | None = None) -> str | None:
+    """``--resume_from_checkpoint auto`` (or ``True``) = the newest checkpoint of ``runs``
+    (None: of any run) that verifies (newer ones that do not are named and skipped); a named
+    checkpoint must verify. With ``model``, a checkpoint of another architecture or
+    vocabulary is refused."""
+    wanted = training_args.resume_from_checkpoint
+    if wanted in _NO_RESUME:
         return None
-    if wanted in ("auto", "True", "true", "1"):
-        found = last_complete_checkpoint(training_args.output_dir)
+    if wanted in _AUTO_RESUME:
+        found = last_complete_checkpoint(training_args.output_dir, runs=runs)
     else:
         found = Path(wanted)
         why = checkpoint_problem(found)
@@ -186,31 +213,111 @@ def start_deepspeed_comm(training_args: CompTrainingArguments) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+class RunClaim:
+    """This run's identity in its output directory: the run ids whose checkpoints it may
+    resume and rotate, and (main process) another run's checkpoints found there, refused
+    up front unless --overwrite_output_dir; ``record`` writes the claim once the resume
+    point verified."""
+
+    def __init__(self, model_args: ModelArguments, data_args: DataArguments,
+                 training_args: CompTrainingArguments):
+        self.args = training_args
+        self.identity = run_identity(model_args, data_args, training_args)
+        self.run = run_id(self.identity)
+        self.runs = accepted_runs(training_args.output_dir, self.run, _named_checkpoint(training_args))
+        self.foreign = foreign_checkpoints(training_args.output_dir, self.runs) if training_args.should_save else []
+        if self.foreign and not training_args.overwrite_output_dir:
+            refuse_foreign(training_args.output_dir, self.foreign, self.identity)
+
+    def record(self) -> None:
+        if self.args.should_save:
+            record_run(self.args.output_dir, self.identity, self.runs, self.foreign)
+
+
+def trained_nothing(trainer: CompTrainer, dataset, resumed: bool) -> str | None:
+    """Why the run ends without having trained (None: it trained, or a resumed run had
+    nothing left to do)."""
+    args = trainer.args
+    if trainer.state.global_step == 0:
+        return (f"0 optimizer steps: {len(dataset)} samples give no step with "
+                f"--per_device_train_batch_size {args.per_device_train_batch_size} x "
+                f"{args.world_size} process(es) x --gradient_accumulation_steps "
+                f"{args.gradient_accumulation_steps}, --max_steps {args.max_steps}, "
+                f"--num_train_epochs {args.num_train_epochs:g}")
+    if trainer.steps_with_data == 0 and not resumed:
+        summary = "; ".join(line.strip() for line in trainer.skip_stats.summary().splitlines())
+        return f"every sample of its {trainer.state.global_step} step(s) was skipped ({summary})"
+
+    return None
+
+
 def train(model_args: ModelArguments, data_args: DataArguments,
           training_args: CompTrainingArguments, callbacks: list | None = None) -> CompTrainer:
+    """Train one step into ``output_dir``, which this process holds locked meanwhile."""
     transformers.set_seed(training_args.seed)
     start_deepspeed_comm(training_args)
+    lock = None
+    refuse_output_over_input(training_args.output_dir, [model_args.model_name_or_path,
+                             model_args.custom_visual_model], flag="--output_dir", nested=False)
     if training_args.should_save:
         ensure_writable_dir(training_args.output_dir)
+        lock = OutputLock(training_args.output_dir).acquire()
+    try:
+        return _train(model_args, data_args, training_args, callbacks)
+    except KeyboardInterrupt as err:
+        err.hint = interrupted_hint(model_args, data_args, training_args)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def interrupted_hint(model_args: ModelArguments, data_args: DataArguments,
+                     training_args: CompTrainingArguments) -> str:
+    """What to run after Ctrl-C: resume from the newest checkpoint of this run, if any."""
+    runs = accepted_runs(training_args.output_dir, run_id(run_identity(model_args, data_args, training_args)),
+                         _named_checkpoint(training_args))
+    last = last_complete_checkpoint(training_args.output_dir, runs=runs, report=lambda *_: None)
+
+    if last is None:
+        return "no checkpoint was saved; run the same command again (--save_steps keeps progress)"
+    return f"resume with the same flags and --resume_from_checkpoint auto (newest checkpoint: {last})"
+
+
+
+def _train(model_args: ModelArguments, data_args: DataArguments,
+           training_args: CompTrainingArguments, callbacks: list | None) -> CompTrainer:
+    claim = RunClaim(model_args, data_args, training_args)  # before any work
     dtype = torch.bfloat16 if training_args.bf16 else None
     model, processor = build_model(model_args, data_args, dtype)
-    resume = resume_point(training_args, model)  # verified and of this model, before any work
+    resume = resume_point(training_args, model, claim.runs)  # verified and of this model
     if resume:
         check_resume_prior(resume, model.config)
+    claim.record()
     dataset, collator, sampler = build_data(data_args, processor, training_args)
+    if len(dataset) == 0:
+        raise UserError("the data selects no records", data_args.data_path,
+                        "check its sampling_strategy entries and JSON files (`comp data check`)")
     trainer = CompTrainer(
         model=model, args=training_args, train_dataset=dataset, data_collator=collator,
         processing_class=processor,
         vision_lr=training_args.mm_vision_tower_lr, projector_lr=training_args.mm_projector_lr,
         max_skip_fraction=data_args.max_skip_fraction, train_sampler=sampler,
         reference_groups=training_args.reference_optimizer_groups,
-        lm_loss_normalization=training_args.lm_loss_normalization, callbacks=callbacks)
+        lm_loss_normalization=training_args.lm_loss_normalization, callbacks=callbacks,
+        run=claim.run, runs=claim.runs)
     trainer.train(resume_from_checkpoint=resume)
     logger.info("data: %s", trainer.skip_stats.summary())
-    trainer.save_model(training_args.output_dir)
-    if trainer.args.should_save:
-        processor.save_pretrained(training_args.output_dir)
-        trainer.state.save_to_json(str(Path(training_args.output_dir) / "trainer_state.json"))
+    why = trained_nothing(trainer, dataset, bool(resume))
+    if why is not None:
+        raise UserError(f"the run trained nothing: {why}", training_args.output_dir,
+                        "fix the data or the step flags; the untrained model was not saved")
+    trainer.stop_if_weights_not_finite("the final model")
+    with disk_full_is_user_error(training_args.output_dir, lambda: f"free space, then {trainer.resume_hint()}"):
+        trainer.save_model(training_args.output_dir)
+        if trainer.args.should_save:
+            processor.save_pretrained(training_args.output_dir)
+            trainer.state.save_to_json(str(Path(training_args.output_dir) / "trainer_state.json"))
     return trainer
 
 

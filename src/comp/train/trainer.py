@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,22 +24,41 @@ import torch
 from transformers import Trainer
 
 from comp.data.collator import Batch
-from comp.data.dataset import SkipStats
+from comp.data.dataset import SkipStats, TooManySkips
+
 from comp.errors import UserError
+from comp.files import atomic_output, disk_full_is_user_error, file_sha256
 from comp.tokens import IGNORE_INDEX
+from comp.train.ownership import CHECKPOINT_PREFIX, COMPLETE_MARKER, marker_run
 
 logger = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "COMPLETE"
 SKIP_VERDICT_SAMPLES = 1000
-CHECKPOINT_PREFIX = "checkpoint-"
+# Every sample skipped: judged after this fraction of the data (at least one optimizer step's
+# samples, at most SKIP_VERDICT_SAMPLES), not after 1000 samples a short run never reaches.
+ALL_SKIPPED_VERDICT_FRACTION = 0.01
 # What a checkpoint needs to resume the run exactly (besides its weights).
 STATE_FILES = ("trainer_state.json",)
 OPTIMIZER_FILES = ("optimizer.pt", "scheduler.pt")
 
 
+class SkippedTooMany(UserError, TooManySkips):
+    """More samples were skipped than --max_skip_fraction allows: the one-line form."""
+
+
 class NonFiniteError(UserError):
-    """The loss or the gradient norm is NaN or infinite: training stops, nothing is saved."""
+    """The loss, the gradient norm or a weight is NaN or infinite: training stops, nothing is saved."""
+
+
+def non_finite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter holding NaN or inf on this process (under ZeRO-3 the
+    process's shard of it), or None."""
+    for name, param in model.named_parameters():
+        data = getattr(param, "ds_tensor", None)
+        data = param.data if data is None else data
+        if data.numel() and not bool(torch.isfinite(data).all()):
+            return name
+    return None
 
 
 @dataclass
@@ -140,34 +158,46 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _checkpoint_files(checkpoint: Path) -> list[Path]:
+    return [path for path in sorted(checkpoint.rglob("*"))
+            if path.is_file() and path.name not in (COMPLETE_MARKER, COMPLETE_MARKER + ".tmp")]
+
+
 def checkpoint_manifest(checkpoint: Path) -> dict[str, int]:
     """Every file under ``checkpoint`` (relative path -> size in bytes), the marker aside."""
-    files = {}
-    for path in sorted(checkpoint.rglob("*")):
-        if path.is_file() and path.name not in (COMPLETE_MARKER, COMPLETE_MARKER + ".tmp"):
-            files[str(path.relative_to(checkpoint))] = path.stat().st_size
-    return files
+    return {str(path.relative_to(checkpoint)): path.stat().st_size for path in _checkpoint_files(checkpoint)}
+
+
+def checkpoint_checksums(checkpoint: Path) -> dict[str, str]:
+    """Every file under ``checkpoint`` (relative path -> sha256): the marker records them so
+    that resuming verifies content, not only sizes (a flipped byte keeps the size)."""
+    return {str(path.relative_to(checkpoint)): file_sha256(path) for path in _checkpoint_files(checkpoint)}
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why ``checkpoint`` cannot resume the run exactly, or None when it verifies: the marker
-    lists every file with its size (a truncated or missing file fails), the trainer state
-    must parse, and the optimizer and scheduler state must be there unless the marker says
-    the checkpoint holds the model only."""
+    lists every file with its size and sha256 (a truncated, missing or altered file fails),
+    the trainer state must parse, and the optimizer and scheduler state must be there unless
+    the marker says the checkpoint holds the model only."""
     marker = checkpoint / COMPLETE_MARKER
     if not marker.exists():
         return "no COMPLETE marker (its writing never finished)"
     try:
         info = json.loads(marker.read_text())
-        files = info["files"]
+        files, checksums = dict(info["files"]), dict(info["sha256"])
     except (OSError, ValueError, KeyError, TypeError):
-        return f"its {COMPLETE_MARKER} marker lists no files (unreadable, or written by an older version)"
+        return (f"its {COMPLETE_MARKER} marker lists no files and checksums (unreadable, or "
+                "written by an older version)")
     for name, size in files.items():
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, the marker recorded {size} (truncated?)"
+        if name not in checksums:
+            return f"its marker records no checksum of {name}"
+        if file_sha256(path) != checksums[name]:
+            return f"{name} does not match the checksum its marker recorded (damaged after saving)"
     for name in STATE_FILES:
         if name not in files:
             return f"it has no {name}"
@@ -183,13 +213,15 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def last_complete_checkpoint(output_dir: str | Path, *, report=None) -> Path | None:
+def last_complete_checkpoint(output_dir: str | Path, *, report=None,
+                             runs: set[str] | None = None) -> Path | None:
     """The newest checkpoint that verifies (``checkpoint_problem``); each newer one that does
-    not is passed to ``report(path, why)`` (default: a warning) and skipped."""
+    not is passed to ``report(path, why)`` (default: a warning) and skipped. With ``runs``,
+    only checkpoints whose marker names one of those run ids count."""
     candidates = []
     for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
         suffix = path.name[len(CHECKPOINT_PREFIX):]
-        if suffix.isdigit() and is_complete(path):
+        if suffix.isdigit() and is_complete(path) and (runs is None or marker_run(path) in runs):
             candidates.append((int(suffix), path))
     for _, path in sorted(candidates, reverse=True):
         why = checkpoint_problem(path)
@@ -262,8 +294,11 @@ class CompTrainer(Trainer):
     def __init__(self, *args, vision_lr: float | None = None,
                  projector_lr: float | None = None, max_skip_fraction: float = 0.01,
                  train_sampler=None, reference_groups: bool = False,
-                 lm_loss_normalization: str = "step", **kwargs):
+                 lm_loss_normalization: str = "step", run: str | None = None,
+                 runs: set[str] | None = None, **kwargs):
         self.vision_lr, self.projector_lr = vision_lr, projector_lr
+        self.run, self.runs = run, runs  # this run's id; the ids whose checkpoints it rotates
+        self.steps_with_data = 0  # optimizer steps of this process with at least one sample
         self.reference_groups = reference_groups
         self.lm_loss_normalization = lm_loss_normalization
         self.max_skip_fraction = max_skip_fraction
@@ -285,10 +320,24 @@ class CompTrainer(Trainer):
         batches, counts = super().get_batch_samples(epoch_iterator, num_batches, device)
         for batch in batches:
             self.skip_stats.update(batch.num_samples, batch.skipped)
-        # judged once enough samples were seen, so one early bad batch is no verdict
-        seen_enough = min(SKIP_VERDICT_SAMPLES, len(self.train_dataset))
-        self.skip_stats.check(self.max_skip_fraction, min_samples=seen_enough)
+        try:
+            self.skip_stats.check(self.max_skip_fraction, min_samples=self._skip_verdict_samples(len(batches)))
+        except TooManySkips as err:
+            summary = "; ".join(line.strip() for line in self.skip_stats.summary().splitlines())
+            raise SkippedTooMany(f"too many bad samples, more than --max_skip_fraction "
+                                 f"{self.max_skip_fraction:g} ({summary})", self.args.output_dir,
+                                 "fix the data (`comp data check`) or raise --max_skip_fraction") from err
         return batches, counts
+
+    def _skip_verdict_samples(self, micro_batches: int) -> int:
+        """Samples seen before the skip fraction is judged, so one early bad batch is no verdict:
+        1000 (or the whole data), but when every sample so far was skipped, a proportion of
+        the data (at least one optimizer step's samples)."""
+        size = len(self.train_dataset)
+        if self.skip_stats.kept == 0 and self.max_skip_fraction < 1:
+            step = micro_batches * self.args.per_device_train_batch_size * max(1, self.args.world_size)
+            return min(size, SKIP_VERDICT_SAMPLES, max(step, math.ceil(ALL_SKIPPED_VERDICT_FRACTION * size)))
+        return min(SKIP_VERDICT_SAMPLES, size)
 
     def _get_num_items_in_batch(self, batch_samples, device):
         tokens = sum(int((b.inputs["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batch_samples)
@@ -297,6 +346,7 @@ class CompTrainer(Trainer):
         if self.args.world_size > 1:
             both = self.accelerator.gather(both.view(1, 2)).sum(0)
         self._empty_step = bool(both.sum() == 0)  # every sample of the step (all ranks) skipped
+        self.steps_with_data += not self._empty_step
         self._step_records = [r for b in batch_samples for r in b.record_ids]
         self._step_visual_tokens = sum(
             int(b.inputs["image_grid_thw"].prod(-1).sum()) if b.inputs["image_grid_thw"] is not None else 0
@@ -355,7 +405,7 @@ class CompTrainer(Trainer):
                 f"step {self.state.global_step + 1}: the loss is not finite ({shown}) on records "
                 f"{records[:8]}{' ...' if len(records) > 8 else ''}", self.args.output_dir,
                 "nothing was saved; lower --learning_rate, check --embed_temp/--word_temp/"
-                "--loss_weight and these records, then resume from the last checkpoint")
+                f"--loss_weight and these records, then {self.resume_hint()}")
 
     def _get_grad_norm(self, model, grad_norm=None):
         grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
@@ -364,8 +414,8 @@ class CompTrainer(Trainer):
             raise NonFiniteError(
                 f"step {self.state.global_step + 1}: the gradient norm is {float(grad_norm)} "
                 f"(records {records[:8]}{' ...' if len(records) > 8 else ''})", self.args.output_dir,
-                "nothing was saved; lower --learning_rate or check the loss settings, then resume "
-                "from the last checkpoint")
+                "nothing was saved; lower --learning_rate or check the loss settings, then "
+                f"{self.resume_hint()}")
         return grad_norm
 
     def compute_loss(self, model, inputs: Batch, return_outputs=False, num_items_in_batch=None):
@@ -414,25 +464,60 @@ class CompTrainer(Trainer):
             self._parts_sum.clear()
         super().log(logs, start_time)
 
+    def resume_hint(self) -> str:
+        """How to go on after a stop: the newest checkpoint of this run that verifies, if any."""
+        last = last_complete_checkpoint(self.args.output_dir, runs=self.runs, report=lambda *_: None)
+        return (f"resume with --resume_from_checkpoint {last}" if last is not None
+                else "start again (no checkpoint of this run verifies)")
+
+    def stop_if_weights_not_finite(self, what: str) -> None:
+        """Raise NonFiniteError on every process when any weight (any shard) holds NaN or inf,
+        naming it, before ``what`` is written: the last good checkpoint stays the newest."""
+        bad = non_finite_parameter(self.model)
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            bad = next((name for name in gather_object([bad]) if name), None)
+        if bad is not None:
+            raise NonFiniteError(
+                f"step {self.state.global_step}: the weight {bad} holds NaN or inf; {what} was not "
+                "written", self.args.output_dir,
+                f"lower --learning_rate or check the loss settings, then {self.resume_hint()}")
+
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint, then mark it complete, then rotate: a crash at any point
-        leaves either no marker (ignored by resume) or a whole checkpoint."""
+        """Check the weights, write the checkpoint, then mark it complete (with each file's
+        size and sha256 and this run's id), then rotate this run's checkpoints: a crash at any
+        point leaves either no marker (ignored by resume) or a whole checkpoint. A full disk
+        ends the run with one line; the unfinished checkpoint is removed."""
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        run_dir = Path(self._get_output_dir(trial=trial))
+        checkpoint = run_dir / name
+        self.stop_if_weights_not_finite(name)
+        if self.args.should_save:  # rewritten (a resume from an older step): incomplete meanwhile
+            (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
         limit = self.args.save_total_limit
+
         self.args.save_total_limit = None
         try:
-            super()._save_checkpoint(model, trial)
+            with disk_full_is_user_error(checkpoint, lambda: f"free space, then {self.resume_hint()}"):
+                try:
+                    super()._save_checkpoint(model, trial)
+                except BaseException:
+                    if self.args.should_save:
+                        shutil.rmtree(checkpoint, ignore_errors=True)
+                    raise
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            run_dir = Path(self._get_output_dir(trial=trial))
-            checkpoint = run_dir / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-            _write_marker(checkpoint, {"global_step": self.state.global_step,
-                                       "model": model_fingerprint(self.model),
-                                       "model_only": bool(self.args.save_only_model),
-                                       "files": checkpoint_manifest(checkpoint)})
-            _rotate(run_dir, limit)
+            with disk_full_is_user_error(checkpoint, lambda: f"free space, then {self.resume_hint()}"):
+                _write_marker(checkpoint, {"global_step": self.state.global_step, "run": self.run,
+                                           "model": model_fingerprint(self.model),
+                                           "model_only": bool(self.args.save_only_model),
+                                           "files": checkpoint_manifest(checkpoint),
+                                           "sha256": checkpoint_checksums(checkpoint)})
+            _rotate(run_dir, limit, self.runs)
         self.accelerator.wait_for_everyone()
 
 
@@ -477,21 +562,23 @@ def _align_mask(batch: Batch) -> torch.Tensor:
 
 
 def _write_marker(checkpoint: Path, info: dict) -> None:
-    tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+    with atomic_output(checkpoint / COMPLETE_MARKER) as tmp:
+        tmp.write_text(json.dumps(info))
 
 
-def _rotate(run_dir: Path, limit: int | None) -> None:
-    """Keep the newest ``limit`` complete checkpoints; drop incomplete leftovers."""
+def _rotate(run_dir: Path, limit: int | None, runs: set[str] | None = None) -> None:
+    """Keep the newest ``limit`` complete checkpoints of ``runs`` (None: any run); drop
+    incomplete leftovers older than the newest. Another run's checkpoints are never touched
+    (``claim_output_dir`` refused, or deleted them on --overwrite_output_dir)."""
     complete, partial = [], []
     for path in run_dir.glob(f"{CHECKPOINT_PREFIX}*"):
         suffix = path.name[len(CHECKPOINT_PREFIX):]
-        if suffix.isdigit():
-            (complete if is_complete(path) else partial).append((int(suffix), path))
+        if not suffix.isdigit():
+            continue
+        if not is_complete(path):
+            partial.append((int(suffix), path))
+        elif runs is None or marker_run(path) in runs:
+            complete.append((int(suffix), path))
     newest = max(complete)[0] if complete else -1
     stale = [p for step, p in partial if step < newest]
     if limit:
