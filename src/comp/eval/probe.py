@@ -367,11 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.holdout < 1:
         print(f"comp probe: --holdout must be in (0, 1), got {args.holdout}", file=sys.stderr)
         return 2
-                   help="fraction of each training class (segmentation: of the training images) "
-                        "held out to select lr and wd")
-    p.add_argument("--batch_size", type=positive_int, default=None,
-                   help="probe training batch size (default 32 images; segmentation 8)")
-    p.add_argument("--k", type=positive_int, default=20, help="k-NN neighbours (capped at the train size)")
+    if not 0 <= args.overlap < 1:
+        print(f"comp probe: --overlap must be in [0, 1), got {args.overlap}", file=sys.stderr)
+        return 2
+    if args.out is not None:
+        refuse_output_over_input(args.out, [args.vfm, args.train, args.val])
+    apply_threads(args.threads)
+    dense = args.task == "segmentation"
+    batch_size = args.batch_size or (8 if dense else 32)
+    settings = TrainSettings(args.epochs, args.lr[0], args.wd[0], batch_size, args.seed)
     start = time.perf_counter()
     if dense:
         return _segmentation_main(args, settings, start)
@@ -421,5 +425,6 @@ def _segmentation_main(args, settings: TrainSettings, start: float) -> int:
     report["seconds"] = round(time.perf_counter() - start, 2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        with atomic_output(args.out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
     return 0
