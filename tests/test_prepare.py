@@ -228,3 +228,13 @@ def test_a_resumed_source_stays_on_the_commit_its_first_run_resolved(tmp_path, m
     (root / STATE_DIR / f"{state.name}.done").unlink()  # as if killed before the end
     assert prepare_main([str(STAGES[0]), "--data_root", str(root)]) == 0
     assert rows(root)["data/LLaVA-Pretrain/blip_laion_cc_sbu_558k_mixin.json"]["repo"].endswith(commit)
+
+
+def test_a_second_prepare_into_the_same_root_is_refused_while_one_runs(offline, tmp_path):
+    from comp.files import DirectoryLock
+
+    (tmp_path / STATE_DIR).mkdir()
+    with DirectoryLock(tmp_path / STATE_DIR, "prepare.lock", "comp data prepare", "--data_root"):
+        with pytest.raises(UserError, match=r"another comp data prepare \(process \d+\) is writing"):
+            prepare_main([str(STAGES[0]), "--data_root", str(tmp_path)])
+    assert prepare_main([str(STAGES[0]), "--data_root", str(tmp_path)]) == 0  # released: it runs

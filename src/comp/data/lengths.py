@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from comp.files import atomic_output
+
 logger = logging.getLogger(__name__)
 
 # Bump when the estimate changes, so caches written by older code are not read.
@@ -101,12 +103,10 @@ def cached_lengths(dataset, cache_dir: str | Path | None = None, workers: int | 
     lengths = compute_lengths(dataset, workers)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
             np.save(f, lengths)
-        os.replace(tmp, path)
         logger.info("sample lengths of %d samples cached in %s", len(lengths), path)
-    except OSError as e:  # a read-only cache costs the next run time, not this one
+    except (OSError, ValueError) as e:  # a read-only or full cache costs the next run time, not this one
         logger.warning("could not cache sample lengths in %s: %s", path.parent, e)
     return lengths
 

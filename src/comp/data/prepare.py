@@ -33,6 +33,7 @@ no times or owners).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -53,6 +54,7 @@ from comp.data.records import SkipSample, parse_record
 from comp.data.sources import HubRepo, Part, SourceSpec, default_registry, load_registry
 from comp.data.storage import MemberError, ZipReader, archive_reader
 from comp.errors import UserError
+from comp.files import DirectoryLock, atomic_output
 
 LAYOUTS = ("shards", "files")
 STATE_DIR = ".comp-prepare"
@@ -67,10 +69,8 @@ _EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "GIF": "gif", "WEBP": 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")  # one name: a killed run's leftover is reused
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    with atomic_output(path, single_writer=True) as tmp:
+        tmp.write_bytes(data)
 
 
 def safe_member(name: str) -> str | None:
@@ -148,8 +148,9 @@ class TarShard:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.GNU_FORMAT)
+        self._output = contextlib.ExitStack()  # the atomic_output open until close()
+        tmp = self._output.enter_context(atomic_output(path, single_writer=True))
+        self.tar = tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT)
         self.names: set[str] = set()
 
     def add(self, name: str, data: bytes) -> None:
@@ -162,7 +163,7 @@ class TarShard:
 
     def close(self) -> None:
         self.tar.close()
-        os.replace(self.tmp, self.path)
+        self._output.close()
 
 
 class ImageWriter:
@@ -245,12 +246,10 @@ def checked(obj: dict, position: int, where: str, tally: Tally) -> bool:
 
 
 def write_jsonl(path: Path, lines: Iterator[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path, single_writer=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for line in lines:
             f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 class _Progress:
@@ -522,7 +521,8 @@ class WebDatasetImages:
 
 
 def link_in_place(target: Path, link: Path) -> None:
-    """``link`` -> the cached file (a symlink to its real path), replaced atomically."""
+    """``link`` -> the cached file (a symlink to its real path), replaced atomically (a
+    symlink is swapped by rename, not written: atomic_output's fsync would open its target)."""
     real = os.path.realpath(target)
     if link.is_symlink() and os.readlink(link) == real:
         return
@@ -651,10 +651,9 @@ def run_unit(unit: Unit, state: Path) -> Tally:
 
 def write_json_array(path: Path, parts: list[Path]) -> None:
     """The units' JSONL records, in order, as one JSON array (streamed, atomic)."""
-    tmp = path.with_name(f".{path.name}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     first = True
-    with open(tmp, "w", encoding="utf-8") as out:
+    with atomic_output(path, single_writer=True) as tmp, open(tmp, "w", encoding="utf-8") as out:
         out.write("[")
         for part in parts:
             with open(part, encoding="utf-8") as f:
@@ -662,7 +661,6 @@ def write_json_array(path: Path, parts: list[Path]) -> None:
                     out.write(("\n" if first else ",\n") + line.rstrip("\n"))
                     first = False
         out.write("\n]\n")
-    os.replace(tmp, path)
 
 
 def pinned_repo(spec: SourceSpec, state: Path) -> HubRepo:
@@ -828,8 +826,9 @@ def main(argv: list[str] | None = None) -> int:
     data_root = Path(args.data_root)
     from comp.errors import ensure_writable_dir
 
-    ensure_writable_dir(data_root, "data root")
-    rows = [prepare_source(spec, data_root, args.layout, img2dataset) for spec in specs]
+    ensure_writable_dir(data_root / STATE_DIR, "data root")
+    with DirectoryLock(data_root / STATE_DIR, "prepare.lock", "comp data prepare", "--data_root"):
+        rows = [prepare_source(spec, data_root, args.layout, img2dataset) for spec in specs]
     print(format_table(rows))
     problems = show_problems(rows)
     if problems:

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from comp.files import atomic_output
+
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".parquet")
 INDEX_VERSION = 1
 MAX_OPEN_FILES = 256  # descriptors a process keeps open; every index stays cached regardless
@@ -111,9 +113,8 @@ def _cached_index(archive: Path, build) -> dict[str, np.ndarray]:
         pass
     index = build(archive)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, **index)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:  # ranks may write it at once
+        np.savez(f, **index)
     return index
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from comp.cliargs import positive_int
 from comp.data.image import DEFAULT_MAX_IMAGE_PIXELS, CompImageProcessor, image_size
 from comp.errors import UserError
+from comp.files import atomic_output
 from comp.hub import resolve_model_dir
 from comp.models.vision.model import CompVisionModel
 from comp.models.weights import save_file
@@ -241,10 +242,9 @@ def cached_features(encoder: Encoder, paths: list[Path], cache_dir: str | Path |
         return list(torch.split(stored["tokens_TD"], lengths)), stored["grid_N3"]
     tokens, grid_N3 = encode_files(encoder, paths, batch_tokens, desc)
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    save_file({"tokens_TD": torch.cat(tokens).contiguous(),
-               "lengths_N": torch.tensor([len(t) for t in tokens]), "grid_N3": grid_N3},
-              tmp, metadata={"format": CACHE_FORMAT, "model": str(encoder.source),
-                             "files": json.dumps([str(p) for p in paths])})
-    tmp.replace(file)  # atomic: a killed run leaves no half-written cache entry
+    with atomic_output(file) as tmp:  # a killed run leaves no half-written cache entry
+        save_file({"tokens_TD": torch.cat(tokens).contiguous(),
+                   "lengths_N": torch.tensor([len(t) for t in tokens]), "grid_N3": grid_N3},
+                  tmp, metadata={"format": CACHE_FORMAT, "model": str(encoder.source),
+                                 "files": json.dumps([str(p) for p in paths])})
     return tokens, grid_N3

@@ -16,11 +16,10 @@ import json
 import logging
 import os
 import shutil
-import socket
 from pathlib import Path
 
 from comp.errors import UserError
-from comp.files import atomic_output, file_sha256
+from comp.files import DirectoryLock, atomic_output, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -167,75 +166,8 @@ def record_run(output_dir: str | Path, identity: dict, ours: set[str], foreign: 
 
 # ------------------------------------------------------------------ lock
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (tells a live run from a reused pid); None when
-    the process does not exist or /proc is absent."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class OutputLock:
-    """``output_dir/.comp-train.lock``, held by the process that writes the directory. A lock
-    left by a process that no longer runs on this host (killed, crashed) is stale and taken
-    over; one of a live process, or of another host, refuses the start."""
+class OutputLock(DirectoryLock):
+    """``output_dir/.comp-train.lock``, held by the comp train that writes the directory."""
 
     def __init__(self, output_dir: str | Path):
-        self.path = Path(output_dir) / LOCK_FILE
-        self.held = False
-
-    def acquire(self) -> "OutputLock":
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise UserError("could not take the output directory's lock", self.path,
-                        "another comp train keeps starting in it; run one at a time")
-
-    def _take_over_if_stale(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text())
-            pid, host = int(holder["pid"]), holder["host"]
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError):
-            holder, pid, host = {}, None, None
-        if pid is not None and host == socket.gethostname():
-            if not _alive(pid) or holder.get("start") not in (None, _process_start(pid)):
-                logger.warning("removing a stale lock of process %d, which no longer runs: %s", pid, self.path)
-                self.path.unlink(missing_ok=True)
-                return
-            raise UserError(f"another comp train (process {pid}) is writing into this directory",
-                            self.path.parent, "wait for it to finish, or use another --output_dir")
-        raise UserError(f"the output directory is locked by {f'process {pid} on {host}' if pid else 'an unreadable lock'}",
-                        self.path, "if no run is using the directory, delete the lock file")
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
+        super().__init__(output_dir, LOCK_FILE, "comp train", "--output_dir")
