@@ -91,3 +91,23 @@ def test_bad_mixture_is_a_usage_error(tmp_path, capsys):
 def test_data_cli_dispatch(capsys):
     assert data_main([]) == 0 and "check" in capsys.readouterr().out
     assert data_main(["nope"]) == 2 and "unknown command 'nope'" in capsys.readouterr().err
+
+
+def test_a_huge_record_is_counted_over_length_without_tokenising_it_whole(tmp_path, tiny_dir, monkeypatch):
+    """A 10 MB answer: counted as over model_max_length (its length capped at 4x), no error;
+    the tokenizer never sees more than the cap's characters."""
+    from comp.data import conversation
+
+    seen = []
+    real = conversation.encode_conversation
+    monkeypatch.setattr("comp.data.check.encode_conversation",
+                        lambda tok, messages, counts, max_length: seen.append(max_length) or real(tok, messages, counts, max_length=max_length))
+    record = {"id": "big", "conversations": [{"from": "human", "value": "hi"},
+                                             {"from": "gpt", "value": "word " * 2_000_000}]}
+    (tmp_path / "big.json").write_text(json.dumps([record]))
+    from comp.data.check import check
+
+    summary = check(str(tmp_path / "big.json"), tokenizer_dir=str(tiny_dir("qwen2")), model_max_length=256)
+    assert (summary["over_model_max_length"], summary["num_errors"]) == (1, 0)
+    assert summary["sequence_tokens_per_sample"]["1024-2047"] == 1  # 4 x 256 = 1024 tokens counted
+    assert max(seen) == 4 * 256

@@ -31,6 +31,7 @@ from comp.data.records import SkipSample, prompt_messages
 
 CHUNK_RECORDS = 2000
 MAX_EXAMPLES = 5
+LENGTH_CAP = 4  # sequence lengths are counted up to 4 x model_max_length
 HIST_EDGES = [0, 16, 64, 256, 1024, 2048, 4096, 8192, 16384]
 _WORKER: dict = {}
 
@@ -184,7 +185,10 @@ class CheckJob:
         counts = [self._image_tokens(locate_image(source.spec.image_root, p)) for p in record.images]
         if self.tokenizer is not None:
             messages = prompt_messages(record.messages)  # the default (reference) training format
-            ids_L, _ = encode_conversation(self.tokenizer, messages, counts, max_length=1 << 62)
+            # Counted up to LENGTH_CAP x model_max_length: a 10 MB record is not tokenised whole
+            # (whatever a cut there refuses, the cut at model_max_length refuses too).
+            ids_L, _ = encode_conversation(self.tokenizer, messages, counts,
+                                           max_length=LENGTH_CAP * self.model_max_length)
             if len(ids_L) > self.model_max_length:
                 tally.over_max_length += 1
                 encode_conversation(self.tokenizer, messages, counts,
