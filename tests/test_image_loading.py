@@ -253,3 +253,18 @@ def tiff_with_compression(path: Path, compression: int) -> Path:
 def test_tiff_with_a_compression_pillow_cannot_decode(tmp_path, compression):
     assert load_image(tiff_with_compression(tmp_path / "plain.tif", 1)).size == (16, 8)
     refused(tiff_with_compression(tmp_path / "odd.tif", compression), "cannot load image")
+
+
+@pytest.mark.parametrize("kind", ["loop", "long"])
+def test_unusable_paths_name_their_own_cause(tmp_path, kind):
+    from comp.data.image import ImagePathError, regular_file
+
+    if kind == "loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        path, cause = tmp_path / "a" / "x.png", "symbolic link on the path points back into itself"
+    else:
+        path, cause = tmp_path / ("x" * 300 + ".png"), "at most 255 bytes"
+    with pytest.raises(ImagePathError, match=cause) as err:
+        regular_file(path)
+    assert err.value.kind == "bad_name"

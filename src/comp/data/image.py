@@ -10,6 +10,7 @@ M merge size; T patches of all images together; D = C*P*P values per patch; N im
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -67,8 +68,10 @@ def regular_file(path: str | os.PathLike) -> int:
     except (FileNotFoundError, NotADirectoryError):
         raise ImagePathError(f"cannot load image {name}: file not found", "missing") from None
     except OSError as err:  # ENAMETOOLONG, ELOOP, EACCES, ...
-        raise ImagePathError(f"cannot load image {name}: {err.strerror or err}; fix the path "
-                             "(each path component must be at most 255 bytes)", "bad_name") from None
+        fix = {errno.ELOOP: "a symbolic link on the path points back into itself; fix the link",
+               errno.ENAMETOOLONG: "fix the path (each path component must be at most 255 bytes)",
+               errno.EACCES: "make the file readable"}.get(err.errno, "fix the path")
+        raise ImagePathError(f"cannot load image {name}: {err.strerror or err}; {fix}", "bad_name") from None
     except ValueError as err:  # embedded NUL
         raise ImagePathError(f"cannot load image {name}: {err}", "bad_name") from None
     if not stat.S_ISREG(st.st_mode):
