@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from runs import REPO, torchrun
+STAGE_YAML = {"stage1": "stage1.yaml", "stage2a": "stage2.yaml", "stage2b": "stage2.yaml", "stage3": "stage3.yaml"}
 STEPS = {"comp_1b_siglip": ["stage1", "stage2a", "stage2b", "stage3"],
          "comp_1b_dinov2": ["stage1", "stage2a", "stage2b", "stage3"],
          "comp_1b_comp_siglip": ["stage1", "stage2", "stage3"]}
@@ -19,6 +20,22 @@ STEPS = {"comp_1b_siglip": ["stage1", "stage2a", "stage2b", "stage3"],
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("smoke")
+
+
+@pytest.fixture(scope="module")
+def prepared_root(tmp_path_factory) -> Path:
+    """The seed's stage files as ``comp data prepare`` writes them from the published layouts
+    (a miniature of every source in an offline Hugging Face cache, with its defects)."""
+    from hubmini import build_offline_hub
+
+    cache, data_root = tmp_path_factory.mktemp("hf_cache"), tmp_path_factory.mktemp("prepared")
+    build_offline_hub(cache, defects=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
+    for stage in (1, 2, 3):
+        subprocess.run([sys.executable, "-m", "comp", "data", "prepare",
+                        str(REPO / "scripts" / "data" / f"stage{stage}.yaml"), "--data_root", str(data_root)],
+                       env=env, check=True, capture_output=True, timeout=120)
+    return data_root
 
 
 def _run_script(name: str, workdir: Path, **extra_env: str) -> str:
@@ -40,15 +57,24 @@ def _state(step_dir: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(STEPS))  # in this order: the third needs the first's export
-def test_seed_script_smoke(name, workdir):
+def test_seed_script_smoke(name, workdir, request):
+    """The SigLIP recipe trains on the seed's own stage YAMLs, their files prepared from the
+    published layouts (zip in place, tar shards); the other two on toyworld."""
     from comp import CompForConditionalGeneration, CompVisionModel
 
-    _run_script(name, workdir)
+    seed_data = name == "comp_1b_siglip"
+    env = {"COMP_DATA_ROOT": str(request.getfixturevalue("prepared_root"))} if seed_data else {}
+    _run_script(name, workdir, **env)
     run = workdir / name
     for step in STEPS[name]:
         assert (run / step / "model.safetensors").exists(), f"{name}/{step} left no checkpoint"
         history = _state(run / step)["log_history"]
         assert any("lm_loss" in h for h in history), f"{name}/{step} logged no lm_loss"
+        if seed_data:  # it read the seed's mixtures under the prepared root, and skipped nothing
+            identity = json.loads((run / step / "comp_run.json").read_text())["identity"]
+            assert identity["data_path"].endswith(f"scripts/data/{STAGE_YAML[step]}")
+            assert Path(identity["data_root"]).resolve() == Path(env["COMP_DATA_ROOT"]).resolve()
+            assert all(h.get("samples_skipped", 0) == 0 for h in history), f"{name}/{step} skipped samples"
     stage1 = CompForConditionalGeneration.from_pretrained(run / "stage1")
     stage2 = CompForConditionalGeneration.from_pretrained(run / STEPS[name][1])
     assert stage1.config.vision_config.use_rope == (name == "comp_1b_comp_siglip")
@@ -59,26 +85,3 @@ def test_seed_script_smoke(name, workdir):
         vfm = CompVisionModel.from_pretrained(run / "comp-vfm")
         assert vfm.config.use_rope and vfm.merger is None
 
-
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_siglip_recipe_trains_on_the_seed_data_as_prepared(tmp_path):
-    """The seed's own stage YAMLs, their files written by ``comp data prepare`` from the
-    published layouts (miniature, offline cache, shards: zip in place, tar shards), feed the
-    SigLIP recipe under ZeRO-3 on 2 processes: every step trains on them."""
-    from hubmini import build_offline_hub
-
-    cache, data_root = tmp_path / "hf_cache", tmp_path / "data_root"
-    build_offline_hub(cache, defects=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache))
-    for stage in (1, 2, 3):
-        subprocess.run([sys.executable, "-m", "comp", "data", "prepare",
-                        str(REPO / "scripts" / "data" / f"stage{stage}.yaml"), "--data_root", str(data_root)],
-                       env=env, check=True, capture_output=True, timeout=120)
-    _run_script("comp_1b_siglip", tmp_path / "work", COMP_DATA_ROOT=str(data_root))
-    run = tmp_path / "work" / "comp_1b_siglip"
-    for step in STEPS["comp_1b_siglip"]:
-        history = _state(run / step)["log_history"]
-        assert any("lm_loss" in h for h in history), f"{step} logged no lm_loss"
-        assert all(h.get("samples_skipped", 0) == 0 for h in history), f"{step} skipped samples"
-    assert (run / "comp-vfm" / "model.safetensors").exists()
