@@ -174,13 +174,19 @@ class ImageWriter:
         self.layout, self.image_root, self.prefix, self.shard_name = layout, image_root, prefix, shard_name
         self.shard: TarShard | None = None
         self.outputs: list[Path] = []
+        self._folders: set[Path] = set()
 
     def put(self, member: str, data: bytes) -> str:
         if self.layout == "files":
             relative = f"{self.prefix}/images/{member}"
             path = self.image_root / relative
+            # Written in place, no temporary + fsync per image (millions of them): a file a
+            # kill cut short is smaller, and the unit, redone without its marker, rewrites it.
             if not (path.is_file() and path.stat().st_size == len(data)):
-                atomic_write_bytes(path, data)
+                if path.parent not in self._folders:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self._folders.add(path.parent)
+                path.write_bytes(data)
             return relative
         relative = f"{self.prefix}/shards/{self.shard_name}.tar"
         if self.shard is None:
@@ -405,7 +411,6 @@ class ArchiveImages:
     lists) and zips read in place (linked into the data root under the image prefix)."""
 
     def __init__(self, ctx: Context, part: Part, lists: list[Path]):
-        self.ctx = ctx
         self.entries: dict[str, tuple] = {}  # member -> ("ok", ref, w, h) | ("bad", reason)
         self.truncated: list[str] = []  # damaged archives (the repack units reported the tars)
         self.damaged_zips: list[tuple[str, str, str]] = []

@@ -210,14 +210,22 @@ class _FileHandle:
         self._fd = None
 
 
-class ZipReader:
+class _IndexedArchive:
+    """An archive read by member through its cached index (``build_index``) and ``pread``."""
+
+    build_index = None  # set by each archive kind
+
     def __init__(self, archive: Path):
         self.archive = archive
-        self.index = _cached_index(archive, build_zip_index)
+        self.index = _cached_index(archive, type(self).build_index)
         self.file = _FileHandle(archive)
 
     def members(self) -> list[str]:
         return [n.decode("utf-8", "surrogateescape") for n in self.index["names"]]
+
+
+class ZipReader(_IndexedArchive):
+    build_index = staticmethod(build_zip_index)
 
     def read(self, member: str) -> bytes:
         k = _find(self.index, member)
@@ -254,14 +262,8 @@ class ZipReader:
         return data
 
 
-class TarReader:
-    def __init__(self, archive: Path):
-        self.archive = archive
-        self.index = _cached_index(archive, build_tar_index)
-        self.file = _FileHandle(archive)
-
-    def members(self) -> list[str]:
-        return [n.decode("utf-8", "surrogateescape") for n in self.index["names"]]
+class TarReader(_IndexedArchive):
+    build_index = staticmethod(build_tar_index)
 
     def read(self, member: str) -> bytes:
         k = _find(self.index, member)
