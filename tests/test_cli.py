@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
 
 import pytest
+
+from transformers import TrainingArguments
 
 from comp.cli import main as comp_main
 
@@ -101,6 +105,63 @@ def test_train_accepts_reference_values_and_both_spellings():
     assert (t.per_device_train_batch_size, t.resume_from_checkpoint) == (3, "auto")
     m, _, _ = parse_args(base + ["--use-rope", "0", "--use_alignment_loss"])
     assert (m.use_rope, m.use_alignment_loss) == (False, True)
+
+
+TRAIN_BASE = ["--model_name_or_path", "m", "--data_path", "d.yaml", "--output_dir", "o", "--report_to", "none"]
+
+
+def test_train_choice_flags_are_argparse_choices(capsys):
+    from comp.train.args import (CompTrainingArguments, DataArguments, ModelArguments, build_parser,
+                                 choice_fields, flag_problems, parse_args)
+
+    own = {f.name for f in dataclasses.fields(CompTrainingArguments)} - {
+        f.name for f in dataclasses.fields(TrainingArguments)}
+    literal = {**choice_fields(ModelArguments), **choice_fields(DataArguments),
+               **{k: v for k, v in choice_fields(CompTrainingArguments).items() if k in own}}
+    assert {"pos_interp_mode", "prior_mode", "pos_order", "vocab_rows", "prompt_format",
+            "lm_loss_normalization"} <= set(literal)
+    actions = {a.dest: a for a in build_parser()._actions}
+    for name, choices in literal.items():
+        assert tuple(actions[name].choices) == tuple(c for c in choices if c is not None), name
+        parsed = parse_args(TRAIN_BASE + [f"--{name}", str(choices[-2 if choices[-1] is None else -1])])
+        assert any(getattr(a, name, None) == actions[name].choices[-1] for a in parsed), name
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(TRAIN_BASE + [f"--{name}", "bogus"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--{name}/--{name.replace('_', '-')}: invalid choice: 'bogus'" in err, err
+        assert len(err.splitlines()) == 3, err  # the short usage, then the error line
+    # arguments built in code (not through argparse) are checked too
+    m, d, t = parse_args(TRAIN_BASE)
+    bad = dataclasses.replace(m, pos_order="diagonal")
+    assert flag_problems(bad, dataclasses.replace(d, prompt_format="raw"), t) == [
+        "--pos_order must be one of ['merge', 'raster'], got 'diagonal'",
+        "--prompt_format must be one of ['reference', 'inplace'], got 'raw'"]
+
+
+def test_train_defaults_are_the_configs_defaults():
+    from comp.data.dataset import MixtureDataset
+    from comp.data.image import CompImageProcessor
+    from comp.data.prompts import DEFAULT_PROMPT_FORMAT
+    from comp.models.configuration import CompConfig
+    from comp.models.vision.configuration import CompVisionConfig
+    from comp.train.args import parse_args
+
+    m, d, _ = parse_args(TRAIN_BASE)
+    config, vision = CompConfig(), CompVisionConfig()
+    shared = 0
+    for f in dataclasses.fields(m):
+        if f.default is None:  # None: keep what the checkpoint holds (pos_order)
+            continue
+        for source in (config, vision):
+            if f.name in source.to_dict():
+                assert getattr(m, f.name) == getattr(source, f.name), f.name
+                shared += 1
+    assert shared >= 9  # use_rope, pos_interp_mode, the alignment settings, lm_loss_chunk_size
+    token_pixels = 14 * 14 * 2 * 2
+    assert d.min_num_vistoken * token_pixels == CompImageProcessor().min_pixels
+    assert d.prompt_format == DEFAULT_PROMPT_FORMAT
+    assert d.align_max_length == inspect.signature(MixtureDataset).parameters["align_max_length"].default
 
 
 def test_train_help_is_short_and_puts_comp_first(capsys):

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 import comp
 from comp.data.conversation import encode_conversation, load_tokenizer, render_text
 from comp.tokens import IGNORE_INDEX
-from comp.data.records import PROMPT_FORMATS, SkipSample, parse_record, prompt_messages
+from comp.data.prompts import PROMPT_FORMATS, prompt_messages
+from comp.data.records import SkipSample, parse_record
 
 CHAT_TEMPLATE = Path(comp.__file__).parent / "chat_template.jinja"
 VISION = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]

@@ -11,7 +11,8 @@ from comp import CompVisionModel
 from comp.data import toyworld as tw
 from comp.data.conversation import encode_conversation, load_tokenizer
 from comp.tokens import IGNORE_INDEX
-from comp.data.records import parse_record, prompt_messages
+from comp.data.prompts import prompt_messages
+from comp.data.records import parse_record
 from comp.demo import pretrain
 from comp.models.vision.packing import merge_window_perm, patchify
 

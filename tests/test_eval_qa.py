@@ -79,7 +79,8 @@ def test_teacher_forced_sequence_is_the_training_rendering(mm, questions):
     """Prompt + answer ids equal what training renders for the Stage III record, up to the
     supervised answer (before its <|im_end|>)."""
     from comp.data.conversation import encode_conversation
-    from comp.data.records import parse_record, prompt_messages
+    from comp.data.prompts import prompt_messages
+    from comp.data.records import parse_record
 
     processor = mm[1]
     for q in questions[::3]:

@@ -494,7 +494,7 @@ def test_non_finite_loss_stops_with_step_parts_and_records(assets, tmp_path):
     ("--loss_weight", "-0.1", "--loss_weight must be >= 0"),
     ("--max_skip_fraction", "1.5", "--max_skip_fraction must be in [0, 1]"),
     ("--lm_loss_chunk_size", "0", "--lm_loss_chunk_size must be > 0"),
-    ("--pos_interp_mode", "cubic", "--pos_interp_mode must be one of"),
+    ("--pos_interp_mode", "cubic", "--pos_interp_mode/--pos-interp-mode: invalid choice: 'cubic'"),
     ("--mm_tunable_parts", ",", "--mm_tunable_parts is empty"),
     ("--sinkhorn_iters", "0", "--sinkhorn_iters must be >= 1"),
 ])

@@ -10,7 +10,8 @@ from transformers import AutoTokenizer
 from comp.data.conversation import encode_conversation, load_tokenizer, render_text
 from comp.tokens import IGNORE_INDEX
 from comp.data.processor import CompProcessor
-from comp.data.records import parse_record, prompt_messages
+from comp.data.prompts import prompt_messages
+from comp.data.records import parse_record
 from comp.data.show import SUPERVISED_CLOSE, SUPERVISED_OPEN
 from comp.data.show import main as show_main
 

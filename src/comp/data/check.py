@@ -27,7 +27,8 @@ from comp.data.conversation import encode_conversation, load_tokenizer
 from comp.data.dataset import Source, image_source, locate_image
 from comp.data.index import JSONSyntaxError
 from comp.data.mixture import MixtureError, load_mixture
-from comp.data.records import SkipSample, prompt_messages
+from comp.data.prompts import prompt_messages
+from comp.data.records import SkipSample
 
 CHUNK_RECORDS = 2000
 MAX_EXAMPLES = 5

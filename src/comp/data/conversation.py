@@ -2,8 +2,8 @@
 
 Rendered text, per message: ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; an image item is
 ``<|vision_start|><|image_pad|><|vision_end|>`` with the pad repeated once per LLM token of
-that image (after the 2x2 merge). The messages come from ``records.prompt_messages``, which
-adds the default system turn of the reference format; this module renders what it is given.
+that image (after the 2x2 merge). The messages come from ``comp.data.prompts.prompt_messages``
+(the prompt format: system turn, image places); this module renders what it is given.
 
 Tokenisation is per text run between the specials this module writes, batched, through
 ``encode_plain_text``: that is how a Hugging Face tokenizer splits the full rendered string

@@ -36,8 +36,8 @@ from comp.data.conversation import encode_conversation, encode_plain_text, text_
 
 from comp.data.index import JSONSyntaxError, RecordIndex
 from comp.data.mixture import DatasetSpec, load_mixture, select_indices
-from comp.data.records import (SKIP_REASONS, Record, SkipSample, assistant_texts, parse_record,
-                               prompt_messages)
+from comp.data.prompts import DEFAULT_PROMPT_FORMAT, check_prompt_format, prompt_messages
+from comp.data.records import SKIP_REASONS, Record, SkipSample, assistant_texts, parse_record
 from comp.data.storage import ImageLocation, MemberError, read_member, split_archive_path
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class MixtureDataset(Dataset):
 
     def __init__(self, specs: list[DatasetSpec], tokenizer, image_processor, *,
                  model_max_length: int, seed: int = 0, load_image=None,
-                 visual_tokens_per_image: int | None = None, prompt_format: str = "reference",
+                 visual_tokens_per_image: int | None = None, prompt_format: str = DEFAULT_PROMPT_FORMAT,
                  align_max_length: int | None = ALIGN_MAX_LENGTH):
         if load_image is None:
             from comp.data.image import load_image
@@ -187,8 +187,7 @@ class MixtureDataset(Dataset):
         self.seed = seed
         self.load_image = load_image
         self.visual_tokens_per_image = visual_tokens_per_image
-        prompt_messages([], prompt_format)  # validates the name
-        self.prompt_format = prompt_format
+        self.prompt_format = check_prompt_format(prompt_format)
         self._ends = np.cumsum([len(s.selected) for s in self.sources])
         self._lengths: np.ndarray | None = None
 

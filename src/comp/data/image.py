@@ -35,6 +35,10 @@ MAX_ASPECT_RATIO = 200
 # any training photo, and below Pillow's own hard limit, so this check and its message win.
 DEFAULT_MAX_IMAGE_PIXELS = 2**27
 DEFAULT_MAX_NUM_VISTOKEN = 1024  # merged tokens per image: comp train's budget (and comp data show's)
+# The processor's budget when none is given, in merged tokens: Qwen2-VL's default
+# max_pixels = 28 * 28 * 1280 and min_pixels = 56 * 56 (4 tokens).
+PROCESSOR_MAX_NUM_VISTOKEN = 1280
+PROCESSOR_MIN_NUM_VISTOKEN = 4
 
 ImageSource = Union[str, os.PathLike, IO[bytes], Image.Image]
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -113,8 +117,9 @@ def _tail(f: IO[bytes]) -> bytes:
 # ----------------------------------------------------------------------------- sizes
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+def smart_resize(height: int, width: int, factor: int = 28,
+                 min_pixels: int = 28 * 28 * PROCESSOR_MIN_NUM_VISTOKEN,
+                 max_pixels: int = 28 * 28 * PROCESSOR_MAX_NUM_VISTOKEN) -> tuple[int, int]:
     """Target (height, width): multiples of ``factor``, area in [min_pixels, max_pixels],
     aspect ratio kept as closely as the rounding allows. Same arithmetic, operation for
     operation, as transformers' Qwen2-VL, so that token counts agree to the pixel."""
@@ -318,7 +323,8 @@ class CompImageProcessor:
 
     Takes transformers' Qwen2-VL image processor arguments; the pixel budget may instead be
     given in LLM tokens after the merge, as CoMP's scripts do (``max_num_vistoken``:
-    max_pixels = P*P*M*M*max_num_vistoken; ``min_num_vistoken`` likewise, default 4).
+    max_pixels = P*P*M*M*max_num_vistoken, default PROCESSOR_MAX_NUM_VISTOKEN; ``min_num_vistoken``
+    likewise, default PROCESSOR_MIN_NUM_VISTOKEN).
     ``force_resize=N`` first resizes every image to N x N (CoMP Stage I: 384, II-a: 1024),
     then applies smart_resize as usual. Normalisation comes from the vision encoder's
     preprocessor config (``from_pretrained``).
@@ -340,8 +346,10 @@ class CompImageProcessor:
 
     def __post_init__(self, max_num_vistoken: int | None, min_num_vistoken: int | None) -> None:
         token_pixels = self.patch_size ** 2 * self.merge_size ** 2
-        self.min_pixels = _pixel_budget("min", self.min_pixels, min_num_vistoken, 4, token_pixels)
-        self.max_pixels = _pixel_budget("max", self.max_pixels, max_num_vistoken, 1280, token_pixels)
+        self.min_pixels = _pixel_budget("min", self.min_pixels, min_num_vistoken, PROCESSOR_MIN_NUM_VISTOKEN,
+                                        token_pixels)
+        self.max_pixels = _pixel_budget("max", self.max_pixels, max_num_vistoken, PROCESSOR_MAX_NUM_VISTOKEN,
+                                        token_pixels)
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
         if self.force_resize is not None and self.force_resize < 1:

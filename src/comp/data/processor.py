@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, BatchFeature
 from comp.data.collator import pad_rows
 from comp.data.conversation import encode_prompt
 from comp.data.image import CompImageProcessor
-from comp.data.records import PROMPT_FORMATS, system_message
+from comp.data.prompts import adds_default_system, check_prompt_format, with_default_system
 from comp.hub import resolve_model_dir
 from comp.tokens import CHAT_TEMPLATE_PATH, IMAGE_PAD, ensure_vision_tokens
 
@@ -24,14 +24,12 @@ class CompProcessor:
     The tokenizer always gets the CoMP chat template (Qwen2-VL's rendering, image items as
     ``<|vision_start|><|image_pad|><|vision_end|>``): an LLM's own template (e.g.
     Qwen2.5-Instruct's) knows no image items, and training and inference must render prompts
-    identically. ``prompt_format`` "reference" (default) adds Qwen2-VL's default system turn
-    when the messages have none, as the reference trained and evaluated; "inplace" adds none.
+    identically. ``prompt_format``: one of comp.data.prompts' formats ("reference", the
+    default, adds Qwen2-VL's default system turn when the messages have none; "inplace" none).
     """
 
     def __init__(self, tokenizer, image_processor: CompImageProcessor, *, prompt_format: str = "reference"):
-        if prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
-        self.prompt_format = prompt_format
+        self.prompt_format = check_prompt_format(prompt_format)
         ensure_vision_tokens(tokenizer)
         tokenizer.chat_template = CHAT_TEMPLATE_PATH.read_text()
         self.tokenizer = tokenizer
@@ -68,10 +66,10 @@ class CompProcessor:
                             tokenize: bool = False):
         """Render messages whose content is a string or a list of ``{"type": "image"}`` /
         ``{"type": "text", "text": ...}`` items (one image pad per image, unexpanded), with the
-        default system turn in the "reference" prompt format."""
+        default system turn where the prompt format adds it."""
         return self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize,
-            default_system=self.prompt_format == "reference")
+            default_system=adds_default_system(self.prompt_format))
 
     def expand_image_pads(self, text: str, tokens_per_image: list[int]) -> str:
         """Replace the i-th ``<|image_pad|>`` by ``tokens_per_image[i]`` pads."""
@@ -137,7 +135,7 @@ class CompProcessor:
 
     def _template_messages(self, messages: list[dict]) -> list[dict]:
         """Messages as the chat template sees them: content as items, the default system
-        turn of the "reference" format first."""
+        turn first where the prompt format adds it."""
         out = []
         for m in messages:
             content = m["content"]
@@ -148,9 +146,7 @@ class CompProcessor:
                 elif part.get("type") == "text":
                     items.append({"type": "text", "text": part["text"]})
             out.append({"role": m["role"], "content": items})
-        if self.prompt_format == "reference" and out and out[0]["role"] != "system":
-            out.insert(0, system_message())
-        return out
+        return with_default_system(out, self.prompt_format)
 
     def batch_decode(self, ids, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(ids, **kwargs)

@@ -8,22 +8,14 @@ A record is ``{"id", "image": str | [str] | absent, "conversations": [...]}`` wi
 ``<image>`` placeholders mark where each image goes; their count must equal the number of
 images (else ``placeholder_mismatch``). A record with images and no placeholder gets all its
 images before the text of its first user turn, as the reference does. ``parse_record`` keeps
-each image where its placeholder stands and the text around it verbatim (the "inplace" layout).
-
-``prompt_messages`` gives the messages the model is trained on, in one of ``PROMPT_FORMATS``:
-- "reference" (default): the reference's conversion for Qwen2-VL's chat template - a
-  leading assistant turn is dropped, all images of a turn move to its start, each
-  ``<image>`` placeholder is removed together with one newline right after it, and a
-  record without a system turn gets ``DEFAULT_SYSTEM_PROMPT``;
-- "inplace": ``parse_record``'s messages unchanged, no system turn added.
+each image where its placeholder stands and the text around it verbatim (the "inplace" layout);
+``comp.data.prompts`` turns them into the messages the model is trained on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 IMAGE_PLACEHOLDER = "<image>"
-PROMPT_FORMATS = ("reference", "inplace")
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "system": "system"}
 
@@ -153,36 +145,3 @@ def assistant_texts(record: Record) -> list[str]:
     return ["".join(p["text"] for p in m["content"] if p["type"] == "text")
             for m in record.messages if m["role"] == "assistant"]
 
-
-def system_message(text: str = DEFAULT_SYSTEM_PROMPT) -> dict:
-    return {"role": "system", "content": [{"type": "text", "text": text}]}
-
-
-def reference_turn(message: dict) -> dict:
-    """One turn in the reference layout: its images first, then its text without the
-    placeholders (an image's placeholder took the newline right after it along)."""
-    images, texts, after_image = [], [], False
-    for part in message["content"]:
-        if part["type"] == "image":
-            images.append(part)
-            after_image = True
-            continue
-        text = part["text"][1:] if after_image and part["text"].startswith("\n") else part["text"]
-        texts.append(text)
-        after_image = False
-    text = "".join(texts)
-    return {"role": message["role"],
-            "content": images + ([{"type": "text", "text": text}] if text else [])}
-
-
-def prompt_messages(messages: list[dict], prompt_format: str = "reference") -> list[dict]:
-    """The messages as the chat template renders them for training (see the module doc)."""
-    if prompt_format == "inplace":
-        return messages
-    if prompt_format != "reference":
-        raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    turns = messages[len(system):]
-    if turns and turns[0]["role"] == "assistant":  # the reference starts at a human turn
-        turns = turns[1:]
-    return (system or [system_message()]) + [reference_turn(m) for m in turns]

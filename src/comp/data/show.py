@@ -20,7 +20,8 @@ from comp.data.conversation import load_tokenizer, render_text
 from comp.data.dataset import MixtureDataset, Skipped
 from comp.data.image import DEFAULT_MAX_NUM_VISTOKEN
 from comp.data.mixture import MixtureError, load_mixture
-from comp.data.records import PROMPT_FORMATS, SkipSample, prompt_messages
+from comp.data.prompts import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP, PROMPT_FORMATS, prompt_messages
+from comp.data.records import SkipSample
 from comp.tokens import IGNORE_INDEX, IMAGE_PAD
 
 SUPERVISED_OPEN, SUPERVISED_CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧
@@ -93,8 +94,8 @@ def build_parser():
     p.add_argument("--tokenizer", help="tokenizer (an LLM or a CoMP-MM), directory or Hub id: exact ids, "
                                        "labels and counts")
     p.add_argument("--vision", help="encoder (directory or Hub id) whose preprocessing counts the image tokens")
-    p.add_argument("--prompt_format", choices=PROMPT_FORMATS, default="reference",
-                   help="reference: Qwen2-VL's default system turn, as the reference trains; inplace: none")
+    p.add_argument("--prompt_format", choices=PROMPT_FORMATS, default=DEFAULT_PROMPT_FORMAT,
+                   help=PROMPT_FORMAT_HELP)
     p.add_argument("--image_folder", help="image root for datasets without their own image_folder")
     p.add_argument("--data_root", help="base of relative json_path (default: the YAML's directory)")
     p.add_argument("--max_num_vistoken", type=int, default=DEFAULT_MAX_NUM_VISTOKEN, help="pixel budget per image in merged tokens")

@@ -47,11 +47,13 @@ from pathlib import Path
 
 import torch
 
+from comp.data.image import PROCESSOR_MAX_NUM_VISTOKEN
 from comp.demo import recipe
 
 ZERO_SHOT_ATTRIBUTES = ("colour", "shape", "digit")
 FINAL_STEP = "stage3"  # the recipe's instruction-tuning step
-NATIVE_TOKENS = 1280  # the processor's default budget: every toyworld image (<= 896 px) stays native
+# The processor's default budget: every toyworld image (<= 896 px) stays native.
+NATIVE_TOKENS = PROCESSOR_MAX_NUM_VISTOKEN
 
 
 @dataclass

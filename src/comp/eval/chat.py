@@ -21,7 +21,7 @@ from comp.cliargs import ArgumentParser, apply_threads, float_in, positive_int
 
 from comp.data.image import ImageLoadError, load_image
 from comp.data.processor import CompProcessor
-from comp.data.records import PROMPT_FORMATS
+from comp.data.prompts import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP, PROMPT_FORMATS
 from comp.errors import UserError
 from comp.eval.features import default_device
 from comp.hub import resolve_model_dir
@@ -44,7 +44,8 @@ class GenerationSettings:
 
 
 def load_chat_model(model_dir: str | Path, device: str | None = None, *,
-                    prompt_format: str = "reference", **image_kwargs) -> tuple[CompForConditionalGeneration, CompProcessor]:
+                    prompt_format: str = DEFAULT_PROMPT_FORMAT,
+                    **image_kwargs) -> tuple[CompForConditionalGeneration, CompProcessor]:
     """A saved CoMP-MM (model + processor) on ``device`` (None: CUDA when available)."""
     model_dir = resolve_model_dir(model_dir)
     model = load_comp_mm(model_dir).to(device or default_device()).eval()
@@ -194,9 +195,8 @@ def build_parser() -> ArgumentParser:
                         help="pixel budget per image in merged tokens; default: the saved processor's")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--device", default=None, help="e.g. cpu, cuda:0; default: CUDA when available")
-    parser.add_argument("--prompt_format", choices=PROMPT_FORMATS, default="reference",
-                        help="reference: Qwen2-VL's default system turn as in training (default); "
-                             "inplace: no system turn")
+    parser.add_argument("--prompt_format", choices=PROMPT_FORMATS, default=DEFAULT_PROMPT_FORMAT,
+                        help=PROMPT_FORMAT_HELP)
     parser.add_threads()
     return parser
 

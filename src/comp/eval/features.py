@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from comp.cliargs import positive_int
-from comp.data.image import DEFAULT_MAX_IMAGE_PIXELS, CompImageProcessor, image_size
+from comp.data.image import DEFAULT_MAX_IMAGE_PIXELS, PROCESSOR_MAX_NUM_VISTOKEN, CompImageProcessor, image_size
 from comp.errors import UserError
 from comp.files import atomic_output
 from comp.hub import resolve_model_dir
@@ -35,7 +35,7 @@ from comp.models.vision.packing import merge_window_perm
 CACHE_FORMAT = "comp-features/1"
 # Evaluation budget when none is given: the processor's default, not the budget the VFM was
 # trained with (a saved training config may hold Stage I's small one).
-DEFAULT_EVAL_TOKENS = 1280
+DEFAULT_EVAL_TOKENS = PROCESSOR_MAX_NUM_VISTOKEN
 
 
 @dataclass

@@ -8,11 +8,8 @@ project declares ``comp = "comp.eval.lmms_plugin:manifest"`` there (pyproject.to
 
 ``import comp`` never imports this module (lmms-eval is an optional extra).
 
-Requests are answered with the CoMP chat template in the reference's evaluation format
-(``prompt_format=reference``, default): Qwen2-VL's default system turn, the task's images
-first in the user turn, then its text with the ``<image>`` markers removed.
-``prompt_format=inplace``: no system turn, images at the context's ``<image>`` markers when
-they match the image count (else first).
+Requests are answered with the CoMP chat template in one of comp.data.prompts' formats
+(``prompt_format=reference``, default: the reference's evaluation format; or ``inplace``).
 generate_until is batched (left-padded prompts, grouped by generation settings, greedy
 unless the task's gen_kwargs ask for sampling, cut at the task's ``until`` strings);
 loglikelihood scores the continuation after the assistant prompt, one request at a time,
@@ -32,14 +29,13 @@ from tqdm import tqdm
 
 from comp.data.image import load_image, to_rgb
 from comp.data.processor import CompProcessor
-from comp.data.records import PROMPT_FORMATS
+from comp.data.prompts import DEFAULT_PROMPT_FORMAT, check_prompt_format, user_content
 from comp.eval.features import default_device
 from comp.hub import resolve_model_dir
 from comp.models.kinds import load_comp_mm
 from comp.models.vision.model import set_pos_order
 from comp.tokens import stop_ids
 
-IMAGE_MARKER = "<image>"
 DEFAULT_MAX_NEW_TOKENS = 128
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,24 +49,6 @@ def manifest():
 
 
 # ----------------------------------------------------------------------------- pure helpers
-
-
-def user_content(context: str, num_images: int, prompt_format: str = "reference") -> list[dict]:
-    """One user turn. "reference": all images first, the markers removed from the text.
-    "inplace": images at the context's ``<image>`` markers when there is one marker per image,
-    else all images first; remaining markers are dropped."""
-    parts = context.split(IMAGE_MARKER)
-    if prompt_format not in PROMPT_FORMATS:
-        raise ValueError(f"comp model: prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
-    if prompt_format == "inplace" and num_images and len(parts) - 1 == num_images:
-        content: list[dict] = []
-        for i, text in enumerate(parts):
-            if i:
-                content.append({"type": "image"})
-            if text.strip():
-                content.append({"type": "text", "text": text})
-        return content
-    return [{"type": "image"}] * num_images + [{"type": "text", "text": "".join(parts)}]
 
 
 def generation_settings(gen_kwargs: dict) -> tuple[dict, list[str]]:
@@ -138,15 +116,17 @@ class CompLMMS(lmms):
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1,
                  dtype: str = "float32", max_num_vistoken: int | None = None,
                  system_prompt: str | None = None, max_batch_size: int | None = None,
-                 prompt_format: str = "reference", pos_order: str | None = None, **kwargs) -> None:
+                 prompt_format: str = DEFAULT_PROMPT_FORMAT, pos_order: str | None = None, **kwargs) -> None:
         """``batch_size`` "auto" means 1; ``max_batch_size`` (passed on by lmms-eval's
         --max_batch_size) has no use here, as batches have a fixed size."""
         super().__init__()
         if kwargs:
             raise ValueError(f"comp model: unknown model_args {sorted(kwargs)}; known: pretrained, device, "
                              "batch_size, dtype, max_num_vistoken, system_prompt, prompt_format, pos_order")
-        if prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"comp model: prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
+        try:
+            check_prompt_format(prompt_format)
+        except ValueError as err:
+            raise ValueError(f"comp model: {err}") from None
         if dtype not in DTYPES:
             raise ValueError(f"comp model: dtype must be one of {list(DTYPES)}, got {dtype!r}")
         path = resolve_model_dir(pretrained)

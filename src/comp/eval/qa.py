@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from comp.data.image import PROCESSOR_MAX_NUM_VISTOKEN
+
 QUESTION_FIELDS = ("id", "image", "image_hires", "type", "question", "answer")
 
 
@@ -184,7 +186,7 @@ def resolution_processors(model_dir: str | Path, fixed_size: int, native_tokens:
 
 
 def evaluate_qa(model, model_dir: str | Path, qa_dir: str | Path, *, fixed_size: int = 64,
-                native_tokens: int = 1280, limit: int | None = None, seed: int = 0,
+                native_tokens: int = PROCESSOR_MAX_NUM_VISTOKEN, limit: int | None = None, seed: int = 0,
                 batch_size: int = 16, max_new_tokens: int = 8) -> dict:
     """Exact match and image use of ``model`` (saved with its processor in ``model_dir``) on
     the first ``limit`` questions of ``qa_dir`` (None: all), per resolution variant."""

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from comp.models.configuration import PRIOR_MODES
+
 __all__ = [
     "alignment_loss",
     "load_word_counts",
@@ -34,8 +36,6 @@ __all__ = [
     "pool_image_features",
     "sinkhorn_log_targets",
 ]
-
-SINKHORN_MODES = ("reference", "sinkhorn")
 
 
 def pool_image_features(
@@ -160,7 +160,7 @@ def sinkhorn_log_targets(
     if mode == "reference":
         return torch.log_softmax(logits_BK + iters * log_prior_K, dim=-1)
     if mode != "sinkhorn":
-        raise ValueError(f"mode must be one of {SINKHORN_MODES}, got {mode!r}")
+        raise ValueError(f"mode must be one of {PRIOR_MODES}, got {mode!r}")
     log_b_K = torch.zeros_like(log_prior_K)
     log_sample_marginal = -math.log(C_t_BK.shape[0])
     for _ in range(iters):

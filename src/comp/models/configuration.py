@@ -1,11 +1,22 @@
 """CompConfig: the CoMP-MM's settings, importable without the modeling code (``AutoConfig``
 reads it, see comp.auto)."""
 
+from typing import Literal, get_args
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig, Qwen2VLTextConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from comp.models.vision.configuration import CompVisionConfig
+
+
+PriorMode = Literal["reference", "sinkhorn"]  # comp.models.alignment.sinkhorn_log_targets' modes
+PRIOR_MODES: tuple[str, ...] = get_args(PriorMode)
+# Word-embedding rows of a CoMP-MM (CompForConditionalGeneration.resize_vocab): the tokenizer's
+# length, as the reference, or the LLM's padded table.
+VocabRows = Literal["tokenizer", "llm"]
+VOCAB_ROWS: tuple[str, ...] = get_args(VocabRows)
+DEFAULT_VOCAB_ROWS: VocabRows = "tokenizer"
 
 
 def mrope_section_for(head_dim: int) -> list[int]:
@@ -54,7 +65,7 @@ class CompConfig(PreTrainedConfig):
     word_temp: float = 0.05
     word_eps: float = 0.005
     sinkhorn_iters: int = 3
-    prior_mode: str = "reference"
+    prior_mode: str = "reference"  # one of PRIOR_MODES
     lm_loss_chunk_size: int = 4096
     num_prototypes: int | None = None  # vocabulary rows used as alignment prototypes (None: all)
     word_prior_source: str | None = None  # the prior's file (or "uniform") this model trained with

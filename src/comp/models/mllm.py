@@ -51,7 +51,7 @@ from comp.files import file_sha256
 from comp.hub import resolve_model_dir
 from comp.models.alignment import (UNIFORM_PRIOR, alignment_loss, log_word_prior, masked_mean_pool,
                                    pool_image_features)
-from comp.models.configuration import CompConfig, text_config_from_qwen2
+from comp.models.configuration import DEFAULT_VOCAB_ROWS, VOCAB_ROWS, CompConfig, text_config_from_qwen2
 from comp.models.losses import chunked_causal_lm_loss
 from comp.models.positions import get_mrope_position_ids, packed_mrope_position_ids
 from comp.models.vision.configuration import CompVisionConfig
@@ -61,7 +61,6 @@ from comp.models.weights import load_state_dict, no_progress_bars, normal_permis
 from comp.tokens import IMAGE_PAD, config_token_ids, ensure_vision_tokens, stop_ids
 
 logger = logging.getLogger(__name__)
-VOCAB_ROWS = ("tokenizer", "llm")
 
 
 @dataclass
@@ -260,7 +259,7 @@ class CompForConditionalGeneration(CompModel, GenerationMixin):
     @classmethod
     def from_components(cls, llm_dir: str | Path, vision_dir: str | Path, *, tokenizer=None,
                         use_rope: bool | None = None, dtype: torch.dtype | None = None,
-                        vocab_rows: str = "tokenizer", new_merger: bool = False,
+                        vocab_rows: str = DEFAULT_VOCAB_ROWS, new_merger: bool = False,
                         **config_overrides) -> "CompForConditionalGeneration":
         """A CoMP-MM from a Qwen2/Qwen2.5 checkpoint and any encoder ``CompVisionModel``
         loads (directories or Hub ids, see ``comp.hub``) (original SigLIP / DINOv2 / AIMv2 or a
@@ -322,7 +321,7 @@ class CompForConditionalGeneration(CompModel, GenerationMixin):
             value.__class__ = CompLMHead
         self.lm_head = value
 
-    def resize_vocab(self, num_tokens: int, vocab_rows: str = "tokenizer") -> None:
+    def resize_vocab(self, num_tokens: int, vocab_rows: str = DEFAULT_VOCAB_ROWS) -> None:
         """Word-embedding rows for a tokenizer of ``num_tokens``: exactly that many ("tokenizer",
         the reference's ``resize_token_embeddings(len(tokenizer))``) or the current table, grown
         when too short ("llm"). New rows start at the mean of the old ones; under ZeRO-3

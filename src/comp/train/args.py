@@ -3,30 +3,37 @@
 Model and data flags are CoMP's own dataclasses; everything else is transformers'
 ``TrainingArguments`` (learning_rate, per_device_train_batch_size, deepspeed, bf16, ...), so
 the seed scripts' command lines run unchanged.
+
+A default that a configuration or the data pipeline also holds is read from there (CompConfig,
+CompVisionConfig, the image processor, the dataset), so it is written once. A flag with a
+fixed set of values is typed ``Literal[...]`` with the set defined where the setting lives:
+HfArgumentParser turns it into argparse ``choices`` and ``flag_problems`` checks it too.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-
 import textwrap
+import typing
 from dataclasses import dataclass, field, fields
+from typing import Literal
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from comp.data.image import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_VISTOKEN
+from comp.data.dataset import ALIGN_MAX_LENGTH
+from comp.data.image import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_NUM_VISTOKEN, PROCESSOR_MIN_NUM_VISTOKEN
+from comp.data.prompts import DEFAULT_PROMPT_FORMAT, PROMPT_FORMAT_HELP, PromptFormat
+from comp.models.configuration import DEFAULT_VOCAB_ROWS, PRIOR_MODES, CompConfig, PriorMode, VocabRows
+from comp.models.vision.configuration import POS_INTERP_MODES, CompVisionConfig, PosInterpMode, PosOrder
 
-from comp.models.vision.configuration import CompVisionConfig
-
-LM_LOSS_NORMALIZATIONS = ("step", "micro_batch")
+LmLossNormalization = Literal["step", "micro_batch"]
+LM_LOSS_NORMALIZATIONS: tuple[str, ...] = typing.get_args(LmLossNormalization)
 TUNABLE_PARTS = ("mm_vision_tower", "mm_mlp_adapter", "mm_language_model", "mm_lm_head")
 
 
 def parse_tunable_parts(text: str) -> list[str]:
     """``--mm_tunable_parts`` as a list: comma-separated, blanks ignored (validated in flag_problems)."""
     return [p.strip() for p in text.split(",") if p.strip()]
-INTERP_MODES = ("bicubic", "bilinear", "nearest", "nearest-exact", "area")
-PRIOR_MODES = ("reference", "sinkhorn")
 
 
 @dataclass
@@ -40,14 +47,19 @@ class ModelArguments:
         "help": f"comma-separated subset of {','.join(TUNABLE_PARTS)}"})
     use_rope: bool = field(default=CompVisionConfig.use_rope, metadata={
         "help": "C-RoPE: 2D RoPE in every encoder layer"})
-    pos_interp_mode: str = field(default="bicubic", metadata={"help": "resizing of the absolute table"})
-    use_alignment_loss: bool = field(default=False, metadata={"help": "add the alignment loss"})
-    loss_weight: float = field(default=0.05, metadata={"help": "weight of the alignment loss"})
-    embed_temp: float = field(default=0.005, metadata={"help": "temperature of the image-word similarities"})
-    word_temp: float = field(default=0.05, metadata={"help": "temperature of the word targets"})
-    word_eps: float = field(default=0.005, metadata={"help": "entropic regularisation of the Sinkhorn targets"})
-    sinkhorn_iters: int = field(default=3, metadata={"help": "Sinkhorn-Knopp iterations"})
-    prior_mode: str = field(default="reference", metadata={"help": "reference | sinkhorn"})
+    pos_interp_mode: PosInterpMode = field(default=CompVisionConfig.pos_interp_mode, metadata={
+        "help": f"resizing of the absolute table: {' | '.join(POS_INTERP_MODES)}"})
+    use_alignment_loss: bool = field(default=CompConfig.use_alignment_loss, metadata={
+        "help": "add the alignment loss"})
+    loss_weight: float = field(default=CompConfig.loss_weight, metadata={"help": "weight of the alignment loss"})
+    embed_temp: float = field(default=CompConfig.embed_temp, metadata={
+        "help": "temperature of the image-word similarities"})
+    word_temp: float = field(default=CompConfig.word_temp, metadata={"help": "temperature of the word targets"})
+    word_eps: float = field(default=CompConfig.word_eps, metadata={
+        "help": "entropic regularisation of the Sinkhorn targets"})
+    sinkhorn_iters: int = field(default=CompConfig.sinkhorn_iters, metadata={"help": "Sinkhorn-Knopp iterations"})
+    prior_mode: PriorMode = field(default=CompConfig.prior_mode, metadata={
+        "help": " | ".join(PRIOR_MODES) + ": how the word targets use the prior"})
     word_dist_path: str | None = field(default=None, metadata={
         "help": "word-frequency counts over the vocabulary (`comp data prior`), needed with the "
                 "alignment loss; 'uniform' asks for a uniform prior (the ablation). When absent, a "
@@ -56,11 +68,12 @@ class ModelArguments:
         "help": "a counts file shorter than the prototype rows: missing rows count 1. Default: "
                 "padded when at most 1%% of the rows are missing (the reference's 151,657-entry "
                 "file on Qwen2.5's 151,665 tokens), refused otherwise"})
-    pos_order: str | None = field(default=None, metadata={
+    pos_order: PosOrder | None = field(default=None, metadata={
         "help": "merge | raster: order in which the encoder adds its position table; default: the "
                 "checkpoint's (raster for an encoder detected as trained by the reference code)"})
-    lm_loss_chunk_size: int = field(default=4096, metadata={"help": "tokens per chunk of the LM loss"})
-    vocab_rows: str = field(default="tokenizer", metadata={
+    lm_loss_chunk_size: int = field(default=CompConfig.lm_loss_chunk_size, metadata={
+        "help": "tokens per chunk of the LM loss"})
+    vocab_rows: VocabRows = field(default=DEFAULT_VOCAB_ROWS, metadata={
         "help": "tokenizer: word embeddings resized to the tokenizer's length, as the reference "
                 "(Qwen2.5: 151,665 rows); llm: keep the LLM's padded table (151,936 rows)"})
     new_merger: bool = field(default=False, metadata={
@@ -76,12 +89,13 @@ class DataArguments:
     data_root: str | None = field(default=None, metadata={
         "help": "root of relative json_path entries (default: the YAML's directory)"})
     max_num_vistoken: int = field(default=DEFAULT_MAX_NUM_VISTOKEN, metadata={"help": "max visual tokens per image after the 2x2 merge"})
-    min_num_vistoken: int = field(default=4, metadata={"help": "min visual tokens per image after the merge"})
+    min_num_vistoken: int = field(default=PROCESSOR_MIN_NUM_VISTOKEN, metadata={
+        "help": "min visual tokens per image after the merge"})
     force_resize: int | None = field(default=None, metadata={"help": "resize to N x N before smart_resize"})
     model_max_length: int = field(default=4096, metadata={"help": "longest token sequence of a sample"})
-    align_max_length: int = field(default=2048, metadata={
+    align_max_length: int = field(default=ALIGN_MAX_LENGTH, metadata={
         "help": "longest alignment text (the answers the alignment loss reads), as the reference's "
-                "2048; 0: --model_max_length"})
+                f"{ALIGN_MAX_LENGTH}; 0: --model_max_length"})
     max_skip_fraction: float = field(default=0.01, metadata={"help": "stop when more samples are skipped"})
     pack_length: int | None = field(default=None, metadata={"help": "pack samples into rows of N tokens"})
     length_cache_dir: str | None = field(default=None, metadata={
@@ -89,9 +103,7 @@ class DataArguments:
                 "$COMP_CACHE/lengths or ~/.cache/comp/lengths; 'none': never cache)"})
     length_workers: int | None = field(default=None, metadata={
         "help": "processes that compute the sample lengths on rank 0 (default: the CPUs)"})
-    prompt_format: str = field(default="reference", metadata={
-        "help": "reference: Qwen2-VL's chat format as the reference trained (default system turn, "
-                "each turn's images first); inplace: images where their <image> stands, no system turn"})
+    prompt_format: PromptFormat = field(default=DEFAULT_PROMPT_FORMAT, metadata={"help": PROMPT_FORMAT_HELP})
 
 
 @dataclass
@@ -103,7 +115,7 @@ class CompTrainingArguments(TrainingArguments):
     reference_optimizer_groups: bool = field(default=False, metadata={
         "help": "the reference's parameter groups: with --mm_vision_tower_lr and no "
                 "--mm_projector_lr the merger is in no group and is never updated (its Stage III)"})
-    lm_loss_normalization: str = field(default="step", metadata={
+    lm_loss_normalization: LmLossNormalization = field(default="step", metadata={
         "help": "step: token mean over the whole optimizer step (independent of the split); "
                 "micro_batch: mean of per-micro-batch token means, as the reference"})
     warmup_ratio: float | None = field(default=None, metadata={
@@ -167,15 +179,22 @@ def _one_line(text: str | None, width: int = 70) -> str:
     return first if len(first) <= width else first[: width - 3].rstrip() + "..."
 
 
+USAGE = ("usage: comp train --model_name_or_path LLM_OR_COMP_MM [--custom_visual_model VFM]\n"
+         "                  --data_path DATA.yaml --output_dir DIR [flags]")
+
+
 class TrainArgumentParser(HfArgumentParser):
-    """HfArgumentParser with a help text a person can read: one line per flag, CoMP's first."""
+    """HfArgumentParser with a help text a person can read: one line per flag, CoMP's first;
+    a bad flag prints the short usage, not argparse's hundred lines of every flag."""
+
+    def format_usage(self) -> str:
+        return USAGE + "\n"
 
     def format_help(self) -> str:
         actions = {a.dest: a for a in self._actions  # --no_x shares x's dest: keep --x
                    if a.option_strings and a.dest != "help" and not a.option_strings[0].startswith("--no_")}
         own = [g for g in self._action_groups if g.title in ("CoMP model", "data")]
-        lines = [f"usage: {self.prog} --model_name_or_path LLM_OR_COMP_MM [--custom_visual_model VFM]",
-                 "                  --data_path DATA.yaml --output_dir DIR [flags]", "",
+        lines = [*USAGE.splitlines(), "",
                  "Train one CoMP step (the reference scripts' flags). Flags take underscores or dashes;",
                  "switches take 1/0/True/False (alone: on). --help_all: transformers' full help.", ""]
 
@@ -235,8 +254,6 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
         ("lm_loss_chunk_size", m.lm_loss_chunk_size > 0, "must be > 0"),
         ("use_rope", m.use_rope in (0, 1), "must be 0 or 1"),
         ("use_alignment_loss", m.use_alignment_loss in (0, 1), "must be 0 or 1"),
-        ("pos_interp_mode", m.pos_interp_mode in INTERP_MODES, f"must be one of {list(INTERP_MODES)}"),
-        ("prior_mode", m.prior_mode in PRIOR_MODES, f"must be one of {list(PRIOR_MODES)}"),
         ("max_skip_fraction", 0 <= d.max_skip_fraction <= 1, "must be in [0, 1]"),
         ("model_max_length", d.model_max_length > 0, "must be > 0"),
         ("max_num_vistoken", d.max_num_vistoken > 0, "must be > 0"),
@@ -245,9 +262,6 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
         ("force_resize", d.force_resize is None or 0 < d.force_resize ** 2 <= DEFAULT_MAX_IMAGE_PIXELS,
          f"must be > 0 and at most {math.isqrt(DEFAULT_MAX_IMAGE_PIXELS)} (the image pixel limit)"),
         ("pack_length", d.pack_length is None or d.pack_length > 0, "must be > 0"),
-        ("prompt_format", d.prompt_format in ("reference", "inplace"), "must be reference or inplace"),
-        ("pos_order", m.pos_order in (None, "merge", "raster"), "must be merge or raster"),
-        ("vocab_rows", m.vocab_rows in ("tokenizer", "llm"), "must be tokenizer or llm"),
         ("align_max_length", d.align_max_length >= 0, "must be >= 0 (0: --model_max_length)"),
     ]
     if t is not None:
@@ -272,7 +286,9 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
             ("per_device_train_batch_size", t.per_device_train_batch_size > 0, "must be > 0"),
             ("gradient_accumulation_steps", t.gradient_accumulation_steps > 0, "must be > 0"),
         ]
-    problems = [f"--{name} must be a finite number, got {value!r}" for name, value in _non_finite(m, d, t)]
+    problems = [f"--{name} must be one of {list(choices)}, got {value!r}"
+                for name, value, choices in _choice_problems(m, d, t)]
+    problems += [f"--{name} must be a finite number, got {value!r}" for name, value in _non_finite(m, d, t)]
     problems += [f"--{name} {fix}, got {_value(m, d, t, name)!r}" for name, ok, fix in checks
                  if not ok and name not in dict(_non_finite(m, d, t))]
     parts = parse_tunable_parts(m.mm_tunable_parts)
@@ -282,6 +298,36 @@ def flag_problems(model_args: ModelArguments, data_args: DataArguments,
     elif not parts:
         problems.append(f"--mm_tunable_parts is empty; name at least one of {list(TUNABLE_PARTS)}")
     return problems
+
+
+def choice_fields(cls) -> dict[str, tuple]:
+    """The ``Literal`` fields of a dataclass (``X | None`` too) -> their choices (None included
+    where allowed): the flags HfArgumentParser gives argparse ``choices``."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        kind = hints[f.name]
+        if typing.get_origin(kind) is Literal:
+            out[f.name] = typing.get_args(kind)
+            continue
+        literals = [a for a in typing.get_args(kind) if typing.get_origin(a) is Literal]
+        if literals and type(None) in typing.get_args(kind):
+            out[f.name] = (*typing.get_args(literals[0]), None)
+    return out
+
+
+def _choice_problems(*objects) -> list[tuple[str, object, tuple]]:
+    """(flag, value, choices) of every CoMP choice flag holding a value outside its choices
+    (argparse refuses those on the command line; this also covers arguments built in code)."""
+    found = []
+    for o in objects:
+        if o is None:
+            continue
+        own = {f.name for f in fields(TrainingArguments)} if isinstance(o, TrainingArguments) else set()
+        for name, choices in choice_fields(type(o)).items():
+            if name not in own and getattr(o, name) not in choices:
+                found.append((name, getattr(o, name), tuple(c for c in choices if c is not None)))
+    return found
 
 
 def _non_finite(*objects) -> list[tuple[str, float]]:

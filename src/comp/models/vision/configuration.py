@@ -4,6 +4,8 @@ modeling code (``AutoConfig`` reads it, ``comp export-vfm --standalone`` ships t
 Shipped: imports only transformers / huggingface_hub and nothing of ``comp``.
 """
 
+from typing import Literal, get_args
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -11,7 +13,10 @@ FAMILIES = ("siglip", "dinov2", "aimv2")  # the keys of families.FAMILIES (a tes
 # config.json model_type of an original checkpoint -> family
 MODEL_TYPES = {"siglip": "siglip", "siglip_vision_model": "siglip", "dinov2": "dinov2",
                "aimv2": "aimv2", "aimv2_vision_model": "aimv2"}
-POS_ORDERS = ("merge", "raster")
+PosOrder = Literal["merge", "raster"]
+POS_ORDERS: tuple[str, ...] = get_args(PosOrder)
+PosInterpMode = Literal["bicubic", "bilinear", "nearest", "nearest-exact", "area"]  # torch's 2D modes
+POS_INTERP_MODES: tuple[str, ...] = get_args(PosInterpMode)
 ATTN_BACKENDS = ("auto", "flash", "varlen", "sdpa")  # see attention.py
 
 
@@ -22,7 +27,8 @@ class CompVisionConfig(PreTrainedConfig):
     use_rope: 2D RoPE on q, k in every layer (C-RoPE), CoMP's encoder and the one default of
         the setting (``comp train --use_rope``, ``from_components``); False = the plain VFM with
         the interpolated absolute table only, as an original checkpoint loads.
-    pos_interp_mode / pos_interp_antialias: how the learned table is resized to an image grid.
+    pos_interp_mode / pos_interp_antialias: how the learned table is resized to an image grid
+        (one of POS_INTERP_MODES).
     pos_order: "merge" (correct) or "raster" (the reference code's permuted positions).
     keep_cls: DINOv2 only; CoMP drops the CLS token.
     w_merger: output width of the 2x2 merger, or None for per-token features.
@@ -62,6 +68,8 @@ class CompVisionConfig(PreTrainedConfig):
             raise ValueError(f"unknown vision family {self.family!r}; expected one of {FAMILIES}")
         if self.pos_order not in POS_ORDERS:
             raise ValueError(f"pos_order must be 'merge' or 'raster', got {self.pos_order!r}")
+        if self.pos_interp_mode not in POS_INTERP_MODES:
+            raise ValueError(f"pos_interp_mode must be one of {POS_INTERP_MODES}, got {self.pos_interp_mode!r}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {self.attn_backend!r}")
         if self.keep_cls and self.family != "dinov2":

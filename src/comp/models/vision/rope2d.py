@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .configuration import POS_ORDERS
 from .packing import merge_window_perm
 
 
@@ -71,7 +72,7 @@ def packed_abs_positions(table_SD: torch.Tensor, grids_hw: list[tuple[int, int]]
     order "raster": rows left in raster order while tokens are in merge-window order, the
     reference implementation's defect, kept only for its released checkpoints.
     """
-    if order not in ("merge", "raster"):
+    if order not in POS_ORDERS:
         raise ValueError(f"pos_order must be 'merge' or 'raster', got {order!r}")
     cache: dict[tuple[int, int], torch.Tensor] = {}
     rows = []
