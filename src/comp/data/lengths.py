@@ -1,9 +1,9 @@
 """Signed sample lengths for the length-grouped sampler, computed once per data and settings.
 
 The sampler (comp.data.sampler) needs every sample's length on every rank before step 1.
-Counting a sample's visual tokens reads its images' headers: about 80 us per record on a warm
-local disk and milliseconds on a cold network filesystem, so minutes per rank for a
-million-record mixture, repeated by every rank at once. Instead:
+Counting a sample's visual tokens reads its images' headers, one file read per image, which
+for a million-record mixture takes minutes per rank (benchmarks/bench_first_step_lengths.py),
+repeated by every rank at once. Instead:
 
 - one rank computes the lengths, with worker processes, and the other ranks receive them;
 - they are cached on disk, keyed by the data files' identity (path, size, modification

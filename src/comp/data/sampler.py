@@ -13,8 +13,8 @@ rank k mod world_size, micro-step k div world_size). As the reference, the sampl
 groups with batch = the per-device batch and world = ranks x accumulation steps: every
 micro-batch of every rank gets one length-balanced chunk of the step's megabatch. (Grouping
 with batch = per-device x accumulation and world = ranks gives the same per-step sample sets
-but puts a chunk's pieces on different ranks: max/mean tokens per rank 1.49 instead of about
-1.0 with 8 ranks x 2 steps; benchmarks/bench_sampler_balance.py.)
+but puts a chunk's pieces on different ranks, so the ranks' token counts drift apart;
+benchmarks/bench_sampler_balance.py measures both, docs/results/measurements.md.)
 
 Unlike the reference, which shuffles the modalities with the global RNG, every random draw
 here comes from a generator seeded by (seed, epoch): every rank computes the same order, and

@@ -13,13 +13,13 @@ that keeps every toyworld image native; and these learning rates and steps, chos
 each step, shows when the merger has stopped carrying its images):
 - Stages I-II at the recipe's rates, capped at ``lr_cap`` = Stage I's merger rate (only
   Stage II's merger rate, 5e-3, is above it). Scaled x10 there (LLM 2e-4, VFM 1e-3), Stage II
-  leaves the merged tokens one shared vector (image-specific share 0.01) and Stage III never
-  recovers (wrong- minus right-image answer NLL 0.00 ± 0.005 nats); at these rates the share is
-  ~0.1, which Stage III undoes.
+  leaves the merged tokens one shared vector and Stage III never recovers; at these rates
+  Stage III undoes what collapse there is.
 - Stage III at ``stage3_lr_scale`` x the recipe's rates (a 1B LLM's fine-tuning rates: 1e-5
   LLM, 2e-5 VFM), the merger at ``stage3_projector_lr`` (the recipe gives it the LLM's rate),
-  for ``stage3_steps_scale`` x the steps on the medium toyworld: image use 0.00 at the recipe's
-  Stage III; 0.20 ± 0.06 nats at x6 steps on the small toyworld; 0.33 ± 0.045 with these.
+  for ``stage3_steps_scale`` x the steps on the medium toyworld: at the recipe's Stage III the
+  MLLM does not use its images.
+The measurements behind these choices: docs/results/measurements.md.
 
 Evaluation (``evaluate``):
 - probes: linear (mean-pooled) and attentive (all tokens) heads on frozen encoder tokens of

@@ -11,8 +11,7 @@ are made as the real ones were, at toy scale, with transformers' own classes and
   text becomes illegible there, which native-resolution training should then recover); each
   batch holds scenes with their shape twins (same layout and colours, other shapes) as hard
   negatives: in toyworld colour alone tells a random batch's captions apart, and without twins
-  the toy SigLIP never learns shape (zero-shot 0.16 at chance 0.167; with them 0.19 / 0.26 /
-  0.27 for seeds 0-2, colour 0.99-1.00);
+  the toy SigLIP never learns shape (docs/results/measurements.md);
 - ``Qwen2ForCausalLM`` (tied embeddings, padded table) trained with its causal LM loss on
   toyworld text in the chat format: captions, dense captions, and questions answered from a
   scene's description (the LM never sees images, as a text LM).
@@ -84,7 +83,7 @@ class ToySettings:
 
 
 FULL = ToySettings()
-# For tests: seconds, not minutes; colour is learned (zero-shot 0.57 for seed 0), shape barely (0.24).
+# For tests: seconds, not minutes; colour is learned, shape barely (docs/results/measurements.md).
 QUICK = replace(FULL, text_scenes=400, heldout_scenes=40, image_size=84, siglip_images=800,
                 siglip_steps=500, lm_steps=300, lm_batch=8, probe_per_class=12)
 
