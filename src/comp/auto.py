@@ -20,13 +20,13 @@ it once it has been imported, by whoever imports it; Auto modules imported befor
 get theirs at once.
 
 Why the registration waits for the outermost import: transformers imports its Auto modules
-from the middle of other imports (``modeling_utils`` imports ``configuration_auto``; the
-``auto_docstring`` of any model class imports all of them), and so does CoMP
-(``comp.models.mllm`` imports Qwen2-VL's modeling code, which imports every Auto module).
-Registering there would import CoMP's classes from half-initialised modules, theirs or ours
-(ImportError). The finder therefore also wraps the loaders of transformers' and CoMP's own
-modules, counts those being executed in this thread, and registers when the last one is done:
-then no module the registration needs can be half-initialised.
+from the middle of other imports (``modeling_utils`` imports ``configuration_auto``;
+Qwen2-VL's configuration module, through ``auto_docstring``, imports ``modeling_auto``, its
+modeling module every Auto module), and CoMP's modules import those. Registering there would
+import CoMP's classes from half-initialised modules, theirs or ours (ImportError). The finder
+therefore also wraps the loaders of transformers' and CoMP's own modules, counts those being
+executed in this thread, and registers when the last one is done: then no transformers or
+CoMP module is half-initialised.
 """
 from __future__ import annotations
 
