@@ -4,6 +4,9 @@ ones, and the layers beside each other (train, eval) do not import each other.""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import comp
@@ -73,3 +76,27 @@ def test_the_rule_catches_upward_and_sideways_imports(tmp_path):
     assert violations([(upward, "comp.models.upward"), (sideways, "comp.train.sideways")]) == [
         "comp.models.upward (comp.models, layer 1) imports comp.train.run (comp.train, layer 3)",
         "comp.train.sideways (comp.train, layer 3) imports comp.eval.probe (comp.eval, layer 3)"]
+
+
+def imported_by(*args: str) -> set[str]:
+    """Modules a clean interpreter imports running ``python -X importtime <args>`` (its
+    stderr lists every module it imports, at the end of each import)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(PACKAGE.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-X", "importtime", *args], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "comp" in lines, proc.stderr[-2000:]
+    return set(lines)
+
+
+def test_import_comp_imports_no_modeling_code():
+    """comp.auto registers CoMP with transformers' Auto classes only when those are imported."""
+    modules = imported_by("-c", "import comp")
+    assert {"torch", "transformers.modeling_utils"} & modules == set()
+
+
+def test_comp_help_imports_neither_torch_nor_transformers():
+    modules = imported_by("-m", "comp", "--help")
+    assert "comp.cli" in modules
+    assert {"torch", "transformers"} & modules == set()

@@ -222,8 +222,8 @@ def test_from_pretrained_encoder_configs_and_round_trip(tiny_dir, tmp_path, phot
     assert processor.image_mean == pytest.approx(mean_std[0])
     assert processor.image_std == pytest.approx(mean_std[1])
     assert (processor.max_pixels, processor.force_resize, processor.resample) == (TOKEN * 256, 200, 3)
-    saved = processor.save_pretrained(tmp_path)
-    assert json.loads(saved.read_text())["image_mean"] == list(mean_std[0])
+    assert processor.save_pretrained(tmp_path) == [str(tmp_path / "preprocessor_config.json")]
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["image_mean"] == list(mean_std[0])
     again = CompImageProcessor.from_pretrained(tmp_path)
     assert again == processor
     assert torch.equal(again(photos[0])["pixel_values"], processor(photos[0])["pixel_values"])

@@ -1,7 +1,8 @@
 """CoMP: continual multimodal pre-training of vision foundation models.
 
-Public names are imported lazily: ``import comp`` costs what registering CoMP with
-transformers' Auto classes costs (the configs, not the modeling code).
+Public names are imported lazily, and CoMP's classes are registered with transformers' Auto
+classes when transformers imports those (comp.auto): ``import comp`` imports neither torch nor
+transformers.
 """
 from __future__ import annotations
 
@@ -21,9 +22,6 @@ class _NoCpuFallbackNotice(logging.Filter):
 
 logging.getLogger("DeepSpeed").addFilter(_NoCpuFallbackNotice())
 
-# transformers' Auto classes load CoMP directories (comp.auto); costs importing the configs.
-importlib.import_module("comp.auto").register()
-
 _PUBLIC = {
     "CompImageProcessor": "comp.data.image",
     "ImageLoadError": "comp.data.image",
@@ -41,3 +39,7 @@ def __getattr__(name: str):
     if name in _PUBLIC:
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'comp' has no attribute {name!r}")
+
+
+# Last: with transformers' Auto modules already imported, this registers at once (comp.auto).
+importlib.import_module("comp.auto").install()

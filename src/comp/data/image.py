@@ -19,13 +19,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import InitVar, asdict, dataclass, field
-from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any, ClassVar, Union
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from transformers import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import IMAGE_PROCESSOR_NAME
 
@@ -318,7 +318,7 @@ def _pixel_budget(bound: str, pixels: int | None, tokens: int | None, default_to
 
 
 @dataclass(kw_only=True)
-class CompImageProcessor:
+class CompImageProcessor(BaseImageProcessor):
     """Images -> ``BatchFeature(pixel_values [T, D] float32, image_grid_thw [N, 3] int64)``.
 
     Takes transformers' Qwen2-VL image processor arguments; the pixel budget may instead be
@@ -328,7 +328,13 @@ class CompImageProcessor:
     ``force_resize=N`` first resizes every image to N x N (CoMP Stage I: 384, II-a: 1024),
     then applies smart_resize as usual. Normalisation comes from the vision encoder's
     preprocessor config (``from_pretrained``).
+
+    A ``BaseImageProcessor`` for transformers (``AutoImageProcessor``, ``ProcessorMixin``,
+    ``save_pretrained``), with its own pixel path: transformers' backends resize per channel
+    in float, this one resizes 8-bit images with Pillow and patchifies in one pass.
     """
+
+    model_input_names: ClassVar[list[str]] = ["pixel_values", "image_grid_thw"]
 
     min_pixels: int | None = None
     max_pixels: int | None = None
@@ -345,6 +351,7 @@ class CompImageProcessor:
     _shift_C11: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self, max_num_vistoken: int | None, min_num_vistoken: int | None) -> None:
+        super().__init__()
         token_pixels = self.patch_size ** 2 * self.merge_size ** 2
         self.min_pixels = _pixel_budget("min", self.min_pixels, min_num_vistoken, PROCESSOR_MIN_NUM_VISTOKEN,
                                         token_pixels)
@@ -446,12 +453,6 @@ class CompImageProcessor:
         config["image_mean"], config["image_std"] = list(self.image_mean), list(self.image_std)
         return {"image_processor_type": type(self).__name__, **config}
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / IMAGE_PROCESSOR_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
-        return path / IMAGE_PROCESSOR_NAME
-
     @classmethod
     def from_pretrained(cls, pretrained: str | os.PathLike, revision: str | None = None,
                         **overrides: Any) -> "CompImageProcessor":
@@ -473,26 +474,28 @@ class CompImageProcessor:
         return cls.from_dict(config, source=str(path), **overrides)
 
     @classmethod
-    def from_dict(cls, config: dict, *, source: str = "the config", **overrides: Any) -> "CompImageProcessor":
-        """From a preprocessor config's contents (see ``from_pretrained``)."""
-        config = dict(config)
+    def from_dict(cls, config: dict, *, source: str = "the config", return_unused_kwargs: bool = False,
+                  **overrides: Any):
+        """From a preprocessor config's contents (see ``from_pretrained``). transformers'
+        contract: ``return_unused_kwargs`` gives ``(processor, {})`` (an unknown override raises)."""
+        config = {k: v for k, v in config.items() if k != "processor_class"}
         if config.get("image_processor_type") == cls.__name__:
             config.pop("image_processor_type")
             kwargs = dict(config)
         else:
-            missing = [k for k in ("image_mean", "image_std") if k not in config]
+            missing = [k for k in ("image_mean", "image_std") if k not in config and k not in overrides]
             if missing:
                 raise ValueError(f"{source!r} has no {' or '.join(missing)}; write them (the "
                                  "encoder's normalisation) or pass them as arguments")
-            kwargs = {"image_mean": config["image_mean"], "image_std": config["image_std"]}
+            kwargs = {k: config[k] for k in ("image_mean", "image_std") if k in config}
         for bound in ("min", "max"):
             if f"{bound}_pixels" in overrides or f"{bound}_num_vistoken" in overrides:
                 kwargs.pop(f"{bound}_pixels", None)
         try:
-            return cls(**{**kwargs, **overrides})
+            processor = cls(**{**kwargs, **overrides})
         except TypeError as err:  # an unknown setting
             raise ValueError(f"{source!r} does not fit {cls.__name__}: {err}") from err
-
+        return (processor, {}) if return_unused_kwargs else processor
 
 def _resize(image: Image.Image, height: int, width: int, resample: int) -> Image.Image:
     """Pillow resize on 8-bit data, as transformers' PIL backend does (same filter, same

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer, BatchFeature
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
 
 from comp.data.collator import pad_rows
 from comp.data.conversation import encode_prompt
@@ -17,8 +17,12 @@ from comp.data.prompts import adds_default_system, check_prompt_format, with_def
 from comp.hub import resolve_model_dir
 from comp.tokens import CHAT_TEMPLATE_PATH, IMAGE_PAD, ensure_vision_tokens
 
+# Keywords transformers' AutoProcessor adds to a processor's from_pretrained that CoMP's loader
+# resolves itself (comp.hub) or does not need.
+_AUTO_ONLY_KWARGS = ("trust_remote_code", "_from_auto", "code_revision", "use_fast", "backend")
 
-class CompProcessor:
+
+class CompProcessor(ProcessorMixin):
     """Tokenizer + image processor for CoMP-MM prompts.
 
     The tokenizer always gets the CoMP chat template (Qwen2-VL's rendering, image items as
@@ -26,19 +30,25 @@ class CompProcessor:
     Qwen2.5-Instruct's) knows no image items, and training and inference must render prompts
     identically. ``prompt_format``: one of comp.data.prompts' formats ("reference", the
     default, adds Qwen2-VL's default system turn when the messages have none; "inplace" none).
+
+    A transformers ``ProcessorMixin`` (``AutoProcessor``, ``Trainer(processing_class=...)``).
+    A saved directory keeps the layout of transformers' Qwen2-VL processors that CoMP-VFM
+    export and the encoder loaders read: tokenizer files, ``chat_template.jinja``, the image
+    processor's own ``preprocessor_config.json`` and a ``processor_config.json`` naming the class.
     """
 
     def __init__(self, tokenizer, image_processor: CompImageProcessor, *, prompt_format: str = "reference"):
-        self.prompt_format = check_prompt_format(prompt_format)
+        prompt_format = check_prompt_format(prompt_format)
         ensure_vision_tokens(tokenizer)
-        tokenizer.chat_template = CHAT_TEMPLATE_PATH.read_text()
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        template = CHAT_TEMPLATE_PATH.read_text()
+        tokenizer.chat_template = template
+        super().__init__(tokenizer, image_processor, chat_template=template)
+        self.prompt_format = prompt_format
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
 
     @classmethod
     def from_components(cls, llm_dir: str | Path, vision_dir: str | Path, *,
-                        prompt_format: str = "reference", **image_kwargs) -> "CompProcessor":
+                        prompt_format: str = "reference", **image_kwargs) -> CompProcessor:
         """Tokenizer of a Qwen2/Qwen2.5 checkpoint + the encoder's image preprocessing
         (directories or Hub ids ``org/name[@rev]``, see ``comp.hub``)."""
         return cls(AutoTokenizer.from_pretrained(resolve_model_dir(llm_dir)),
@@ -47,16 +57,27 @@ class CompProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, prompt_format: str = "reference",
-                        **image_kwargs) -> "CompProcessor":
-        """The processor saved in a CoMP-MM directory (tokenizer + preprocessor config)."""
-        directory = resolve_model_dir(directory)
+                        revision: str | None = None, **image_kwargs) -> CompProcessor:
+        """The processor saved in a CoMP-MM directory (tokenizer + preprocessor config); also
+        what ``AutoProcessor.from_pretrained`` calls. The prompt format is chosen here, not
+        stored: a training run's format is a data setting (``comp train --prompt_format``)."""
+        for key in _AUTO_ONLY_KWARGS:
+            image_kwargs.pop(key, None)
+        directory = resolve_model_dir(directory, revision)
         return cls.from_components(directory, directory, prompt_format=prompt_format, **image_kwargs)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(directory)
-        self.image_processor.save_pretrained(directory)
+    def to_dict(self) -> dict:
+        """``processor_config.json``: the class name only. The image processor keeps its own
+        file (one source for the CoMP-VFM export, the encoder loaders and AutoImageProcessor)
+        and the prompt format is a loading choice (see ``from_pretrained``)."""
+        return {k: v for k, v in super().to_dict().items() if k not in ("image_processor", "prompt_format")}
+
+    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """transformers' processor files + ``preprocessor_config.json``; returns the written configs."""
+        if push_to_hub:
+            raise ValueError("CompProcessor.save_pretrained does not upload; save, then upload the "
+                             "directory (`hf upload`)")
+        return self.image_processor.save_pretrained(save_directory) + super().save_pretrained(save_directory)
 
     @property
     def merge_size(self) -> int:
@@ -147,9 +168,3 @@ class CompProcessor:
                     items.append({"type": "text", "text": part["text"]})
             out.append({"role": m["role"], "content": items})
         return with_default_system(out, self.prompt_format)
-
-    def batch_decode(self, ids, **kwargs) -> list[str]:
-        return self.tokenizer.batch_decode(ids, **kwargs)
-
-    def decode(self, ids, **kwargs) -> str:
-        return self.tokenizer.decode(ids, **kwargs)
