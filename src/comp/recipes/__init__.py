@@ -80,9 +80,7 @@ def _keys(obj, allowed: set[str], path: Path, where: str) -> dict:
 
 def flag_text(value, path: Path, where: str) -> str:
     """A YAML value as comp train's command line spells it (True/False, 32, 1e-3, cosine)."""
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, (int, str)):
+    if isinstance(value, (bool, int, str)):
         return str(value)
     if isinstance(value, float):
         return repr(value)
@@ -150,8 +148,9 @@ def _mode(mode: str) -> dict:
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}", COMMON, f"choose one of {', '.join(MODES)}")
     spec = _common()["modes"][mode] or {}
-    if not isinstance(spec, dict) or not set(spec) <= {"flags", "scale"}:
-        raise UserError(f"modes.{mode}: expected flags and scale", COMMON, "see the comment at the file's top")
+    if not (isinstance(spec, dict) and set(spec) <= {"flags", "scale"} and isinstance(spec.get("scale") or {}, dict)):
+        raise UserError(f"modes.{mode}: expected flags and a scale mapping", COMMON,
+                        "see the comment at the file's top")
     return spec
 
 
