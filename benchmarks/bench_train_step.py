@@ -1,6 +1,6 @@
 """Training-step tokens/s of the smoke setup and its split into phases, timed by explicit calls.
 
-Smoke setup (scripts/comp/comp_1b_siglip.sh step stage2a under COMP_SMOKE=1, built through
+Smoke setup (comp_1b_siglip's stage2a in smoke mode, src/comp/recipes, built through
 ``comp.train``'s own parse_args / build_model / build_data): tiny SigLIP + tiny Qwen2, toyworld
 Stage II, alignment loss on with the data's word prior, all parts trainable, fp32 on CPU,
 batch 2 x 2 accumulation, 64 visual tokens max, activation checkpointing, the Trainer's
@@ -68,7 +68,6 @@ from comp.train.trainer import StepCounts, param_groups
 
 PHASES = ("data wait", "vision", "LLM forward", "alignment text pass", "loss: LM",
           "loss: alignment", "backward", "optimizer step")
-ALL_PARTS = "mm_vision_tower,mm_mlp_adapter,mm_language_model,mm_lm_head"
 MAX_GRAD_NORM = 1.0  # TrainingArguments' default, applied by the Trainer before each step
 
 # Qwen2.5 special ids (real vocabulary) for the synthetic real-width batch.
@@ -245,20 +244,14 @@ def timed_steps(model, optimizer, next_batches, steps: int, sync=lambda: None) -
 
 
 def smoke_argv(assets: Path, prior: Path, out: Path) -> list[str]:
-    """``comp.train`` flags of comp_1b_siglip.sh stage2a under COMP_SMOKE=1 (common.sh's
-    COMMON_FLAGS and TEMPLATE_FLAGS; scale_batch 2, scale_tokens 64, scale_length 1024,
-    scale_resize 1024/8), built from the LLM + encoder as Stage I does."""
-    return [
-        "--model_name_or_path", str(assets / "qwen2"), "--custom_visual_model", str(assets / "siglip"),
-        "--data_path", str(assets / "toyworld" / "stage2.yaml"), "--output_dir", str(out),
-        "--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--dataloader_num_workers", "0",
-        "--report_to", "none", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.03",
-        "--weight_decay", "0.", "--gradient_checkpointing", "True", "--group_by_modality_length", "True",
-        "--word_dist_path", str(prior), "--mm_tunable_parts", ALL_PARTS, "--learning_rate", "2e-5",
-        "--mm_vision_tower_lr", "1e-4", "--mm_projector_lr", "5e-3", "--per_device_train_batch_size", "2",
-        "--gradient_accumulation_steps", "2", "--max_num_vistoken", "64", "--model_max_length", "1024",
-        "--use_rope", "1", "--force_resize", "128", "--use_alignment_loss", "1",
-    ]
+    """``comp.train`` flags of comp_1b_siglip's stage2a in smoke mode (the recipe file through
+    comp.recipes, as COMP_SMOKE=1 runs it), built from the LLM + encoder as Stage I does."""
+    from comp import recipes
+
+    stage = next(s for s in recipes.load_recipe("comp_1b_siglip").stages if s.name == "stage2a")
+    return ["--model_name_or_path", str(assets / "qwen2"), "--custom_visual_model", str(assets / "siglip"),
+            "--data_path", str(assets / "toyworld" / stage.data), "--output_dir", str(out),
+            "--word_dist_path", str(prior), *recipes.stage_flags(stage, "smoke")]
 
 
 def prepare_assets(root: Path) -> tuple[Path, Path]:

@@ -1,40 +1,39 @@
-"""comp demo: the recipe's steps come from the SigLIP script itself, a quick run writes the
+"""comp demo: the recipe's stages come from the package's recipe file (what the bash script
+runs too), a quick run from an installed wheel (a fresh venv, another directory) writes the
 summary (claim rows with verdicts by the stated rule) into results.json and report.md, which
 leads with the summary table and links only figures that exist."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
-from contextlib import redirect_stdout
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
 from test_demo_report import check_report
 
-from comp.demo import pipeline, recipe, summary
+from comp.demo import common, pipeline, recipe, summary
 from comp.demo.report import summary_markdown
 from comp.demo import run as demo
-from comp.errors import UserError
+from comp.recipes.__main__ import plan_fields
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _script_blocks(tmp_path: Path) -> dict[str, list[str]]:
-    """The script's own comp.train argvs, parsed here independently of comp.demo.recipe."""
-    (tmp_path / "smoke_assets").mkdir(parents=True)
-    (tmp_path / "smoke_assets" / "ready").touch()
-    env = dict(os.environ, COMP_SMOKE="1", COMP_WORKDIR=str(tmp_path), PYTHON="true",
-               COMP_LAUNCHER="printf %s\\0")
-    proc = subprocess.run(["bash", str(REPO / "scripts/comp/comp_1b_siglip.sh")], env=env,
-                          capture_output=True, text=True, timeout=60, check=True)
-    parts = re.split(r"== comp_1b_siglip/(\w+)\n", proc.stdout)[1:]
-    return {name: args.split("\0")[:-1] for name, args in zip(parts[::2], parts[1::2])}
+def _recipe_stages() -> dict[str, tuple[str, str, list[str]]]:
+    """The stages as the bash script gets them (``python -m comp.recipes plan``, smoke mode),
+    parsed here independently of comp.demo.recipe: name -> (mixture, start, flags)."""
+    fields, stages, i = plan_fields(recipe.RUN, "smoke"), {}, 0
+    while i < len(fields) and fields[i] == "stage":
+        n = int(fields[i + 4])
+        stages[fields[i + 1]] = (fields[i + 2], fields[i + 3], fields[i + 5:i + 5 + n])
+        i += 5 + n
+    return stages
 
 
 def _pairs(argv: list[str]) -> dict[str, str]:
@@ -44,9 +43,8 @@ def _pairs(argv: list[str]) -> dict[str, str]:
     return pairs
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="the seed scripts are bash")
-def test_demo_runs_the_scripts_steps_with_only_its_stated_changes(tmp_path):
-    script = _script_blocks(tmp_path / "script")
+def test_demo_runs_the_recipes_stages_with_only_its_stated_changes(tmp_path):
+    script = _recipe_stages()
     root = tmp_path / "assets"
     assets = pipeline.Assets(root / "qwen2", root / "siglip", root / "toyworld", root / "word_dist.pt",
                              image_size=112, quality={})
@@ -56,13 +54,15 @@ def test_demo_runs_the_scripts_steps_with_only_its_stated_changes(tmp_path):
     ours = pipeline.step_argvs(assets, run_dir, plan, seed=7)
     assert list(ours) == list(script) == ["stage1", "stage2a", "stage2b", "stage3"]
     previous = None
-    for name, launched in script.items():
-        assert launched[0] == "comp.train"
-        theirs, mine = _pairs(launched[1:]), _pairs(ours[name])
+    for name, (data, start, flags) in script.items():
+        assert start == (previous or "")
+        theirs, mine = _pairs(flags), _pairs(ours[name])
         final = name == "stage3"
-        assert set(mine) == set(theirs) | {"--seed"} | ({"--mm_projector_lr"} if final else set())
+        runner = {"--data_path", "--output_dir", "--word_dist_path", "--model_name_or_path", "--max_steps",
+                  "--seed", *(() if previous else ("--custom_visual_model",))}
+        assert set(mine) == set(theirs) | runner | ({"--mm_projector_lr"} if final else set())
         assert mine["--seed"] == "7" and mine["--max_steps"] == ("60" if final else "5")
-        assert mine["--data_path"] == str(root / "toyworld" / Path(theirs["--data_path"]).name)
+        assert mine["--data_path"] == str(root / "toyworld" / data)
         assert mine["--output_dir"] == str(run_dir / name)
         assert mine["--word_dist_path"] == str(root / "word_dist.pt")
         if previous is None:
@@ -89,29 +89,65 @@ def test_demo_runs_the_scripts_steps_with_only_its_stated_changes(tmp_path):
     assert _pairs(ours["stage1"])["--force_resize"] == "112"  # Stage I at the VFM's own size
 
 
-def test_missing_script_names_the_fix(tmp_path):
-    with pytest.raises(UserError, match="source checkout") as err:
-        recipe.script_path(tmp_path)
-    assert str(tmp_path / "scripts" / "comp" / "comp_1b_siglip.sh") in str(err.value)
-
-
 def test_verdict_rule():
     assert summary._row("c", "m", 0.1, 0.5, 0.1, 0.1)["supported"]
     assert not summary._row("c", "m", 0.1, 0.25, 0.1, 0.1)["supported"]  # 0.15 < 2 x 0.1
     assert not summary._row("c", "m", 0.5, 0.1, 0.1, 0.0)["supported"]  # a drop never supports
-    assert pipeline.binomial_se(0.5, 100) == pytest.approx(0.05)
+    assert common.binomial_se(0.5, 100) == pytest.approx(0.05)
 
 
 # ----------------------------------------------------------------------------- quick run
 
 
+def install_wheel(source: Path, root: Path) -> Path:
+    """``pip install .`` (not editable) of ``source`` into a fresh venv under ``root``; the
+    dependencies come from this interpreter's site-packages (a .pth line), so nothing is
+    downloaded. -> the venv's ``bin``."""
+    tree = root / "source"  # a copy: the build writes build/ and *.egg-info beside the sources
+    shutil.copytree(source / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(source / name, tree / name)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    python = bin_dir / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    outer = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (Path(site) / "outer_site_packages.pth").write_text("".join(f"{p}\n" for p in outer))
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--ignore-installed", str(tree)], env=_clean_env(), check=True, timeout=600)
+    return bin_dir
+
+
+def _clean_env() -> dict:
+    """The environment without a PYTHONPATH that could put a source tree before the wheel."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    printed = io.StringIO()
-    with redirect_stdout(printed):
-        code = demo.main(["--quick", "--out", str(out), "--seed", "0"])
-    return out, code, printed.getvalue()
+    """``comp demo --quick`` from an installed wheel, started in another directory."""
+    root = tmp_path_factory.mktemp("demo")
+    bin_dir = install_wheel(REPO, root / "install")
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    out = root / "run"
+    proc = subprocess.run([str(bin_dir / "comp"), "demo", "--quick", "--out", str(out), "--seed", "0"],
+                          cwd=elsewhere, env=_clean_env(), capture_output=True, text=True, timeout=1200)
+    where = subprocess.run([str(bin_dir / "python"), "-c", "import importlib.util; "
+                            "print(importlib.util.find_spec('comp').origin)"],  # finds, does not import
+                           cwd=elsewhere, env=_clean_env(), capture_output=True, text=True, timeout=60)
+    return out, proc.returncode, proc.stdout, proc.stderr, Path(where.stdout.strip()), bin_dir.parent
+
+
+@pytest.mark.slow
+def test_quick_run_works_from_an_installed_wheel(quick_run):
+    out, code, printed, errors, comp_init, venv = quick_run
+    assert code == 0, f"comp demo --quick from the wheel failed:\n{printed[-3000:]}\n{errors[-3000:]}"
+    assert comp_init.is_relative_to(venv), f"the demo ran {comp_init}, not the wheel in {venv}"
+    assert (comp_init.parent / "recipes" / "data" / "stage2.yaml").is_file()  # package data installed
+    assert (out / "results.json").is_file() and (out / "report.md").is_file()
 
 
 def _numbers(obj) -> list[float]:
@@ -122,8 +158,9 @@ def _numbers(obj) -> list[float]:
     return [float(obj)] if isinstance(obj, (int, float)) and not isinstance(obj, bool) else []
 
 
+@pytest.mark.slow
 def test_quick_run_writes_summary_rows_with_verdicts(quick_run):
-    out, code, printed = quick_run
+    out, code, printed = quick_run[:3]
     assert code == 0
     lines = printed.strip().splitlines()
     for phase in ("assets", "stage1", "stage2a", "stage2b", "stage3", "export", "probe", "word space", "qa"):
@@ -150,6 +187,7 @@ def test_quick_run_writes_summary_rows_with_verdicts(quick_run):
         assert f'- This run {verdict} the claim "{r["claim"]}"' in report
 
 
+@pytest.mark.slow
 def test_probes_cover_encoders_settings_and_seeds(quick_run):
     results = json.loads((quick_run[0] / "results.json").read_text())
     probes = results["probes"]
@@ -171,6 +209,7 @@ def test_probes_cover_encoders_settings_and_seeds(quick_run):
     assert set(results["qa"]) == {f"fixed {size}px", "native", "native 2x"}
 
 
+@pytest.mark.slow
 def test_exported_vfm_loads_as_an_encoder(quick_run):
     from comp import CompVisionModel
 
@@ -184,9 +223,9 @@ def test_exported_vfm_loads_as_an_encoder(quick_run):
 def test_per_class_subset_keeps_the_first_of_each_class():
     paths = [Path(f"{i}.png") for i in range(7)]
     labels = [0, 0, 1, 0, 1, 1, 2]
-    kept, kept_y = demo.per_class_subset(paths, labels, 2)
+    kept, kept_y = common.per_class_subset(paths, labels, 2)
     assert [p.name for p in kept] == ["0.png", "1.png", "2.png", "4.png", "6.png"] and kept_y == [0, 0, 1, 1, 2]
-    assert demo.per_class_subset(paths, labels, None) == (paths, labels)
+    assert common.per_class_subset(paths, labels, None) == (paths, labels)
 
 
 def test_prepare_out_replaces_an_earlier_demo_and_refuses_other_directories(tmp_path):

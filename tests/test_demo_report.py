@@ -26,7 +26,7 @@ from comp.demo.report import (
     summary_markdown,
     write_report,
 )
-from comp.demo.pipeline import mean_std
+from comp.demo.common import mean_std
 
 C0, C1 = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)  # matplotlib's first two cycle colours
 

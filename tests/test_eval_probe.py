@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from comp.data.toyworld import write_toyworld
-from comp.eval import probe
+from comp.eval import heads, probe
 from comp.eval.features import encode_files, load_encoder, mean_pool
 
 
@@ -51,22 +51,22 @@ def test_knn_votes_of_nearest_neighbours():
     train_ND = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 1.0]])
     train_y = torch.tensor([0, 0, 1, 1, 1])
     val_ND = torch.tensor([[1.0, 0.05], [0.05, 1.0], [3.0, 0.2]])  # cosine: scale does not matter
-    assert probe.knn_predict(train_ND, train_y, val_ND, 2, k=2).tolist() == [0, 1, 0]
+    assert heads.knn_predict(train_ND, train_y, val_ND, 2, k=2).tolist() == [0, 1, 0]
     # k above the train size is capped; the 3 votes of class 1 then win for a point between
-    assert probe.knn_predict(train_ND, train_y, torch.tensor([[1.0, 1.0]]), 2, k=50).tolist() == [1]
+    assert heads.knn_predict(train_ND, train_y, torch.tensor([[1.0, 1.0]]), 2, k=50).tolist() == [1]
 
 
 def test_attentive_probe_ignores_padding():
     torch.manual_seed(0)
-    model = probe.AttentiveProbe(dim=16, num_classes=3).eval()
+    model = heads.AttentiveProbe(dim=16, num_classes=3).eval()
     tokens = [torch.randn(5, 16), torch.randn(2, 16)]
-    x_BLD, valid_BL = probe.pad_tokens(tokens)
+    x_BLD, valid_BL = heads.pad_tokens(tokens)
     assert valid_BL.tolist() == [[True] * 5, [True, True, False, False, False]]
     noisy_BLD = x_BLD.clone()
     noisy_BLD[1, 2:] = 100.0  # whatever sits in the padding
     with torch.no_grad():
         torch.testing.assert_close(model(x_BLD, valid_BL), model(noisy_BLD, valid_BL))
-        alone = model(*probe.pad_tokens(tokens[1:]))
+        alone = model(*heads.pad_tokens(tokens[1:]))
     torch.testing.assert_close(model(x_BLD, valid_BL)[1:], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -94,12 +94,12 @@ def test_attentive_probe_finds_the_one_token_the_mean_dilutes():
     (measured: 1.00), the linear probe on mean-pooled tokens stays near chance 0.25 (0.31)."""
     train, train_y = _one_token_carries_the_label(256, seed=0)
     val, val_y = _one_token_carries_the_label(128, seed=1)
-    settings = probe.TrainSettings(epochs=80, lr=1e-2, wd=0.0, batch_size=len(train_y), seed=0)
-    attentive = probe.attentive_probe(train, train_y, val, 4, settings)
-    linear = probe.linear_probe(mean_pool(train), train_y, mean_pool(val), 4, settings)
-    assert probe.top1(attentive, val_y) >= 0.9
-    assert probe.top1(linear, val_y) <= 0.45
-    torch.testing.assert_close(probe.attentive_probe(train, train_y, val, 4, settings), attentive)
+    settings = heads.TrainSettings(epochs=80, lr=1e-2, wd=0.0, batch_size=len(train_y), seed=0)
+    attentive = heads.attentive_probe(train, train_y, val, 4, settings)
+    linear = heads.linear_probe(mean_pool(train), train_y, mean_pool(val), 4, settings)
+    assert heads.top1(attentive, val_y) >= 0.9
+    assert heads.top1(linear, val_y) <= 0.45
+    torch.testing.assert_close(heads.attentive_probe(train, train_y, val, 4, settings), attentive)
 
 
 def test_probes_learn_colour_and_repeat_for_a_seed(tiny_dir, colour_split, tmp_path, capsys):
@@ -132,9 +132,9 @@ def test_knn_is_deterministic_across_forward_passes(tiny_dir, colour_split):
     for _ in range(2):
         train_tokens, _ = encode_files(encoder, train_paths, batch_tokens=2048)
         val_tokens, _ = encode_files(encoder, val_paths, batch_tokens=2048)
-        preds.append(probe.knn_predict(mean_pool(train_tokens), train_y, mean_pool(val_tokens), len(classes)))
+        preds.append(heads.knn_predict(mean_pool(train_tokens), train_y, mean_pool(val_tokens), len(classes)))
     assert torch.equal(preds[0], preds[1])
-    assert probe.top1(preds[0], torch.tensor(val_y)) > 0.3  # chance 0.125
+    assert heads.top1(preds[0], torch.tensor(val_y)) > 0.3  # chance 0.125
 
 
 def test_probe_cli_rejects_bad_arguments(tiny_dir, tmp_path, capsys):
@@ -148,10 +148,10 @@ def test_probe_cli_rejects_bad_arguments(tiny_dir, tmp_path, capsys):
 
 def test_holdout_split_is_per_class_and_disjoint():
     labels = torch.tensor([0] * 10 + [1] * 5 + [2] * 1)
-    fit, held = probe.holdout_split(labels, 0.2, seed=0)
+    fit, held = heads.holdout_split(labels, 0.2, seed=0)
     assert sorted(fit.tolist() + held.tolist()) == list(range(16))
     assert labels[held].tolist() == [0, 0, 1]  # 20 % per class, at least one; a lone image stays in fit
-    assert torch.equal(held, probe.holdout_split(labels, 0.2, seed=0)[1])
+    assert torch.equal(held, heads.holdout_split(labels, 0.2, seed=0)[1])
 
 
 def test_default_sweep_selects_on_heldout_and_learns(tiny_dir, colour_split, tmp_path, capsys):

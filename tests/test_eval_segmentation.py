@@ -14,7 +14,7 @@ from comp.data import toyworld as tw
 from comp.data.image import CompImageProcessor
 from comp.eval import segmentation as seg
 from comp.eval.features import cached_features, load_encoder, to_raster
-from comp.eval.probe import TrainSettings
+from comp.eval.heads import TrainSettings
 
 TILE_COLOURS = ((220, 40, 40), (40, 180, 60), (40, 70, 220), (240, 220, 30))
 

@@ -151,7 +151,12 @@ def test_reference_word_dist_file_works_as_the_recipes_pass_it(real_vocab_llm, t
 
 
 def test_recipes_pass_drop_last_and_no_pad_flag():
-    text = (REPO / "scripts" / "comp" / "common.sh").read_text()
-    assert "--dataloader_drop_last True" in text
-    assert "word_dist_pad" not in text + "".join(
-        p.read_text() for p in (REPO / "scripts" / "comp").glob("*.sh"))
+    from comp import recipes
+
+    for name in recipes.names():
+        for stage in recipes.load_recipe(name).stages:
+            for mode in recipes.MODES:
+                flags = recipes.stage_flags(stage, mode)
+                assert flags[flags.index("--dataloader_drop_last") + 1] == "True", (name, stage.name, mode)
+                assert not any("word_dist_pad" in f for f in flags)
+    assert "word_dist_pad" not in "".join(p.read_text() for p in (REPO / "scripts" / "comp").glob("*.sh"))

@@ -1,9 +1,12 @@
-"""The three seed scripts, end to end in smoke mode (tiny checkpoints, toyworld) with the
-GPU recipe's engine: DeepSpeed ZeRO-3, 2 processes under torchrun, on the CPU."""
+"""The three seed scripts: they launch the stages of the package's recipe files as
+``python -m comp.recipes plan`` lists them, and run end to end in smoke mode (tiny
+checkpoints, toyworld) with the GPU recipe's engine: DeepSpeed ZeRO-3, 2 processes under
+torchrun, on the CPU."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from runs import REPO, torchrun
+
+from comp.recipes.__main__ import plan_fields
 STAGE_YAML = {"stage1": "stage1.yaml", "stage2a": "stage2.yaml", "stage2b": "stage2.yaml", "stage3": "stage3.yaml"}
 STEPS = {"comp_1b_siglip": ["stage1", "stage2a", "stage2b", "stage3"],
          "comp_1b_dinov2": ["stage1", "stage2a", "stage2b", "stage3"],
@@ -36,6 +41,45 @@ def prepared_root(tmp_path_factory) -> Path:
                         str(REPO / "scripts" / "data" / f"stage{stage}.yaml"), "--data_root", str(data_root)],
                        env=env, check=True, capture_output=True, timeout=120)
     return data_root
+
+
+def _pairs(argv: list[str]) -> dict[str, str]:
+    assert len(argv) % 2 == 0 and all(a.startswith("--") for a in argv[::2]), argv
+    pairs = dict(zip(argv[::2], argv[1::2]))
+    assert len(pairs) == len(argv) // 2, f"a flag is given twice: {argv}"
+    return pairs
+
+
+def test_script_launches_the_recipe_stages(tmp_path):
+    """The GPU run of comp_1b_comp_siglip.sh with a launcher that prints each comp.train argv:
+    every stage of the recipe file, in order, with exactly its flags, its mixture from
+    scripts/data, the previous stage's output (the originals for Stage I) and the paths."""
+    run = "comp_1b_comp_siglip"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("COMP_") and k not in ("LLM_VERSION", "WORD_DIST", "DEEPSPEED_CONFIG")}
+    env |= dict(COMP_WORKDIR=str(tmp_path), COMP_DATA_ROOT="/data/comp", COMP_LAUNCHER="printf %s\\0",
+                COMP_SIGLIP="org/comp-siglip", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "comp" / f"{run}.sh")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    blocks = re.split(rf"== {run}/(\w+)\n", proc.stdout)[1:]
+    launched = {name: block.split("\0")[:-1] for name, block in zip(blocks[::2], blocks[1::2])}
+    fields, expected, i = plan_fields(run, "gpu"), {}, 0
+    while i < len(fields):
+        name, data, start, n = fields[i + 1:i + 5]
+        model = ({"--model_name_or_path": str(tmp_path / run / start)} if start else
+                 {"--model_name_or_path": "Qwen/Qwen2.5-0.5B-Instruct", "--custom_visual_model": "org/comp-siglip"})
+        expected[name] = {"--data_path": str(REPO / "scripts" / "data" / data), "--data_root": "/data/comp",
+                          "--image_folder": "/data/comp/data", "--output_dir": str(tmp_path / run / name),
+                          "--deepspeed": str(REPO / "scripts" / "zero3.json"), **model,
+                          **_pairs(fields[i + 5:i + 5 + int(n)])}
+        i += 5 + int(n)
+    assert list(launched) == list(expected) == ["stage1", "stage2", "stage3"]
+    for name, argv in launched.items():
+        assert argv[0] == "comp.train"
+        pairs = _pairs(argv[1:])
+        assert pairs.pop("--report_to") in ("tensorboard", "none")
+        assert pairs == expected[name], name
 
 
 def _run_script(name: str, workdir: Path, **extra_env: str) -> str:

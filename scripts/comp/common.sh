@@ -1,4 +1,5 @@
-# Shared by the three CoMP recipes. Source it, then call `run_step NAME MODEL [flags...]`.
+# Shared by the three CoMP recipe scripts. Source it, set RUN and VISION, then call
+# `run_recipe RECIPE`: the recipe's stages and flags are package data (src/comp/recipes/).
 #
 # Environment (all optional):
 #   COMP_SMOKE=1        smoke mode: tiny random checkpoints + toyworld data (the seed's mixtures
@@ -27,7 +28,7 @@ mkdir -p "$WORKDIR"
 PY=${PYTHON:-python}
 
 if [[ "${COMP_SMOKE:-0}" != "0" ]]; then
-  SMOKE=1
+  MODE=smoke
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}   # tiny models: one thread is fastest on small CPUs
   SMOKE_STEPS=${SMOKE_STEPS:-3}
   LAUNCHER=${COMP_LAUNCHER:-"$PY -m"}
@@ -45,71 +46,72 @@ if [[ "${COMP_SMOKE:-0}" != "0" ]]; then
   SIGLIP=$ASSETS/siglip
   DINOV2=$ASSETS/dinov2
   if [[ -n "${COMP_DATA_ROOT:-}" ]]; then   # the seed's mixtures, as `comp data prepare` wrote them
-    STAGE1_DATA=$REPO/scripts/data/stage1.yaml
-    STAGE2_DATA=$REPO/scripts/data/stage2.yaml
-    STAGE3_DATA=$REPO/scripts/data/stage3.yaml
+    STAGE_DATA=$REPO/scripts/data
     DATA_FLAGS=(--data_root "$COMP_DATA_ROOT" --image_folder "${COMP_IMAGE_FOLDER:-$COMP_DATA_ROOT/data}")
   else
-    STAGE1_DATA=$ASSETS/toyworld/stage1.yaml
-    STAGE2_DATA=$ASSETS/toyworld/stage2.yaml
-    STAGE3_DATA=$ASSETS/toyworld/stage3.yaml
+    STAGE_DATA=$ASSETS/toyworld   # toyworld writes stage1.yaml ... like scripts/data
     DATA_FLAGS=()
   fi
   WORD_DIST=${WORD_DIST:-$ASSETS/word_dist.pt}
-  # The reference's flags, shrunk to tiny models on one CPU (same steps, same switches).
-  COMMON_FLAGS=(--use_cpu True --bf16 False --tf32 False --max_steps "$SMOKE_STEPS"
-                --dataloader_num_workers 0 --save_steps 1000 --report_to none --logging_steps 1)
-  if [[ -n "${DEEPSPEED_CONFIG:-}" ]]; then COMMON_FLAGS+=(--deepspeed "$DEEPSPEED_CONFIG"); fi
-  scale_batch() { echo 2; }          # per-device batch
-  scale_tokens() { echo 64; }        # max_num_vistoken
-  scale_length() { echo 1024; }      # model_max_length
-  scale_resize() { echo $(( $1 / 8 )); }   # force_resize 384 -> 48, 1024 -> 128
+  LAUNCH_FLAGS=(--max_steps "$SMOKE_STEPS")
+  if [[ -n "${DEEPSPEED_CONFIG:-}" ]]; then LAUNCH_FLAGS+=(--deepspeed "$DEEPSPEED_CONFIG"); fi
 else
-  SMOKE=0
+  MODE=gpu
   LAUNCHER=${COMP_LAUNCHER:-"torchrun --nproc_per_node ${NUM_GPUS:-8} -m"}
   DATA_ROOT=${COMP_DATA_ROOT:-$REPO}
   IMAGE_FOLDER=${COMP_IMAGE_FOLDER:-$DATA_ROOT/data}
   LLM_VERSION=${LLM_VERSION:-Qwen/Qwen2.5-0.5B-Instruct}
   SIGLIP=${SIGLIP:-google/siglip-so400m-patch14-384}
   DINOV2=${DINOV2:-facebook/dinov2-large}
-  STAGE1_DATA=$REPO/scripts/data/stage1.yaml
-  STAGE2_DATA=$REPO/scripts/data/stage2.yaml
-  STAGE3_DATA=$REPO/scripts/data/stage3.yaml
+  STAGE_DATA=$REPO/scripts/data
   DATA_FLAGS=(--data_root "$DATA_ROOT" --image_folder "$IMAGE_FOLDER")
   WORD_DIST=${WORD_DIST:-}
-  COMMON_FLAGS=(--deepspeed "${DEEPSPEED_CONFIG:-$REPO/scripts/zero3.json}" --bf16 True --tf32 True
-                --num_train_epochs 1 --save_strategy steps --save_steps 1000 --save_total_limit 1
-                --dataloader_num_workers 8 --logging_steps 1
+  LAUNCH_FLAGS=(--deepspeed "${DEEPSPEED_CONFIG:-$REPO/scripts/zero3.json}"
                 --report_to "$($PY -c 'import tensorboard' 2>/dev/null && echo tensorboard || echo none)")
-  scale_batch() { echo "$1"; }
-  scale_tokens() { echo "$1"; }
-  scale_length() { echo "$1"; }
-  scale_resize() { echo "$1"; }
 fi
 
-# Reference job template: cosine schedule, 3% warmup, no weight decay, gradient
-# checkpointing, modality-grouped batches.
-TEMPLATE_FLAGS=(--lr_scheduler_type cosine --warmup_ratio 0.03 --weight_decay 0.
-                --gradient_checkpointing True --group_by_modality_length True --dataloader_drop_last True
-                --resume_from_checkpoint auto)
-
-# run_step NAME DATA [flags...]: train one step into $WORKDIR/$RUN/NAME.
+# run_step NAME DATA START [flags...]: train one stage into $WORKDIR/$RUN/NAME on the mixture
+# $STAGE_DATA/DATA, from the originals ($LLM_VERSION and $VISION) when START is empty, else
+# from stage START's output.
 run_step() {
-  local name=$1 data=$2
-  shift 2
+  local name=$1 data=$2 start=$3
+  shift 3
   local out=$WORKDIR/$RUN/$name
   if [[ -f $out/config.json && -f $out/preprocessor_config.json ]]; then
     echo "== $RUN/$name: done already ($out)"
     return
   fi
-  local prior=()
+  local model=(--model_name_or_path "$WORKDIR/$RUN/$start") prior=()
+  if [[ -z $start ]]; then model=(--model_name_or_path "$LLM_VERSION" --custom_visual_model "$VISION"); fi
   if [[ -n "$WORD_DIST" ]]; then prior=(--word_dist_path "$WORD_DIST"); fi
   echo "== $RUN/$name"
   # shellcheck disable=SC2086
-  $LAUNCHER comp.train --data_path "$data" "${DATA_FLAGS[@]}" --output_dir "$out" \
-      "${COMMON_FLAGS[@]}" "${TEMPLATE_FLAGS[@]}" "${prior[@]}" "$@"
+  $LAUNCHER comp.train --data_path "$STAGE_DATA/$data" "${DATA_FLAGS[@]}" --output_dir "$out" \
+      "${LAUNCH_FLAGS[@]}" "${prior[@]}" "${model[@]}" "$@"
 }
 
 export_vfm() {  # export_vfm STEP OUT
   $PY -m comp export-vfm "$WORKDIR/$RUN/$1" --out "$2"
+}
+
+# run_recipe RECIPE: the stages of the recipe src/comp/recipes/RECIPE.yaml in order, with its
+# flags in $MODE (`python -m comp.recipes plan` prints them: NUL-separated fields, per stage
+# "stage NAME DATA START N FLAG_1..FLAG_N", then "export STAGE"), then the export of the trained
+# encoder to $VFM_OUT when the recipe names a stage to export.
+run_recipe() {
+  local plan fields=() field i=0 n
+  plan=$(mktemp)
+  if ! $PY -m comp.recipes plan "$1" --mode "$MODE" >"$plan"; then rm -f "$plan"; exit 2; fi
+  while IFS= read -r -d '' field; do fields+=("$field"); done <"$plan"
+  rm -f "$plan"
+  while (( i < ${#fields[@]} )); do
+    case ${fields[i]} in
+      stage) n=${fields[i+4]}
+             run_step "${fields[@]:i+1:3}" "${fields[@]:i+5:n}"
+             i=$(( i + 5 + n )) ;;
+      export) export_vfm "${fields[i+1]}" "$VFM_OUT"
+              i=$(( i + 2 )) ;;
+      *) echo "python -m comp.recipes plan $1: unexpected field ${fields[i]}" >&2; exit 2 ;;
+    esac
+  done
 }

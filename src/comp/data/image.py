@@ -39,6 +39,8 @@ DEFAULT_MAX_NUM_VISTOKEN = 1024  # merged tokens per image: comp train's budget 
 # max_pixels = 28 * 28 * 1280 and min_pixels = 56 * 56 (4 tokens).
 PROCESSOR_MAX_NUM_VISTOKEN = 1280
 PROCESSOR_MIN_NUM_VISTOKEN = 4
+# Files the folder readers (probe ImageFolders, ADE20K-layout images) take as images.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 ImageSource = Union[str, os.PathLike, IO[bytes], Image.Image]
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]

@@ -1,11 +1,11 @@
 """The demo's science pipeline, shared by ``comp demo`` and every ``comp study`` cell:
-assets -> the recipe's four steps (read from the script, comp.demo.recipe) -> CoMP-VFM
+assets -> the recipe's four steps (the package's recipe file, comp.demo.recipe) -> CoMP-VFM
 export -> evaluation before and after.
 
 Assets: the toy-pretrained SigLIP and Qwen2 (comp.demo.pretrain, cached per seed), toyworld and
 the word prior over the word-level vocabulary (cached per seed beside them).
 
-Demo settings on top of the script's smoke flags, the same for every variant and seed (the
+Demo settings on top of the recipe's smoke-mode flags, the same for every variant and seed (the
 "before" models are not trained): ``--force_resize`` rescaled from the smoke scaling (Stage I
 = the VFM's pre-training size, 384 -> S) to the toy SigLIP's size S; a merged-token budget
 that keeps every toyworld image native; and these learning rates and steps, chosen on seed 0
@@ -36,9 +36,7 @@ Shape legend: N images, D width.
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -48,7 +46,9 @@ from pathlib import Path
 import torch
 
 from comp.data.image import PROCESSOR_MAX_NUM_VISTOKEN
+from comp import recipes
 from comp.demo import recipe
+from comp.demo.common import captured, mean_std, per_class_subset, timed
 
 ZERO_SHOT_ATTRIBUTES = ("colour", "shape", "digit")
 FINAL_STEP = "stage3"  # the recipe's instruction-tuning step
@@ -136,8 +136,8 @@ def resize_factor(steps: list[recipe.RecipeStep], image_size: int) -> float:
     toy SigLIP's is ``image_size``: every --force_resize scales by their ratio."""
     first = recipe.flag_value(steps[0].flags, "--force_resize")
     if first is None:
-        raise ValueError(f"{recipe.SCRIPT}: Stage I has no --force_resize; the demo reads the VFM's "
-                         "pre-training size from it")
+        raise ValueError(f"{recipes.recipe_path(recipe.RUN)}: Stage I has no force_resize; the demo reads "
+                         "the VFM's pre-training size from it")
     return image_size / int(first)
 
 
@@ -165,7 +165,7 @@ def step_count(step: recipe.RecipeStep, plan: Plan) -> int:
 
 def step_argvs(assets: Assets, run_dir: Path, plan: Plan, seed: int,
                variant: dict[str, str | None] | None = None, word_dist: str | None = None) -> dict[str, list[str]]:
-    """Step name -> its ``comp train`` argv (the script's flags, the demo's assets and settings)."""
+    """Step name -> its ``comp train`` argv (the recipe's flags, the demo's assets and settings)."""
     steps = recipe.recipe_steps()
     factor = resize_factor(steps, assets.image_size)
     return {s.name: recipe.demo_argv(s, llm=assets.llm, vision=assets.vision, toyworld=assets.toyworld,
@@ -179,7 +179,6 @@ def train_steps(argvs: dict[str, list[str]], plan: Plan, logs: Path, verbose: bo
                 callbacks_for=None) -> dict[str, list[dict]]:
     """The steps, chained; -> per step, the logged training steps (trainer.state.log_history).
     A step whose output is complete already is kept (resumable)."""
-    from comp.demo.run import captured
     from comp.train.args import parse_args
     from comp.train.run import train
 
@@ -219,30 +218,16 @@ def initial_model(argv: list[str], seed: int):
 # ----------------------------------------------------------------------------- statistics
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation over seeds (std 0 for one seed)."""
-    if not values:
-        raise ValueError("mean_std needs at least one value")
-    values = [float(v) for v in values]
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def seed_stats(values: list[float]) -> dict:
     """What results.json keeps of a per-seed measurement: mean, std and the values."""
     mean, std = mean_std(values)
     return {"mean": mean, "std": std, "values": values}
 
 
-def binomial_se(p: float, n: int) -> float:
-    """Standard error of an accuracy ``p`` measured on ``n`` items."""
-    return math.sqrt(max(p * (1 - p), 0.0) / max(1, n))
-
-
 # ----------------------------------------------------------------------------- probes
 
 
 def probe_splits(toyworld: Path, attribute: str, per_class: int | None):
-    from comp.demo.run import per_class_subset
     from comp.eval.probe import read_image_folder
 
     root = toyworld / "probe" / attribute
@@ -261,7 +246,7 @@ def probe_results(encoders: dict[str, Path], assets: Assets, plan: Plan) -> list
     shared by every probe seed and head; the attentive head runs for
     ``plan.attentive_attributes`` only (None elsewhere), the same for every encoder."""
     from comp.eval.features import encode_files, load_encoder, mean_pool
-    from comp.eval.probe import TrainSettings, attentive_probe, linear_probe, top1
+    from comp.eval.heads import TrainSettings, attentive_probe, linear_probe, top1
 
     rows = []
     for attribute in plan.attributes:
@@ -305,7 +290,6 @@ def probe_results(encoders: dict[str, Path], assets: Assets, plan: Plan) -> list
 
 
 def zero_shot_results(model, processor, assets: Assets, plan: Plan) -> dict:
-    from comp.demo.run import per_class_subset
     from comp.eval.probe import read_image_folder
     from comp.eval.wordspace import zero_shot
 
@@ -370,7 +354,6 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
                  word_dist: str | None = None, verbose: bool = False, say=None,
                  callbacks_for=None) -> dict:
     """Train the recipe into ``out/comp_1b_siglip``, export the CoMP-VFM, evaluate; -> results."""
-    from comp.demo.run import captured, timed
     from comp.train.export import export_vfm
 
     say = say or (lambda message: print(f"[comp demo] {message}", file=sys.stderr, flush=True))

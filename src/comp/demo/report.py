@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from comp.demo.pipeline import mean_std
+from comp.demo.common import mean_std
 
 Series = Mapping[str, tuple[Sequence[float | None], Sequence[float] | None]]
 CHANCE_STYLE = {"color": "0.25", "linestyle": "--", "linewidth": 1.2}

@@ -1,53 +1,23 @@
-"""``comp demo [--out DIR] [--seed N] [--quick]``: the SigLIP recipe, its stage flags read from
-``scripts/comp/comp_1b_siglip.sh`` (comp.demo.recipe), continued from toy-pretrained originals
-(comp.demo.pretrain) on toyworld, evaluated before and after (comp.demo.pipeline), with a
-summary of the paper's claims and a verdict for each (comp.demo.summary): OUT/results.json
-and OUT/report.md.
+"""``comp demo [--out DIR] [--seed N] [--quick]``: the SigLIP recipe, its stages and flags read
+from the package's recipe file (comp.recipes, through comp.demo.recipe), continued from
+toy-pretrained originals (comp.demo.pretrain) on toyworld, evaluated before and after
+(comp.demo.pipeline), with a summary of the paper's claims and a verdict for each
+(comp.demo.summary): OUT/results.json and OUT/report.md.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import shutil
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from comp.demo.common import captured, timed
+
 MARKER = ".comp-demo"
 OWNED = ("comp_1b_siglip", "logs", "figures", "report.md", "results.json")  # what a rerun replaces
-
-
-@contextlib.contextmanager
-def captured(log_file: Path, verbose: bool) -> Iterator[None]:
-    """Send a phase's prints, progress bars, warnings and log records to ``log_file``."""
-    if verbose:
-        yield
-        return
-    import transformers
-
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    hf_level = transformers.logging.get_verbosity()
-    ours = logging.getLogger("comp")
-    level, propagate = ours.level, ours.propagate
-    with open(log_file, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        handler = logging.StreamHandler(f)
-        transformers.logging.set_verbosity_error()  # its handler holds the real stderr
-        ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
-        ours.propagate = False
-        try:
-            yield
-        finally:
-            ours.removeHandler(handler)
-            ours.setLevel(level)
-            ours.propagate = propagate
-            transformers.logging.set_verbosity(hf_level)
-
 
 
 def stage_progress_callback():
@@ -77,21 +47,6 @@ def stage_progress_callback():
     return StageProgress
 
 
-
-def per_class_subset(paths: list[Path], labels: list[int], limit: int | None) -> tuple[list[Path], list[int]]:
-    """The first ``limit`` images of each class (all when None), order kept."""
-    if limit is None:
-        return paths, labels
-    seen: dict[int, int] = {}
-    keep = []
-    for i, y in enumerate(labels):
-        seen[y] = seen.get(y, 0) + 1
-        if seen[y] <= limit:
-            keep.append(i)
-    return [paths[i] for i in keep], [labels[i] for i in keep]
-
-
-
 def prepare_out(out: Path) -> None:
     """``out`` must be new, empty, or an earlier demo's (whose outputs, not assets, are replaced)."""
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
@@ -106,15 +61,6 @@ def prepare_out(out: Path) -> None:
             path.unlink()
 
 
-@contextlib.contextmanager
-def timed(plan, name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    plan.timings[name] = time.perf_counter() - start
-
-
-
-
 def build_parser() -> argparse.ArgumentParser:
     from comp.cliargs import ArgumentParser
     from comp.demo.pipeline import QUICK, Plan
@@ -122,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="comp demo",
         description="The SigLIP recipe end to end on toy-pretrained SigLIP and Qwen2 (built and cached "
-                    "when missing) and toyworld: trains the script's four steps, exports the CoMP-VFM, "
+                    "when missing) and toyworld: trains the recipe's four steps, exports the CoMP-VFM, "
                     "evaluates before and after and writes OUT/results.json and OUT/report.md with a "
                     "summary of which claims the run supports.")
     p.add_argument("--out", type=Path, default=Path("comp_demo"), help="output directory (default ./comp_demo)")

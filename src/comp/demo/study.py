@@ -2,7 +2,7 @@
 seeds, with mean and spread.
 
 Variants (each a change to every recipe step's flags, all else as ``comp demo``):
-- full: the recipe as the script has it;
+- full: the recipe as its file has it;
 - C-RoPE off: ``--use_rope 0`` (absolute position interpolation only);
 - alignment loss off: ``--use_alignment_loss 0``;
 - word prior off: ``--word_dist_path uniform``;

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from comp.demo.pipeline import binomial_se
+from comp.demo.common import binomial_se
 
 Z = 2.0
 FINE_DETAIL = "digit"  # the fine-detail probe of claim (a)

@@ -41,10 +41,10 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from tqdm.auto import tqdm
 
-from comp.data.image import image_size, load_image, smart_resize, to_rgb_or_gray
+from comp.data.image import IMAGE_SUFFIXES, image_size, load_image, smart_resize, to_rgb_or_gray
 from comp.errors import UserError
 from comp.eval.features import Encoder, at_resolution, budget_text, cached_features, encode_files
-from comp.eval.probe import IMAGE_SUFFIXES, LinearProbe, TrainSettings, fit, select_setting
+from comp.eval.heads import LinearProbe, TrainSettings, fit, select_setting
 
 IGNORE = 255  # label of ignored pixels after mapping (raw 0); classes are 0..K-1
 SIZES = ("fixed", "native", "sliding")

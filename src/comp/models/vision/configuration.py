@@ -18,6 +18,8 @@ POS_ORDERS: tuple[str, ...] = get_args(PosOrder)
 PosInterpMode = Literal["bicubic", "bilinear", "nearest", "nearest-exact", "area"]  # torch's 2D modes
 POS_INTERP_MODES: tuple[str, ...] = get_args(PosInterpMode)
 ATTN_BACKENDS = ("auto", "flash", "varlen", "sdpa")  # see attention.py
+# The image processor settings a CoMP-VFM directory carries beside config.json.
+PREPROCESSOR_NAME = "preprocessor_config.json"
 
 
 @strict

@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -23,10 +24,12 @@ from transformers import AutoConfig
 from comp.hub import is_repo_id, resolve_model_dir
 from comp.models.weights import no_progress_bars, normal_permissions, weight_files
 
-from .configuration import MODEL_TYPES, CompVisionConfig
+from .configuration import MODEL_TYPES, PREPROCESSOR_NAME, CompVisionConfig
 from .families import FAMILIES
 from .merger import PatchMerger, init_merger
-from .model import PREPROCESSOR_NAME, CompVisionModel
+
+if TYPE_CHECKING:  # the model imports this module when it loads; annotations only here
+    from .model import CompVisionModel
 
 logger = logging.getLogger(__name__)
 

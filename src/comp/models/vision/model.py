@@ -34,14 +34,13 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from .attention import PackedContext
-from .configuration import POS_ORDERS, CompVisionConfig
+from .configuration import POS_ORDERS, PREPROCESSOR_NAME, CompVisionConfig
 from .encoder import Encoder
 from .families import FAMILIES
 from .merger import PatchMerger
 from .packing import cu_seqlens, insert_first, rowcol_ids
 from .rope2d import rope_cos_sin
 
-PREPROCESSOR_NAME = "preprocessor_config.json"
 POSITION_STD = 0.02  # random position tables / CLS of a from_config model
 
 
