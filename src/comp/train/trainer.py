@@ -449,12 +449,9 @@ class CompTrainer(Trainer):
             raise SkippedTooMany(f"too many bad samples, more than --max_skip_fraction "
                                  f"{self.max_skip_fraction:g} ({summary})", self.args.output_dir,
                                  "fix the data (`comp data check`) or raise --max_skip_fraction") from err
-        if not batches:
-            self.step_counts = None
-            return batches, None
-        self.step_counts = self._count_step(batches, device)
+        self.step_counts = self._count_step(batches, device)  # every rank: a collective
         self.steps_with_data += not self.step_counts.empty
-        if self.step_counts.empty:
+        if self.step_counts.empty and batches:
             logger.warning("step %d: every sample was skipped; the weights, optimizer and schedule "
                            "stay as they are", self.state.global_step + 1)
         self.empty_steps.begin_step(self.step_counts.empty, self.lr_scheduler, self.optimizer)
