@@ -73,3 +73,17 @@ def test_the_rule_catches_upward_and_sideways_imports(tmp_path):
     assert violations([(upward, "comp.models.upward"), (sideways, "comp.train.sideways")]) == [
         "comp.models.upward (comp.models, layer 1) imports comp.train.run (comp.train, layer 3)",
         "comp.train.sideways (comp.train, layer 3) imports comp.eval.probe (comp.eval, layer 3)"]
+
+
+def test_private_trainer_and_generation_overrides_are_in_their_contract_tables():
+    """The contract rule (its self-tests and the tables' upstream checks are in
+    tests/test_trainer_contract.py): no private Trainer or GenerationMixin method is
+    overridden without its entry and reason."""
+    from transformers import GenerationMixin, Trainer
+
+    from comp.models.mllm import GENERATION_HOOKS, CompForConditionalGeneration
+    from comp.train.trainer import TRAINER_HOOKS, CompTrainer
+    from test_trainer_contract import unlisted_private
+
+    assert unlisted_private(CompTrainer, Trainer, TRAINER_HOOKS) == set()
+    assert unlisted_private(CompForConditionalGeneration, GenerationMixin, GENERATION_HOOKS) == set()

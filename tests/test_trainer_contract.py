@@ -184,6 +184,28 @@ def test_a_non_finite_gradient_stops_by_name(trainer):
         param.grad = None
 
 
+def test_the_trainer_checks_the_gradients_before_its_optimizer_step(mm, tmp_path):
+    """In transformers' own loop: an infinite gradient stops the run by name at
+    on_pre_optimizer_step, before the optimizer moved any weight."""
+    model, processor = mm
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", max_steps=1,
+                             per_device_train_batch_size=2, dataloader_num_workers=0,
+                             remove_unused_columns=False, save_strategy="no")
+    samples = [{"input_ids": torch.tensor([1, 2, 3]), "labels": torch.tensor([-100, 2, 3]), "has_image": False,
+                "pixel_values": None, "image_grid_thw": None, "record": f"d.json:{i}"} for i in range(2)]
+    built = CompTrainer(model=model, args=args, train_dataset=samples, data_collator=DataCollator(pad_token_id=0),
+                        processing_class=processor)
+    param = model.get_input_embeddings().weight
+    before = param.detach().clone()
+    handle = param.register_hook(lambda grad: grad * float("inf"))
+    try:
+        with pytest.raises(NonFiniteError, match=r"step 1: the gradient norm is (inf|nan) \(records \['d.json:"):
+            built.train()
+    finally:
+        handle.remove()
+    assert torch.equal(param.detach(), before)
+
+
 # ------------------------------------------------------------------ the Batch
 
 def _batch() -> Batch:

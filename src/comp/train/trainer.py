@@ -516,8 +516,10 @@ class CompTrainer(Trainer):
                 f"--loss_weight and these records, then {self.resume_hint()}")
 
     def gradient_norm(self) -> float | None:
-        """The step's global gradient norm once its gradients are complete (DeepSpeed: the
-        engine's, from the step it took inside backward); None before any."""
+        """The step's global gradient norm once its gradients are complete; None before any.
+        DeepSpeed: the engine's, from the step it took inside backward. Otherwise the norm of
+        the (all-reduced) gradients after the Trainer clipped them, which is finite exactly
+        when the norm before clipping was."""
         if self.is_deepspeed_enabled:
             norm = self.model_wrapped.get_global_grad_norm()
             return None if norm is None else float(norm)
