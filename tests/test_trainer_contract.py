@@ -89,7 +89,7 @@ def test_a_changed_or_vanished_hook_stops_the_run_by_name():
         def _get_train_sampler(self, train_dataset=None, extra=None):  # a new parameter
             return None
 
-    with pytest.raises(RuntimeError, match=r"_get_train_sampler.*checked against transformers 5\.19-5\.25"):
+    with pytest.raises(RuntimeError, match=r"_get_train_sampler.*checked against transformers 5\.24-5\.25"):
         check_trainer_hooks(Changed)
     gone = dict(GENERATION_HOOKS, _gone_upstream=(("self",), "test"))
     assert hook_changes(GenerationMixin, gone) == ["_gone_upstream is gone"]

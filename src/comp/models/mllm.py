@@ -65,7 +65,7 @@ VOCAB_ROWS = ("tokenizer", "llm")
 
 # The private GenerationMixin methods CompForConditionalGeneration overrides (GenerationMixin
 # has no public hook for these), with their parameters in the versions this was checked
-# against (transformers 5.19-5.25) and why. tests/test_trainer_contract.py fails when an
+# against (transformers 5.24-5.25) and why. tests/test_trainer_contract.py fails when an
 # override is missing here or an entry no longer matches transformers.
 GENERATION_HOOKS: dict[str, tuple[tuple[str, ...], str]] = {
     "_prepare_position_ids_for_generation": (

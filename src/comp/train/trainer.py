@@ -251,7 +251,7 @@ def checkpoint_fingerprint(checkpoint: Path) -> str | None:
 
 
 # The transformers Trainer methods CompTrainer overrides: the parameters they had in the versions
-# this was checked against (transformers 5.19-5.25; pyproject pins that range) and why each is
+# this was checked against (transformers 5.24-5.25; pyproject pins that range) and why each is
 # overridden. Everything goes through public methods and TrainerCallback events; a private
 # (underscore) method is here only where no public route exists. ``check_trainer_hooks`` runs
 # when a CompTrainer is built and stops the run with this table rather than silently
@@ -312,8 +312,8 @@ def check_trainer_hooks(trainer_cls: type = Trainer) -> None:
     if changed:
         raise RuntimeError(
             f"transformers {transformers.__version__}: Trainer hooks that CompTrainer overrides have "
-            f"changed ({'; '.join(changed)}); CoMP was checked against transformers 5.19-5.25: "
-            "install one of those (pip install 'transformers>=5.19,<5.26') or update "
+            f"changed ({'; '.join(changed)}); CoMP was checked against transformers 5.24-5.25: "
+            "install one of those (pip install 'transformers>=5.24,<5.26') or update "
             "comp.train.trainer")
 
 
