@@ -96,7 +96,7 @@ class PhaseClock:
 
 
 def step_counts(batches: list[Batch]) -> StepCounts:
-    """The Trainer's step-global denominators (CompTrainer._get_num_items_in_batch, one rank)."""
+    """The Trainer's step-global denominators (CompTrainer.get_batch_samples, one rank)."""
     tokens = sum(int((b.inputs["labels"][..., 1:] != -100).sum()) for b in batches)
     align = sum(int((b.has_image_S & (b.inputs["align_attention_mask"].sum(1) > 0)).sum()) for b in batches)
     device = batches[0].inputs["labels"].device

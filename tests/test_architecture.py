@@ -221,3 +221,17 @@ def test_an_annotation_only_import_is_not_a_circle(tmp_path):
     assert import_circles(import_graph(files)) == []
     (pkg / "loading.py").write_text("from .model import M\n")
     assert len(import_circles(import_graph(files))) == 1
+
+
+def test_private_trainer_and_generation_overrides_are_in_their_contract_tables():
+    """The contract rule (its self-tests and the tables' upstream checks are in
+    tests/test_trainer_contract.py): no private Trainer or GenerationMixin method is
+    overridden without its entry and reason."""
+    from transformers import GenerationMixin, Trainer
+
+    from comp.models.mllm import GENERATION_HOOKS, CompForConditionalGeneration
+    from comp.train.trainer import TRAINER_HOOKS, CompTrainer
+    from test_trainer_contract import unlisted_private
+
+    assert unlisted_private(CompTrainer, Trainer, TRAINER_HOOKS) == set()
+    assert unlisted_private(CompForConditionalGeneration, GenerationMixin, GENERATION_HOOKS) == set()

@@ -62,6 +62,22 @@ from comp.tokens import IMAGE_PAD, config_token_ids, ensure_vision_tokens, stop_
 
 logger = logging.getLogger(__name__)
 
+# The private GenerationMixin methods CompForConditionalGeneration overrides (GenerationMixin
+# has no public hook for these), with their parameters in the versions this was checked
+# against (transformers 5.24-5.25) and why. tests/test_trainer_contract.py fails when an
+# override is missing here or an entry no longer matches transformers.
+GENERATION_HOOKS: dict[str, tuple[tuple[str, ...], str]] = {
+    "_prepare_position_ids_for_generation": (
+        ("self", "inputs_tensor", "model_kwargs"),
+        "the prompt's [4, B, L] positions: text positions on the M-RoPE ids of its images"),
+    "_update_model_kwargs_for_generation": (
+        ("self", "outputs", "model_kwargs", "is_encoder_decoder", "num_new_tokens"),
+        "each new token's positions continue after its row's highest M-RoPE position"),
+    "_expand_inputs_for_generation": (
+        ("self", "expand_size", "is_encoder_decoder", "input_ids", "model_kwargs"),
+        "beam search / several sequences: pixels and grids are per image, repeated row by row"),
+}
+
 
 @dataclass
 class CompModelOutput(ModelOutput):

@@ -11,17 +11,18 @@ each micro-batch's token mean, divided by the accumulation steps and averaged ov
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import math
 import shutil
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from comp.data.collator import Batch
 from comp.data.dataset import SkipStats, TooManySkips
@@ -63,9 +64,14 @@ def non_finite_parameter(model: torch.nn.Module) -> str | None:
 
 @dataclass
 class StepCounts:
-    """Global (all ranks, all micro-batches) denominators of one optimizer step."""
+    """One optimizer step, counted when its micro-batches are fetched: the global (all ranks,
+    all micro-batches) loss denominators, whether every sample of the step was skipped on
+    every rank, and this rank's records and visual tokens (for messages and logs)."""
     supervised_tokens: torch.Tensor
     align_samples: torch.Tensor
+    empty: bool = False
+    records: list[str] = field(default_factory=list)
+    visual_tokens: int = 0
 
 
 def part_of(name: str) -> str:
@@ -160,7 +166,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def _checkpoint_files(checkpoint: Path) -> list[Path]:
     return [path for path in sorted(checkpoint.rglob("*"))
-            if path.is_file() and path.name not in (COMPLETE_MARKER, COMPLETE_MARKER + ".tmp")]
+            if path.is_file() and path.name != COMPLETE_MARKER
+            and not path.name.startswith(f".{COMPLETE_MARKER}.")]  # atomic_output's temporary
 
 
 def checkpoint_manifest(checkpoint: Path) -> dict[str, int]:
@@ -243,72 +250,180 @@ def checkpoint_fingerprint(checkpoint: Path) -> str | None:
         return None
 
 
-# The transformers Trainer hooks CompTrainer overrides, with the parameters they had in the
-# versions this was checked against (transformers 5.17-5.25; pyproject pins that range) and
-# why each is needed. Private hooks change without notice: ``check_trainer_hooks`` runs when a
-# CompTrainer is built and stops the run with this table rather than silently mis-training
-# (tests/test_trainer_contract.py also checks that transformers still calls each one).
-TRAINER_HOOKS = {
-    # the modality-length-grouped sampler of comp.data.sampler
-    "_get_train_sampler": ("self", "train_dataset"),
-    # every fetched batch: count skipped samples, abort past --max_skip_fraction
-    "get_batch_samples": ("self", "epoch_iterator", "num_batches", "device"),
-    # step-global token and image-sample counts (the loss normalisers, see the module docstring)
-    "_get_num_items_in_batch": ("self", "batch_samples", "device"),
-    # stop with the step's records when the gradient norm is not finite
-    "_get_grad_norm": ("self", "model", "grad_norm"),
-    # the COMPLETE marker and crash-safe rotation around transformers' own saving
-    "_save_checkpoint": ("self", "model", "trial"),
-    # public hooks with the signature CompTrainer's overrides take
-    "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
-    "create_optimizer": ("self", "model"),
-    "create_scheduler": ("self", "num_training_steps", "optimizer"),
-    "log": ("self", "logs", "start_time"),
+# The transformers Trainer methods CompTrainer overrides: the parameters they had in the versions
+# this was checked against (transformers 5.24-5.25; pyproject pins that range) and why each is
+# overridden. Everything goes through public methods and TrainerCallback events; a private
+# (underscore) method is here only where no public route exists. ``check_trainer_hooks`` runs
+# when a CompTrainer is built and stops the run with this table rather than silently
+# mis-training; tests/test_trainer_contract.py fails when a private override is missing here.
+# ``None``: the override passes its arguments through unchanged, whatever they are.
+TRAINER_HOOKS: dict[str, tuple[tuple[str, ...] | None, str]] = {
+    "_get_train_sampler": (("self", "train_dataset"),
+                           "private, the only route: the modality-length-grouped sampler of "
+                           "comp.data.sampler; get_train_dataloader builds the loader (accelerate's "
+                           "sharding, workers, seeds) around this sampler and takes none as an argument"),
+    "get_batch_samples": (("self", "epoch_iterator", "num_batches", "device"),
+                          "each optimizer step's micro-batches, counted once: skipped samples "
+                          "(--max_skip_fraction), the step-global loss denominators, an empty step"),
+    "compute_loss": (("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
+                     "the LM and alignment losses normalised over the whole step"),
+    "create_optimizer": (("self", "model"), "CoMP's parameter groups; the empty-step guard's hooks"),
+    "log": (("self", "logs", "start_time"), "loss parts, tokens, skipped samples and each group's lr"),
+    "save_model": (("self", "output_dir", "_internal_call"),
+                   "a checkpoint's weights are checked finite before it is written, and the "
+                   "checkpoint being written is remembered"),
+    "train": (None, "a checkpoint whose writing failed is removed; a full disk is one line"),
+}
+# Public Trainer attributes CompTrainer sets (read by training_step).
+TRAINER_ATTRIBUTES = {
+    "loss_is_scaled_for_ga": "compute_loss already normalises over the step: no division by the accumulation steps",
 }
 
 
-def check_trainer_hooks(trainer_cls: type = Trainer) -> None:
-    """Raise when an overridden Trainer hook has other parameters than it was checked with,
-    or the ``loss_is_scaled_for_ga`` switch is gone (compute_loss normalises over the step)."""
+def hook_changes(base: type, table: dict) -> list[str]:
+    """Entries of ``table`` (name -> (parameters or None, why)) that ``base`` no longer has, or
+    has with other parameters."""
     import inspect
 
-    import transformers
-
     changed = []
-    for name, expected in TRAINER_HOOKS.items():
-        hook = getattr(trainer_cls, name, None)
-        params = tuple(inspect.signature(hook).parameters) if hook is not None else None
-        if params != expected:
-            changed.append(f"{name}{expected} is now {'missing' if hook is None else f'{name}{params}'}")
-    if not hasattr(trainer_cls, "loss_is_scaled_for_ga"):
-        changed.append("the Trainer attribute loss_is_scaled_for_ga is gone")
+    for name, (expected, _) in table.items():
+        hook = getattr(base, name, None)
+        if hook is None:
+            changed.append(f"{name} is gone")
+            continue
+        params = tuple(inspect.signature(hook).parameters)
+        if expected is not None and params != expected:
+            changed.append(f"{name}{expected} is now {name}{params}")
+    return changed
+
+
+def check_trainer_hooks(trainer_cls: type = Trainer) -> None:
+    """Raise when a Trainer method CompTrainer overrides changed its parameters or is gone, when
+    a public attribute it sets is gone, or when a TrainerCallback event its callbacks listen to
+    no longer exists."""
+    import transformers
+    from transformers import TrainerCallback
+
+    changed = hook_changes(trainer_cls, TRAINER_HOOKS)
+    changed += [f"the Trainer attribute {name} is gone" for name in TRAINER_ATTRIBUTES
+                if not hasattr(trainer_cls, name)]
+    changed += [f"the TrainerCallback event {name} is gone" for name in callback_events()
+                if not hasattr(TrainerCallback, name)]
     if changed:
         raise RuntimeError(
             f"transformers {transformers.__version__}: Trainer hooks that CompTrainer overrides have "
-            f"changed ({'; '.join(changed)}); CoMP was checked against transformers 5.17-5.25: "
-            "install one of those (pip install 'transformers>=5.17,<5.26') or update "
+            f"changed ({'; '.join(changed)}); CoMP was checked against transformers 5.24-5.25: "
+            "install one of those (pip install 'transformers>=5.24,<5.26') or update "
             "comp.train.trainer")
 
 
+def callback_events() -> set[str]:
+    """The TrainerCallback events CompTrainer's callbacks listen to."""
+    return {name for cls in (EmptyStepGuard, CompEvents) for name in vars(cls) if name.startswith("on_")}
+
+
+class EmptyStepGuard(TrainerCallback):
+    """An optimizer step whose samples were all skipped (on every process) leaves the weights,
+    the optimizer state and the learning-rate schedule as they were: its zero gradients would
+    still move AdamW's weights (momentum, weight decay) and the schedule would advance.
+
+    Public routes only: torch's optimizer step hooks hide the parameters from that one step
+    (also the inner optimizer DeepSpeed steps), and the scheduler's state taken before the step
+    is loaded back after it (DeepSpeed steps the scheduler inside backward, before
+    ``on_optimizer_step``; the Trainer after it, before ``on_step_end``)."""
+
+    def __init__(self):
+        self.empty = False
+        self._hidden: list | None = None
+        self._schedule: tuple | None = None  # (scheduler, optimizer, its state, the groups' lrs)
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.register_step_pre_hook(self._hide_parameters)
+        optimizer.register_step_post_hook(self._show_parameters)
+
+    def begin_step(self, empty: bool, scheduler, optimizer) -> None:
+        """Called when the step's micro-batches are fetched, before its first forward."""
+        self.empty = empty
+        self._schedule = None
+        if empty and scheduler is not None and optimizer is not None:
+            self._schedule = (scheduler, optimizer, copy.deepcopy(scheduler.state_dict()),
+                              [group["lr"] for group in optimizer.param_groups])
+
+    def _hide_parameters(self, optimizer, args, kwargs) -> None:
+        if self.empty:
+            self._hidden = [group["params"] for group in optimizer.param_groups]
+            for group in optimizer.param_groups:
+                group["params"] = []
+
+    def _show_parameters(self, optimizer, args, kwargs) -> None:
+        if self._hidden is not None:
+            for group, params in zip(optimizer.param_groups, self._hidden):
+                group["params"] = params
+            self._hidden = None
+
+    def _restore_schedule(self) -> None:
+        if self._schedule is not None:
+            scheduler, optimizer, state, lrs = self._schedule
+            scheduler.load_state_dict(copy.deepcopy(state))
+            for group, lr in zip(optimizer.param_groups, lrs):
+                group["lr"] = lr
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._restore_schedule()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._restore_schedule()
+        self.empty, self._schedule = False, None
+
+
+class CompEvents(TrainerCallback):
+    """CompTrainer's part of the Trainer's public events: gradients checked finite before the
+    optimizer step, and each checkpoint marked complete and rotated once it is written."""
+
+    def __init__(self, trainer: CompTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.stop_if_gradients_not_finite()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.mark_checkpoint_complete()
+
+
 class CompTrainer(Trainer):
-    def __init__(self, *args, vision_lr: float | None = None,
+    loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
+
+    def __init__(self, model=None, args: TrainingArguments | None = None, *trainer_args,
+                 vision_lr: float | None = None,
                  projector_lr: float | None = None, max_skip_fraction: float = 0.01,
                  train_sampler=None, reference_groups: bool = False,
                  lm_loss_normalization: str = "step", run: str | None = None,
                  runs: set[str] | None = None, **kwargs):
         self.vision_lr, self.projector_lr = vision_lr, projector_lr
         self.run, self.runs = run, runs  # this run's id; the ids whose checkpoints it rotates
-        self.steps_with_data = 0  # optimizer steps of this process with at least one sample
+        self.steps_with_data = 0  # optimizer steps with at least one sample on some process
         self.reference_groups = reference_groups
         self.lm_loss_normalization = lm_loss_normalization
         self.max_skip_fraction = max_skip_fraction
         self.skip_stats = SkipStats()
+        self.step_counts: StepCounts | None = None  # the current optimizer step's
+        self.empty_steps = EmptyStepGuard()
         self._custom_sampler = train_sampler
         self._parts_sum: dict[str, float] = defaultdict(float)
-        self._parts_steps = 0
+        self._last_parts_step = 0
+        self._writing: Path | None = None  # the checkpoint being written
         check_trainer_hooks()
-        super().__init__(*args, **kwargs)
-        self.loss_is_scaled_for_ga = True  # compute_loss normalises over the whole step
+        # Rotation is CoMP's (_rotate: complete checkpoints of this run only). The Trainer's
+        # own, which counts unfinished checkpoints and other runs' and deletes before the
+        # COMPLETE marker exists, must never run: it gets a copy of the arguments without a
+        # limit, made once here, before the run.
+        self.save_total_limit = args.save_total_limit if args is not None else None
+        if args is not None and args.save_total_limit is not None:
+            args = copy.copy(args)
+            args.save_total_limit = None
+        super().__init__(model, args, *trainer_args, **kwargs)
+        self.add_callback(self.empty_steps)
+        self.add_callback(CompEvents(self))
 
     # ---------------------------------------------------------------- data
     def _get_train_sampler(self, train_dataset=None):
@@ -317,7 +432,14 @@ class CompTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        batches, counts = super().get_batch_samples(epoch_iterator, num_batches, device)
+        """The step's micro-batches, and as ``num_items_in_batch`` its supervised-token count
+        over all processes (``self.step_counts`` holds the rest of the step's counts)."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
         for batch in batches:
             self.skip_stats.update(batch.num_samples, batch.skipped)
         try:
@@ -327,7 +449,13 @@ class CompTrainer(Trainer):
             raise SkippedTooMany(f"too many bad samples, more than --max_skip_fraction "
                                  f"{self.max_skip_fraction:g} ({summary})", self.args.output_dir,
                                  "fix the data (`comp data check`) or raise --max_skip_fraction") from err
-        return batches, counts
+        self.step_counts = self._count_step(batches, device)  # every rank: a collective
+        self.steps_with_data += not self.step_counts.empty
+        if self.step_counts.empty and batches:
+            logger.warning("step %d: every sample was skipped; the weights, optimizer and schedule "
+                           "stay as they are", self.state.global_step + 1)
+        self.empty_steps.begin_step(self.step_counts.empty, self.lr_scheduler, self.optimizer)
+        return batches, self.step_counts.supervised_tokens
 
     def _skip_verdict_samples(self, micro_batches: int) -> int:
         """Samples seen before the skip fraction is judged, so one early bad batch is no verdict:
@@ -339,19 +467,18 @@ class CompTrainer(Trainer):
             return min(size, SKIP_VERDICT_SAMPLES, max(step, math.ceil(ALL_SKIPPED_VERDICT_FRACTION * size)))
         return min(SKIP_VERDICT_SAMPLES, size)
 
-    def _get_num_items_in_batch(self, batch_samples, device):
-        tokens = sum(int((b.inputs["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batch_samples)
-        align = sum(int(_align_mask(b).sum()) for b in batch_samples)
+    def _count_step(self, batches: list[Batch], device) -> StepCounts:
+        tokens = sum(int((b.inputs["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in batches)
+        align = sum(int(_align_mask(b).sum()) for b in batches)
         both = torch.tensor([tokens, align], dtype=torch.float64, device=device)
         if self.args.world_size > 1:
             both = self.accelerator.gather(both.view(1, 2)).sum(0)
-        self._empty_step = bool(both.sum() == 0)  # every sample of the step (all ranks) skipped
-        self.steps_with_data += not self._empty_step
-        self._step_records = [r for b in batch_samples for r in b.record_ids]
-        self._step_visual_tokens = sum(
-            int(b.inputs["image_grid_thw"].prod(-1).sum()) if b.inputs["image_grid_thw"] is not None else 0
-            for b in batch_samples)
-        return StepCounts(supervised_tokens=both[0].clamp(min=1), align_samples=both[1].clamp(min=1))
+        return StepCounts(
+            supervised_tokens=both[0].clamp(min=1), align_samples=both[1].clamp(min=1),
+            empty=bool(both.sum() == 0),  # every sample of the step (all processes) skipped
+            records=[r for b in batches for r in b.record_ids],
+            visual_tokens=sum(int(b.inputs["image_grid_thw"].prod(-1).sum())
+                              for b in batches if b.inputs["image_grid_thw"] is not None))
 
     # ---------------------------------------------------------------- optimisation
     def create_optimizer(self, model=None):
@@ -366,27 +493,8 @@ class CompTrainer(Trainer):
             for g in groups:
                 g.pop("names")
             self.optimizer = cls(groups, **kwargs)
-            self.optimizer.step = self._unless_empty_step(self.optimizer.step, "optimizer")
+            self.empty_steps.watch(self.optimizer)
         return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is None:
-            super().create_scheduler(num_training_steps, optimizer)
-            self.lr_scheduler = SkippableScheduler(self.lr_scheduler, self)
-        return self.lr_scheduler
-
-    def _unless_empty_step(self, step, what: str = "optimizer"):
-        """``step`` that does nothing in an optimizer step whose samples were all skipped: zero
-        gradients would still move the weights (AdamW momentum, weight decay) and the
-        learning-rate schedule would advance."""
-        def guarded(*args, **kwargs):
-            if getattr(self, "_empty_step", False):
-                if what == "optimizer":
-                    logger.warning("step %d: every sample was skipped; the weights, optimizer and "
-                                   "schedule stay as they are", self.state.global_step + 1)
-                return None
-            return step(*args, **kwargs)
-        return guarded
 
     # ---------------------------------------------------------------- non-finite numbers
     def _stop_if_non_finite(self, outputs, batch: Batch) -> None:
@@ -407,19 +515,36 @@ class CompTrainer(Trainer):
                 "nothing was saved; lower --learning_rate, check --embed_temp/--word_temp/"
                 f"--loss_weight and these records, then {self.resume_hint()}")
 
-    def _get_grad_norm(self, model, grad_norm=None):
-        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            records = getattr(self, "_step_records", [])
+    def gradient_norm(self) -> float | None:
+        """The step's global gradient norm once its gradients are complete; None before any.
+        DeepSpeed: the engine's, from the step it took inside backward. Otherwise the norm of
+        the (all-reduced) gradients after the Trainer clipped them, which is finite exactly
+        when the norm before clipping was."""
+        if self.is_deepspeed_enabled:
+            norm = self.model_wrapped.get_global_grad_norm()
+            return None if norm is None else float(norm)
+        norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32)
+                 for p in self.model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+    def stop_if_gradients_not_finite(self) -> None:
+        """Raise NonFiniteError with the step's records when its gradient norm is NaN or inf
+        (before the optimizer step; under DeepSpeed after it, before anything is saved). The
+        norm is the same on every process."""
+        norm = self.gradient_norm()
+        if norm is not None and not math.isfinite(norm):
+            records = self.step_counts.records if self.step_counts is not None else []
             raise NonFiniteError(
-                f"step {self.state.global_step + 1}: the gradient norm is {float(grad_norm)} "
+                f"step {self.state.global_step + 1}: the gradient norm is {norm} "
                 f"(records {records[:8]}{' ...' if len(records) > 8 else ''})", self.args.output_dir,
                 "nothing was saved; lower --learning_rate or check the loss settings, then "
                 f"{self.resume_hint()}")
-        return grad_norm
 
     def compute_loss(self, model, inputs: Batch, return_outputs=False, num_items_in_batch=None):
-        counts: StepCounts | None = num_items_in_batch if isinstance(num_items_in_batch, StepCounts) else None
+        """With ``num_items_in_batch`` (a training step's, see get_batch_samples) the losses are
+        summed over this micro-batch and divided by the step's global counts; without it, the
+        model's own means."""
+        counts = self.step_counts if num_items_in_batch is not None else None
         batch = inputs.to(self.args.device)  # a no-op where accelerate's loader placed it
         if batch.inputs["input_ids"].numel() == 0:  # every sample of this micro-batch was skipped
             zero = sum(0.0 * p.sum() for p in model.parameters() if p.requires_grad)
@@ -427,7 +552,7 @@ class CompTrainer(Trainer):
         has_align = _align_mask(batch)
         model_inputs = dict(batch.inputs)
         if counts is not None:
-            model_inputs["lm_loss_normalizer"] = counts.supervised_tokens
+            model_inputs["lm_loss_normalizer"] = num_items_in_batch
             model_inputs["align_normalizer"] = counts.align_samples
             if self.lm_loss_normalization == "micro_batch":  # x num_processes below: mean / GA
                 model_inputs["lm_loss_normalizer"] = micro_batch_normalizer(
@@ -445,7 +570,7 @@ class CompTrainer(Trainer):
 
     def log(self, logs: dict, start_time=None) -> None:
         if "loss" in logs and self.state.global_step:
-            steps = max(1, self.state.global_step - getattr(self, "_last_parts_step", 0))
+            steps = max(1, self.state.global_step - self._last_parts_step)
             self._last_parts_step = self.state.global_step
             local = torch.tensor([self._parts_sum[k] for k in ("lm_loss", "align_loss", "text_tokens")],
                                  dtype=torch.float64, device=self.args.device)
@@ -456,7 +581,7 @@ class CompTrainer(Trainer):
             if self.model.config.use_alignment_loss:
                 logs["align_loss"] = round(float(local[1]) / steps, 6)
             logs["text_tokens"] = float(local[2]) / steps
-            logs["visual_tokens"] = getattr(self, "_step_visual_tokens", 0)
+            logs["visual_tokens"] = self.step_counts.visual_tokens if self.step_counts is not None else 0
             logs["samples_skipped"] = self.skip_stats.skipped
             if "learning_rate" in logs and self.optimizer is not None:
                 logs.update(group_learning_rates(self.optimizer.param_groups, self.args.learning_rate,
@@ -485,40 +610,54 @@ class CompTrainer(Trainer):
                 f"lower --learning_rate or check the loss settings, then {self.resume_hint()}")
 
     # ---------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, model, trial) -> None:
-        """Check the weights, write the checkpoint, then mark it complete (with each file's
-        size and sha256 and this run's id), then rotate this run's checkpoints: a crash at any
-        point leaves either no marker (ignored by resume) or a whole checkpoint. A full disk
-        ends the run with one line; the unfinished checkpoint is removed."""
-        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        run_dir = Path(self._get_output_dir(trial=trial))
-        checkpoint = run_dir / name
-        self.stop_if_weights_not_finite(name)
-        if self.args.should_save:  # rewritten (a resume from an older step): incomplete meanwhile
-            (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
-        limit = self.args.save_total_limit
+    # A checkpoint: save_model (checked weights, the old marker gone) -> transformers writes the
+    # rest -> on_save: the COMPLETE marker (each file's size and sha256, this run's id), then
+    # rotation. A crash at any point leaves either no marker (ignored by resume) or a whole
+    # checkpoint; a failure while writing removes the unfinished checkpoint (train).
+    def checkpoint_dir(self) -> Path:
+        """Where transformers writes the checkpoint of the current step."""
+        return Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
 
-        self.args.save_total_limit = None
-        try:
-            with disk_full_is_user_error(checkpoint, lambda: f"free space, then {self.resume_hint()}"):
-                try:
-                    super()._save_checkpoint(model, trial)
-                except BaseException:
-                    if self.args.should_save:
-                        shutil.rmtree(checkpoint, ignore_errors=True)
-                    raise
-        finally:
-            self.args.save_total_limit = limit
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if output_dir is not None and Path(output_dir) == self.checkpoint_dir():
+            checkpoint = Path(output_dir)
+            self.stop_if_weights_not_finite(checkpoint.name)
+            if self.args.should_save:  # rewritten (a resume from an older step): incomplete meanwhile
+                (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
+            self._writing = checkpoint
+        super().save_model(output_dir, _internal_call)
+
+    def mark_checkpoint_complete(self) -> None:
+        """After transformers wrote the step's checkpoint (every process): the marker, then
+        this run's rotation."""
+        checkpoint = self.checkpoint_dir()
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            with disk_full_is_user_error(checkpoint, lambda: f"free space, then {self.resume_hint()}"):
-                _write_marker(checkpoint, {"global_step": self.state.global_step, "run": self.run,
-                                           "model": model_fingerprint(self.model),
-                                           "model_only": bool(self.args.save_only_model),
-                                           "files": checkpoint_manifest(checkpoint),
-                                           "sha256": checkpoint_checksums(checkpoint)})
-            _rotate(run_dir, limit, self.runs)
+            if not checkpoint.is_dir():
+                raise RuntimeError(f"transformers saved no checkpoint at {checkpoint}: its checkpoint "
+                                   "folder naming changed; update comp.train.trainer")
+            _write_marker(checkpoint, {"global_step": self.state.global_step, "run": self.run,
+                                       "model": model_fingerprint(self.model),
+                                       "model_only": bool(self.args.save_only_model),
+                                       "files": checkpoint_manifest(checkpoint),
+                                       "sha256": checkpoint_checksums(checkpoint)})
+            _rotate(Path(self.args.output_dir), self.save_total_limit, self.runs)
+        self._writing = None
         self.accelerator.wait_for_everyone()
+
+    def train(self, *args, **kwargs):
+        """transformers' training; a failure while a checkpoint is written removes that
+        checkpoint, and a full disk then ends the run with one line naming it."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            checkpoint, self._writing = self._writing, None
+            if checkpoint is None:
+                raise
+            if self.args.should_save:
+                shutil.rmtree(checkpoint, ignore_errors=True)
+            with disk_full_is_user_error(checkpoint, lambda: f"free space, then {self.resume_hint()}"):
+                raise
 
 
 def group_learning_rates(groups: list[dict], base_lr: float, logged: float) -> dict[str, float]:
@@ -536,21 +675,6 @@ def micro_batch_normalizer(labels: torch.Tensor, grad_accum_steps: int, num_proc
     over ranks and micro-batches of each micro-batch's token mean."""
     tokens = (labels[..., 1:] != IGNORE_INDEX).sum().clamp(min=1)
     return tokens.double() * grad_accum_steps * num_processes
-
-
-class SkippableScheduler:
-    """A learning-rate scheduler that stands still in optimizer steps whose samples were all
-    skipped (``trainer._empty_step``); everything else, state_dict included, is the inner one's."""
-
-    def __init__(self, scheduler, trainer: CompTrainer):
-        self.scheduler, self._trainer = scheduler, trainer
-
-    def step(self, *args, **kwargs):
-        if not getattr(self._trainer, "_empty_step", False):
-            self.scheduler.step(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["scheduler"], name)
 
 
 def _align_mask(batch: Batch) -> torch.Tensor:
