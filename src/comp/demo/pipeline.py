@@ -36,7 +36,6 @@ Shape legend: N images, D width.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -109,21 +108,19 @@ def build_assets(seed: int, plan: Plan, log=print) -> Assets:
     from comp.data.prior import word_prior
     from comp.data.toyworld import write_toyworld
     from comp.demo.pretrain import pretrained_toys
+    from comp.files import atomic_output
 
     toys = pretrained_toys(seed, toy_settings(plan.toys), log=log)
     root = toys.siglip.parent / f"demo-data-{plan.toyworld}"
     if not (root / "ready").exists():
-        tmp = root.with_name(root.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_toyworld(tmp / "toyworld", seed=seed, size=plan.toyworld)
-        counts, skipped = word_prior(str(tmp / "toyworld" / "stage2.yaml"), str(toys.qwen2))
-        if skipped:
-            raise ValueError(f"{tmp / 'toyworld' / 'stage2.yaml'}: {skipped} malformed records in "
-                             "freshly written toyworld data; this is a bug in comp.data.toyworld")
-        torch.save(counts, tmp / "word_dist.pt")
-        (tmp / "ready").touch()
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
+        with atomic_output(root, directory=True) as tmp:
+            write_toyworld(tmp / "toyworld", seed=seed, size=plan.toyworld)
+            counts, skipped = word_prior(str(tmp / "toyworld" / "stage2.yaml"), str(toys.qwen2))
+            if skipped:
+                raise ValueError(f"{tmp / 'toyworld' / 'stage2.yaml'}: {skipped} malformed records in "
+                                 "freshly written toyworld data; this is a bug in comp.data.toyworld")
+            torch.save(counts, tmp / "word_dist.pt")
+            (tmp / "ready").touch()
     size = json.loads((toys.siglip / "config.json").read_text())["vision_config"]["image_size"]
     return Assets(toys.qwen2, toys.siglip, root / "toyworld", root / "word_dist.pt", int(size), toys.quality)
 
