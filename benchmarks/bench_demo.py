@@ -1,17 +1,24 @@
-"""Wall time and peak RSS of ``comp demo --quick`` (with ``--full`` also the default demo),
-each in a fresh process, against a baseline process that only imports the demo command
-(``python -c "import comp.demo.run"``: Python, torch, transformers and comp): the ratios
-say what the demo costs beyond starting up. The demo's own phase timings (results.json)
-follow, to show where the time goes.
+"""What using both cores saves in the cold ``comp demo``, part by part, against the serial
+baseline measured in the same process, with the load average beside every timing (other
+processes on the machine slow both sides, not only one).
 
-Peak RSS is each child's own ``ru_maxrss`` from ``os.wait4`` (the child and the processes it
-waited for); ``getrusage(RUSAGE_CHILDREN)`` would keep the maximum over every child so far.
+Parts (``--settings quick`` for seconds, ``full`` for the demo's own sizes):
+- assets: the toy originals built (comp.demo.pretrain, a fresh cache each time) and then the
+  demo's data (toyworld + the word prior, as comp.demo.pipeline.build_assets makes them):
+  serial (``jobs=1``: SigLIP, LM, data in turn) against parallel (``jobs=2``: the SigLIP in a
+  child process while this one trains the LM and writes the data, ``alongside``). The two
+  builds' weights are compared byte for byte: the parallel build must not change them.
+- probes: the reading probe (comp.demo.claims.reading_probe) of the toy SigLIP, digit and
+  word, in turn against two child processes (comp.demo.parallel.run_parallel).
+``--demo`` also times whole ``comp demo --quick`` runs (``--full``: and the default demo),
+each a fresh process, against a process that only imports the demo command.
 
-    python benchmarks/bench_demo.py [--full] [--threads 1] [--keep DIR]
+    python benchmarks/bench_demo.py [--settings quick|full] [--demo [--full]] [--keep DIR]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -21,52 +28,142 @@ import time
 from pathlib import Path
 
 
-def measure(argv: list[str], log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB) of one child process; its output goes to ``log``."""
-    with open(log, "w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        tail = log.read_text().splitlines()[-20:]
-        raise SystemExit(f"{' '.join(argv)} exited with {proc.returncode}; last lines of {log}:\n"
-                         + "\n".join(tail))
-    return wall, usage.ru_maxrss / 1024  # Linux: KiB
+def load() -> str:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def timed(fn):
+    """(seconds, result, load average before -> after)."""
+    before = load()
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result, f"{before} -> {load()}"
+
+
+def weights_digest(directory: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(directory.rglob("*.safetensors")):
+        h.update(path.relative_to(directory).as_posix().encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def demo_data(toys_dir: Path, out: Path, toyworld_size: str, seed: int) -> None:
+    """What build_assets makes beside the originals: toyworld and the word prior."""
+    import torch
+
+    from comp.data.prior import word_prior
+    from comp.data.toyworld import write_toyworld
+
+    write_toyworld(out / "toyworld", seed=seed, size=toyworld_size)
+    counts, _ = word_prior(str(out / "toyworld" / "stage2.yaml"), str(toys_dir / "qwen2"))
+    torch.save(counts, out / "word_dist.pt")
+
+
+def bench_assets(root: Path, settings_name: str, seed: int = 0) -> tuple[list, Path, Path]:
+    from comp.demo import pretrain
+
+    settings = {"quick": pretrain.QUICK, "full": pretrain.FULL}[settings_name]
+    size = "small" if settings_name == "quick" else "medium"
+    def quiet(*_):
+        pass
+
+    rows, digests, toys = [], {}, None
+    for mode, jobs in (("serial", 1), ("parallel", 2)):
+        cache, data = root / mode / "cache", root / mode / "data"
+
+        def build(jobs=jobs, cache=cache, data=data):
+            if jobs == 1:
+                built = pretrain.pretrained_toys(seed, settings, cache_dir=cache, log=quiet, jobs=1)
+                demo_data(built.siglip.parent, data, size, seed)
+                return built
+            return pretrain.pretrained_toys(seed, settings, cache_dir=cache, log=quiet, jobs=2,
+                                            alongside=lambda d, data=data: demo_data(d, data, size, seed))
+
+        seconds, toys, loads = timed(build)
+        digests[mode] = weights_digest(toys.siglip.parent)
+        rows.append((f"assets ({settings_name} toys + {size} toyworld), {mode}", seconds, loads,
+                     toys.quality["seconds"]))
+    same = digests["serial"] == digests["parallel"]
+    print(f"weights serial vs parallel: {'identical' if same else 'DIFFERENT'} ({digests})")
+    return rows, toys.siglip, root / "parallel" / "data" / "toyworld"
+
+
+def bench_probes(siglip: Path, toyworld: Path, per_class: int | None) -> list:
+    from comp.demo.claims import reading_probe
+    from comp.demo.parallel import run_parallel
+
+    size = json.loads((siglip / "config.json").read_text())["vision_config"]["image_size"]
+    calls = [(str(siglip), str(toyworld), size, (attribute,)) for attribute in ("digit", "word")]
+    kwargs = {"per_class": per_class}
+    seconds, serial, loads = timed(lambda: [reading_probe(*c, **kwargs) for c in calls])
+    rows = [("reading probes (digit, word), serial", seconds, loads, None)]
+    seconds, parallel, loads = timed(lambda: run_parallel("comp.demo.claims:reading_probe", calls, jobs=2,
+                                                          kwargs=kwargs))
+    rows.append(("reading probes (digit, word), parallel", seconds, loads, None))
+    same = serial == parallel
+    print(f"reading probe rows serial vs parallel: {'identical' if same else 'DIFFERENT'}")
+    for row in (r for part in parallel for r in part):
+        print(f"  {row['attribute']:5s} {row['setting']:14s} linear {row['linear']['mean']:.3f} "
+              f"attentive {row['attentive']['mean']:.3f} (chance {row['chance']:.3f}, {row['n_val']} val)")
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="also run the default (full) demo, ~10 minutes")
-    parser.add_argument("--threads", type=int, default=1, help="the demo's --threads (default 1)")
-    parser.add_argument("--keep", type=Path, default=None, help="write the demo outputs here instead of a temp dir")
+    parser.add_argument("--settings", choices=("quick", "full"), default="quick")
+    parser.add_argument("--per_class", type=int, default=None,
+                        help="probe images per class and split (default: all of the toyworld size)")
+    parser.add_argument("--demo", action="store_true", help="also time whole `comp demo --quick` processes")
+    parser.add_argument("--full", action="store_true", help="with --demo: also the default demo (~10 min)")
+    parser.add_argument("--keep", type=Path, default=None, help="write outputs here instead of a temp dir")
     args = parser.parse_args()
 
+    import torch
+
+    torch.set_num_threads(1)  # as comp demo's default --threads
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        # best of 3: the import is short, so one disturbed run would skew every ratio
-        baseline = min(measure([sys.executable, "-c", "import comp.demo.run"], root / "import.log")
-                       for _ in range(3))
-        runs = {"comp demo --quick": ["--quick"]} | ({"comp demo": []} if args.full else {})
-        rows, timings = [("import comp.demo.run (baseline)", *baseline)], {}
-        for name, extra in runs.items():
-            out = root / name.replace(" ", "_").replace("-", "")
-            argv = [sys.executable, "-m", "comp", "demo", *extra, "--out", str(out), "--threads", str(args.threads)]
-            rows.append((name, *measure(argv, root / f"{out.name}.log")))
-            timings[name] = json.loads((out / "results.json").read_text())["timings"]
+        rows, siglip, toyworld = bench_assets(root, args.settings)
+        rows += bench_probes(siglip, toyworld, args.per_class)
+        if args.demo:
+            rows += bench_demo(root, args.full)
+    print(f"{os.cpu_count()} cores; torch threads 1 per process; load average (1/5/15 min) before -> after")
+    print(f"{'part':58s} {'seconds':>8s} {'vs serial':>9s}  load")
+    serial = {}
+    for name, seconds, loads, detail in rows:
+        part, _, mode = name.rpartition(", ")
+        if mode == "serial":
+            serial[part] = seconds
+        ratio = f"{seconds / serial[part]:.2f}x" if part in serial else "-"
+        print(f"{name:58s} {seconds:8.1f} {ratio:>9s}  {loads}" + (f"  {detail}" if detail else ""))
 
-    print(f"comp demo, each a fresh process (--threads {args.threads}, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); ratios against the baseline")
-    print(f"{'':34s} {'wall s':>8s} {'peak RSS MiB':>13s} {'wall x':>7s} {'RSS x':>6s}")
-    for name, wall, rss in rows:
-        print(f"{name:34s} {wall:8.1f} {rss:13.0f} {wall / baseline[0]:6.1f}x {rss / baseline[1]:5.2f}x")
-    walls = {name: wall for name, wall, _ in rows}
-    for name, phases in timings.items():
-        other = walls[name] - sum(phases.values())
-        print(f"{name} phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
-              + f", other (start-up, report) {other:.1f}")
+
+def measure(argv: list[str], log: Path) -> float:
+    """Wall seconds of one child process; its output goes to ``log``."""
+    with open(log, "w") as out:
+        start = time.perf_counter()
+        done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        tail = log.read_text().splitlines()[-20:]
+        raise SystemExit(f"{' '.join(argv)} exited with {done.returncode}; last lines of {log}:\n" + "\n".join(tail))
+    return time.perf_counter() - start
+
+
+def bench_demo(root: Path, full: bool) -> list:
+    """Whole demos in fresh processes (cold: their own COMP_CACHE), against an import-only one."""
+    rows = []
+    seconds, _, loads = timed(lambda: measure([sys.executable, "-c", "import comp.demo.run"], root / "import.log"))
+    rows.append(("import comp.demo.run", seconds, loads, None))
+    for name, extra in {"comp demo --quick": ["--quick"], **({"comp demo": []} if full else {})}.items():
+        out = root / name.replace(" ", "_").replace("-", "")
+        env_cache = root / f"{out.name}-cache"
+        argv = [sys.executable, "-m", "comp", "demo", *extra, "--out", str(out)]
+        os.environ["COMP_CACHE"] = str(env_cache)
+        seconds, _, loads = timed(lambda argv=argv, log=root / f"{out.name}.log": measure(argv, log))
+        phases = json.loads((out / "results.json").read_text())["timings"]
+        rows.append((f"{name} (cold)", seconds, loads, {k: round(v) for k, v in phases.items()}))
+    return rows
 
 
 if __name__ == "__main__":

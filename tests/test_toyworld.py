@@ -10,6 +10,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +251,8 @@ def test_probe_splits_have_classes_and_labels_match_pixels(world, attribute):
     per_class = {"train": tw.SIZES["small"]["probe_train"], "val": tw.SIZES["small"]["probe_val"],
                  "val_hires": tw.SIZES["small"]["probe_val"]}
     entries = {}
+    if attribute in tw.READING_PROBES:
+        per_class |= {"train_large": per_class["train"], "val_large": per_class["val"]}
     for split, n in per_class.items():
         assert {d.name for d in (root / split).iterdir()} == classes
         assert all(len(list((root / split / c).glob("*.png"))) == n for c in classes)
@@ -272,8 +275,12 @@ def test_probe_splits_have_classes_and_labels_match_pixels(world, attribute):
         assert lo["label"] == hi["label"]
         assert (hi["meta"]["width"], hi["meta"]["height"]) == (2 * lo["meta"]["width"],
                                                                2 * lo["meta"]["height"])
-    if attribute in ("digit", "word"):  # small enough that resolution matters, larger in val_hires
-        assert max(t["font_size"] for e in entries["train"] for t in e["meta"]["texts"]) <= 12
+    if attribute in ("digit", "word"):  # small in large scenes, so that resolution matters
+        assert max(t["font_size"] for e in entries["train"] for t in e["meta"]["texts"]) <= max(tw.DIGIT_SIZES)
+        assert min(max(e["meta"]["width"], e["meta"]["height"]) for e in entries["train"]) >= tw.WIDE_SIDE[0]
+        for e in entries["train_large"] + entries["val_large"]:  # one text, large, in a small scene
+            assert e["meta"]["texts"][0]["font_size"] in tw.READ_SIZES
+            assert max(e["meta"]["width"], e["meta"]["height"]) <= tw.READ_SIDE[1]
 
 
 def ink_at(meta: dict, side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -288,18 +295,52 @@ def ink_at(meta: dict, side: int | None = None) -> tuple[np.ndarray, np.ndarray]
 
 
 @pytest.mark.parametrize("attribute", ["digit", "word"])
-def test_reading_probes_are_legible_natively_and_not_at_64_px(world, attribute):
+def test_reading_probes_are_legible_natively_and_not_at_112_px(world, attribute):
     """The point of these probes: at native size every digit has >= 6 px of ink height (a
-    word >= 5, the x-height of one without ascenders); in a VFM's fixed 64 x 64 input most
-    fall under 4 px tall or 2.5 px a glyph wide."""
-    metas = [e["meta"] for e in json.loads((world / "probe" / attribute / "val.json").read_text())]
-    h, _ = ink_at(metas)
+    word >= 5, the x-height of one without ascenders); in the toy SigLIP's fixed 112 x 112
+    input nearly all fall under 4 px tall or 2.5 px a glyph wide. The large-glyph split is
+    the opposite: legible at 112 px, where a fixed-size encoder can learn to read."""
+    def metas(split):
+        return [e["meta"] for e in json.loads((world / "probe" / attribute / f"{split}.json").read_text())]
+
+    glyph = 2.5 if attribute == "digit" else 2.5 * 5  # words: 5 glyphs
+    h, _ = ink_at(metas("val"))
     assert h.min() >= (6 if attribute == "digit" else 5)
-    h64, w64 = ink_at(metas, 64)
-    small = (h64 < 4) | (w64 < (2.5 if attribute == "digit" else 2.5 * 5))  # words: >= 5 glyphs
-    assert small.mean() > 0.75, small.mean()
-    hires = [e["meta"] for e in json.loads((world / "probe" / attribute / "val_hires.json").read_text())]
-    assert ink_at(hires)[0].min() >= 2 * h.min()
+    h112, w112 = ink_at(metas("val"), 112)
+    small = (h112 < 4) | (w112 < glyph)
+    assert small.mean() > 0.95, small.mean()
+    assert ink_at(metas("val_hires"))[0].min() >= 2 * h.min()
+    for split in ("train_large", "val_large"):
+        h112, w112 = ink_at(metas(split), 112)
+        assert h112.min() >= 4.5 and w112.min() >= glyph, split
+
+
+def test_captions_name_their_scene_in_varied_words():
+    """Captions carry the image: each names its scene's colours, shapes, digits and words
+    (two scenes' captions differ where the scenes do), in phrasing varied enough that
+    captions share far fewer words than the canonical form's (bag-of-words cosine)."""
+    from comp.demo.claims import mean_pairwise_bow_cos
+
+    scenes = [tw.pool_scene(tw.rng_for(0, "test-captions", i)) for i in range(200)]
+    varied = {"short": [tw.short_caption(s, tw.rng_for(0, "test-short", i)) for i, s in enumerate(scenes)],
+              "dense": [tw.dense_caption(s, tw.rng_for(0, "test-dense", i)) for i, s in enumerate(scenes)]}
+    for kind, captions in varied.items():
+        for scene, caption in zip(scenes, captions):
+            for o in scene.objects:
+                assert f"{o.colour} {o.shape}" in caption or f"{o.shape} in {o.colour}" in caption, caption
+            for t in scene.texts:
+                assert t.text in caption, caption
+        assert len(set(captions)) == len(captions)
+        assert mean_pairwise_bow_cos(captions) < 0.55, kind
+    canonical = [tw.short_caption(s) for s in scenes]
+    assert mean_pairwise_bow_cos(canonical) > mean_pairwise_bow_cos(varied["short"]) + 0.1
+    assert len({c.split()[0] for c in varied["short"]}) > 5  # not one opening
+    # a scene's shape twin, phrased by the same generator: the captions differ only in shape words
+    scene = next(s for s in scenes if len(s.objects) == 3)
+    twin = replace(scene, objects=tuple(replace(o, shape=n) for o, n in zip(
+        scene.objects, [x for x in tw.SHAPES if x not in {o.shape for o in scene.objects}])))
+    a, b = (tw.short_caption(s, tw.rng_for(0, "twin", 0)).split() for s in (scene, twin))
+    assert len(a) == len(b) and all((x == y) == (x.strip(",;.()") not in tw.SHAPES) for x, y in zip(a, b))
 
 
 def test_qa_eval_questions_are_typed_exact_and_asked_as_in_stage3(world):

@@ -83,6 +83,7 @@ DIGITS = tuple("0123456789")
 PROBES: dict[str, tuple[str, ...]] = {
     "shape": SHAPES, "colour": tuple(COLOURS), "digit": DIGITS, "word": WORDS,
 }
+READING_PROBES = ("digit", "word")  # also written with large glyphs (train_large, val_large)
 # Segmentation classes: label k (1-based; 0 = ignore) is SEG_CLASSES[k - 1].
 SEG_CLASSES = ("background", *SHAPES, "word", "number")
 # Held-out QA: the Stage III question types an evaluation scores (``typed_qa_pairs``).
@@ -90,6 +91,9 @@ QA_TYPES = ("colour", "shape", "position", "count", "number", "word")
 SIDE_MIN, SIDE_MAX = 56, 448
 TEXT_SIZES = (8, 9, 10, 11, 12, 13)  # pool text, px: small enough that downsampling hurts
 DIGIT_SIZES = (9, 10, 11, 12)  # the digit and word probes' single text
+READ_SIZES = (11, 12, 13, 14, 16, 18)  # reading scenes' text: legible squeezed to ~112 px
+READ_SIDE = (96, 136)  # reading scenes' sides, px: a squeeze to ~112 px barely distorts them
+WIDE_SIDE = (320, 448)  # the reading probes' long side, px: a fixed-size squeeze shrinks >= 2.8x
 MARGIN = 2  # px kept free around every item
 HIRES_SCALE = 2
 SIZES: dict[str, dict[str, int]] = {
@@ -328,19 +332,55 @@ def pool_scene(rng: np.random.Generator) -> Scene:
     return _until_placed(rng, draw)
 
 
-def probe_scene(rng: np.random.Generator, attribute: str, label: str) -> Scene:
+def wide_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height) of a large scene: long side in WIDE_SIDE, aspect log-uniform in
+    1:1..4:1 either way, short side >= SIDE_MIN."""
+    long = int(rng.integers(WIDE_SIDE[0], WIDE_SIDE[1] + 1))
+    short = max(SIDE_MIN, round(long / math.exp(rng.uniform(0, math.log(4)))))
+    return (long, short) if rng.random() < 0.5 else (short, long)
+
+
+def reading_text(rng: np.random.Generator, kind: str) -> str:
+    """A word of WORDS, or a number of 1 digit (70% of the time) or 2."""
+    if kind == "word":
+        return str(rng.choice(WORDS))
+    digits = 1 if rng.random() < 0.7 else 2
+    return str(int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits)))
+
+
+def reading_scene(rng: np.random.Generator, kind: str, text: str | None = None) -> Scene:
+    """A small scene (READ_SIDE px a side) with 0-2 shapes and one text of ``kind`` (``text``,
+    else drawn) in large type (READ_SIZES): still legible squeezed into a VFM's fixed square
+    of ~112 px, which small text in a large scene is not. What a fixed-size encoder can learn
+    to read from."""
+    def draw() -> Scene | None:
+        w, h = (int(v) for v in rng.integers(READ_SIDE[0], READ_SIDE[1] + 1, size=2))
+        n = int(rng.integers(0, 3))
+        shapes = list(zip(_distinct(rng, SHAPES, n), _distinct(rng, list(COLOURS), n)))
+        label = text if text is not None else reading_text(rng, kind)
+        return compose(rng, w, h, shapes, [(label, kind, int(rng.choice(READ_SIZES)))])
+    return _until_placed(rng, draw)
+
+
+def probe_scene(rng: np.random.Generator, attribute: str, label: str, large: bool = False) -> Scene:
     """A scene whose ``attribute`` is ``label``: one main shape (shape/colour probes, with an
-    optional word as distractor) or one small digit or word (with 0-2 distractor shapes)."""
+    optional word as distractor) or one digit or word (with 0-2 distractor shapes): small
+    (DIGIT_SIZES) in a large scene (``wide_size``), or with ``large`` a reading scene."""
     if attribute not in PROBES:
         raise ValueError(f"unknown probe attribute {attribute!r}; expected one of {list(PROBES)}")
+    kind = "number" if attribute == "digit" else "word"
+    if large:
+        if attribute not in READING_PROBES:
+            raise ValueError(f"large glyphs exist for {READING_PROBES}, not {attribute!r}")
+        return reading_scene(rng, kind, label)
 
     def draw() -> Scene | None:
-        w, h = sample_size(rng)
-        if attribute in ("digit", "word"):
+        if attribute in READING_PROBES:
+            w, h = wide_size(rng)
             n = int(rng.integers(0, 3))
             shapes = list(zip(_distinct(rng, SHAPES, n), _distinct(rng, list(COLOURS), n)))
-            kind = "number" if attribute == "digit" else "word"
             return compose(rng, w, h, shapes, [(label, kind, int(rng.choice(DIGIT_SIZES)))])
+        w, h = sample_size(rng)
         shape = label if attribute == "shape" else str(rng.choice(SHAPES))
         colour = label if attribute == "colour" else str(rng.choice(list(COLOURS)))
         texts = [(str(rng.choice(WORDS)), "word", int(rng.choice(TEXT_SIZES)))] \
@@ -359,10 +399,62 @@ def _text_name(t: Text) -> str:
     return f'the word "{t.text}"' if t.kind == "word" else f"the number {t.text}"
 
 
-def short_caption(scene: Scene) -> str:
-    items = [f"a {o.colour} {o.shape} {position_phrase(o.position)}" for o in scene.objects]
-    items += [_text_name(t) for t in scene.texts]
-    return _join(items) + "."
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _amount(n: int, noun: str, rng: np.random.Generator | None) -> str:
+    """``n`` nouns, in words or digits: "two shapes", "1 shape"."""
+    count = COUNT_WORDS[n] if rng is None or n >= len(COUNT_WORDS) or rng.random() < 0.5 else str(n)
+    return f"{count} {noun}{'' if n == 1 else 's'}"
+
+
+# How a caption names a shape (o) and a text (t); the first form is the canonical one
+# (``short_caption(scene)`` without a generator), which the zero-shot prompts also use.
+SHAPE_FORMS: tuple[Callable[[Shape, str], str], ...] = (
+    lambda o, size: f"{_article(size or o.colour)} {size}{o.colour} {o.shape} {position_phrase(o.position)}",
+    lambda o, size: f"{size}{o.colour} {o.shape}, {o.position}",
+    lambda o, size: f"{_article(size or o.shape)} {size}{o.shape} in {o.colour} {position_phrase(o.position)}",
+    lambda o, size: f"{position_phrase(o.position)} {_article(size or o.colour)} {size}{o.colour} {o.shape}",
+    lambda o, size: f"{size}{o.colour} {o.shape} ({o.position})",
+)
+TEXT_FORMS: tuple[Callable[[Text], str], ...] = (
+    _text_name,
+    lambda t: f'{_text_name(t)} {position_phrase(t.position)}',
+    lambda t: f'"{t.text}" written {position_phrase(t.position)}',
+    lambda t: f"{t.kind} {t.text} ({t.position})",
+    lambda t: f'{position_phrase(t.position)} the {t.kind} "{t.text}"',
+)
+COUNT_WORDS = ("no", "one", "two", "three", "four", "five")
+
+
+def _pick(rng: np.random.Generator | None, n: int) -> int:
+    return 0 if rng is None else int(rng.integers(n))
+
+
+def short_caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """What the scene shows, each shape (colour, shape, position) and text named. With a
+    generator the phrasing, the order and the extras (shape count, background) vary, so
+    captions share few words beyond what their scenes share; without one, the canonical
+    form ("a red circle on the left and the number 47.")."""
+    form = _pick(rng, len(SHAPE_FORMS))
+    shape_form, text_form = SHAPE_FORMS[form], TEXT_FORMS[_pick(rng, len(TEXT_FORMS))]
+    shapes = [shape_form(o, "") for o in scene.objects]
+    texts = [text_form(t) for t in scene.texts]
+    if rng is None:
+        return _join(shapes + texts) + "."
+    items = shapes + texts
+    if rng.random() < 0.5:
+        items = [items[int(i)] for i in rng.permutation(len(items))]
+    # a form with a comma inside ("red circle, left") is listed with semicolons
+    body = _join(items) if rng.random() < 0.5 and form != 1 else "; ".join(items)
+    extras = int(rng.integers(4))  # 0 none, 1 count, 2 background, 3 both
+    if extras & 1:
+        body = f"{_amount(len(scene.objects), 'shape', rng)}: {body}"
+    if extras & 2:
+        body = f"{body}, on {scene.background}" if rng.random() < 0.5 else \
+            f"{scene.background} background, {body}"
+    return body + "."
 
 
 def size_word(scene: Scene, o: Shape) -> str:
@@ -384,21 +476,44 @@ def transcript(scene: Scene) -> str:
     return "\n".join(" ".join(t.text for t in line) for line in reading_order(scene))
 
 
-def dense_caption(scene: Scene) -> str:
+def dense_caption(scene: Scene, rng: np.random.Generator | None = None) -> str:
+    """Every shape with its size, colour and position, every text with its position, the
+    reading order and the image's size and background; with a generator in varied phrasing
+    and sentence order (without one, the canonical form)."""
     w, h = scene.width, scene.height
-    shape_ = "wide" if w > 1.2 * h else "tall" if h > 1.2 * w else "roughly square"
+    frame = "wide" if w > 1.2 * h else "tall" if h > 1.2 * w else "roughly square"
+    shape_form = SHAPE_FORMS[_pick(rng, len(SHAPE_FORMS))]
+    shapes = [shape_form(o, size_word(scene, o) + " ") for o in scene.objects]
     n = len(scene.objects)
-    parts = [f"A {shape_} {w}x{h} image with a {scene.background} background.",
-             f"It shows {n} shape{'s' if n != 1 else ''}: " + _join(
-                 [f"a {size_word(scene, o)} {o.colour} {o.shape} {position_phrase(o.position)}"
-                  for o in scene.objects]) + "."]
-    if scene.texts:
-        parts += [f"{_text_name(t)[0].upper()}{_text_name(t)[1:]} is written "
-                  f"{position_phrase(t.position)}." for t in scene.texts]
-        parts.append("Reading order: " + " / ".join(transcript(scene).split("\n")) + ".")
+    header = [f"A {frame} {w}x{h} image with a {scene.background} background.",
+              f"The image is {w} by {h} pixels, {frame}, on {scene.background}.",
+              f"Background {scene.background}; size {w}x{h} ({frame})."][_pick(rng, 3)]
+    form = _pick(rng, 3)
+    if not shapes:
+        listing = "There are no shapes."
+    elif form == 0:
+        listing = f"It shows {_amount(n, 'shape', rng)}: {_join(shapes)}."
+    elif form == 1:
+        listing = " ".join(f"{s[0].upper()}{s[1:]}." for s in shapes)
     else:
-        parts.append("There is no text.")
-    return " ".join(parts)
+        listing = f"{_amount(n, 'shape', rng).capitalize()}: {'; '.join(shapes)}."
+    if scene.texts:
+        order = " / ".join(transcript(scene).split("\n"))
+        form = _pick(rng, 3)
+        writing = [[f"{_text_name(t).capitalize()} is written {position_phrase(t.position)}." for t in scene.texts]
+                   + [f"Reading order: {order}."],
+                   [f"{position_phrase(t.position).capitalize()} it says {t.text} ({t.kind})." for t in scene.texts]
+                   + [f"In reading order: {order}."],
+                   [f"Text: {_join([f'{t.kind} {t.text} {position_phrase(t.position)}' for t in scene.texts])}; "
+                    + f"read as {order}."]][form]
+    else:
+        writing = [["There is no text."], ["Nothing is written."], ["No text."]][_pick(rng, 3)]
+    body = [listing, *writing]
+    if rng is not None and rng.random() < 0.5:
+        body = [*writing, listing]
+    if rng is not None and rng.random() < 0.3:
+        return " ".join([*body, header])
+    return " ".join([header, *body])
 
 
 def typed_qa_pairs(rng: np.random.Generator, scene: Scene) -> list[tuple[str, str, str]]:
@@ -461,12 +576,12 @@ def caption_record(rng: np.random.Generator, rid: str, image: str, scene: Scene)
     prompt = str(rng.choice(CAPTION_PROMPTS))
     value = f"<image>\n{prompt}" if rng.random() < 0.7 else f"{prompt}\n<image>"
     return _record(rid, [image], [{"from": "human", "value": value},
-                                  {"from": "gpt", "value": short_caption(scene)}],
+                                  {"from": "gpt", "value": short_caption(scene, rng)}],
                    "caption", [scene])
 
 
 def dense_record(rng: np.random.Generator, rid: str, image: str, scene: Scene) -> dict:
-    pairs = [(str(rng.choice(DENSE_PROMPTS)), dense_caption(scene))]
+    pairs = [(str(rng.choice(DENSE_PROMPTS)), dense_caption(scene, rng))]
     return _record(rid, [image], _turns(pairs, "<image>\n"), "dense_caption", [scene])
 
 
@@ -592,12 +707,17 @@ def _write_stages(out: Path, seed: int, spec: dict, paths: list[str], scenes: li
 
 
 def _write_probes(out: Path, seed: int, spec: dict, counts: dict) -> None:
+    """Every probe's train / val (+ val_hires) splits, and the reading probes' large-glyph
+    train_large / val_large (own streams: the other splits are drawn as without them)."""
     for attribute, classes in PROBES.items():
-        for split, per_class in (("train", spec["probe_train"]), ("val", spec["probe_val"])):
+        splits = [("train", spec["probe_train"], False), ("val", spec["probe_val"], False)]
+        if attribute in READING_PROBES:
+            splits += [("train_large", spec["probe_train"], True), ("val_large", spec["probe_val"], True)]
+        for split, per_class, large in splits:
             n = per_class * len(classes)
             stream = f"probe-{attribute}-{split}"
             scenes = [(classes[i % len(classes)],
-                       probe_scene(rng_for(seed, stream, i), attribute, classes[i % len(classes)]))
+                       probe_scene(rng_for(seed, stream, i), attribute, classes[i % len(classes)], large))
                       for i in range(n)]
             variants = [(split, 1)] + ([("val_hires", HIRES_SCALE)] if split == "val" else [])
             for name, k in variants:
@@ -643,19 +763,20 @@ def _write_qa_eval(out: Path, seed: int, per_type: int, counts: dict) -> None:
 
 
 def _write_retrieval(out: Path, seed: int, n: int, counts: dict) -> None:
-    """Pool-like scenes with pairwise distinct captions, so each caption has one right image."""
+    """Pool-like scenes with pairwise distinct content (canonical captions), so each caption
+    has one right image; captions and dense captions phrased as Stage I and II phrase them."""
     entries, seen, i = [], set(), 0
     while len(entries) < n:
         scene = pool_scene(rng_for(seed, "retrieval", i))
         i += 1
-        caption = short_caption(scene)
-        if caption in seen:
+        if short_caption(scene) in seen:
             continue
-        seen.add(caption)
+        seen.add(short_caption(scene))
         rel = f"images/{len(entries):05d}.png"
         _write_png(out / "retrieval" / rel, scene)
-        entries.append({"image": rel, "caption": caption, "dense_caption": dense_caption(scene),
-                        "meta": scene.meta()})
+        rng = rng_for(seed, "retrieval-caption", len(entries))
+        entries.append({"image": rel, "caption": short_caption(scene, rng),
+                        "dense_caption": dense_caption(scene, rng), "meta": scene.meta()})
     _write_json(out / "retrieval" / "captions.json", entries)
     counts["retrieval/captions.json"] = n
 

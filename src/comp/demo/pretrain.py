@@ -6,12 +6,15 @@ are made as the real ones were, at toy scale, with transformers' own classes and
 
 - a tokenizer with one token per word (comp.demo.wordtok: Qwen2's byte-level BPE trained on
   toyworld text until every word is merged);
-- ``SiglipModel`` trained with its sigmoid image-text loss (``return_loss=True``) on toyworld
-  pool scenes and their short captions, every image resized to one square resolution (small
-  text becomes illegible there, which native-resolution training should then recover); each
-  batch holds scenes with their shape twins (same layout and colours, other shapes) as hard
-  negatives: in toyworld colour alone tells a random batch's captions apart, and without twins
-  the toy SigLIP never learns shape (docs/results/measurements.md);
+- ``SiglipModel`` trained with its sigmoid image-text loss (``return_loss=True``), every
+  image resized to one square resolution, on captioned toyworld scenes in groups of hard
+  negatives: pool scenes with their shape twins (same layout and colours, other shapes: in
+  toyworld colour alone tells a random batch's captions apart, and without twins the toy
+  never learns shape), and reading scenes (one word or number large enough to stay legible
+  at that resolution) with their text siblings (the same scene with other texts), so that
+  the toy can learn to read where its input shows the text large; small text in a large
+  scene becomes illegible in the squeeze, which native-resolution training should recover.
+  A group's captions share one phrasing and differ only where its images do;
 - ``Qwen2ForCausalLM`` (tied embeddings, padded table) trained with its causal LM loss on
   toyworld text in the chat format: captions, dense captions, and questions answered from a
   scene's description (the LM never sees images, as a text LM).
@@ -20,9 +23,11 @@ Both are saved with ``save_pretrained`` (+ SigLIP's ``preprocessor_config.json``
 generation config and tokenizer), so the recipe loads them exactly as real checkpoints, and
 cached under ``$COMP_CACHE/toy-pretrained/<key>/``: the key hashes the seed, the settings and
 the source of the code that makes them. ``quality.json`` beside them says how good they are:
-SigLIP zero-shot colour / shape accuracy on probe scenes (class texts ensembled over the
-caption forms, as CLIP's prompt ensembles), LM perplexity on held-out text against a unigram
-model's on the same tokens.
+SigLIP zero-shot accuracy on probe scenes at its fixed size (class texts ensembled over the
+caption forms, as CLIP's prompt ensembles): colour, shape, and digit / word with large
+glyphs and with the reading probes' small ones in large scenes; LM perplexity on held-out
+text against a unigram model's on the same tokens. The SigLIP trains in a child process
+while this one trains the LM (comp.demo.parallel), on a machine with two cores or more.
 
 Shape legend: B batch, S image side, L tokens, C classes, N images, D embedding width.
 """
@@ -35,6 +40,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -64,8 +70,11 @@ class ToySettings:
     vision_heads: int = 4
     text_width: int = 64
     text_layers: int = 2
-    text_len: int = 40  # captions padded / truncated to this many tokens, as SigLIP's 64
-    siglip_images: int = 4000  # half of them the other half's shape twins
+    text_len: int = 64  # captions padded / truncated to this many tokens, as SigLIP's
+    siglip_images: int = 4000  # pool scenes, half of them the other half's shape twins
+    reading_images: int = 4000  # reading scenes (large text), in groups of text siblings
+    reading_group: int = 8
+    reading_share: float = 0.25  # of every batch: one group of 8
     siglip_steps: int = 2000
     siglip_batch: int = 32
     siglip_lr: float = 1e-3
@@ -83,9 +92,9 @@ class ToySettings:
 
 
 FULL = ToySettings()
-# For tests: seconds, not minutes; colour is learned, shape barely (docs/results/measurements.md).
+# For tests: seconds, not minutes.
 QUICK = replace(FULL, text_scenes=400, heldout_scenes=40, image_size=84, siglip_images=800,
-                siglip_steps=500, lm_steps=300, lm_batch=8, probe_per_class=12)
+                reading_images=400, siglip_steps=500, lm_steps=300, lm_batch=8, probe_per_class=12)
 
 
 @dataclass(frozen=True)
@@ -114,11 +123,14 @@ def cache_key(seed: int, settings: ToySettings) -> str:
 
 
 def pretrained_toys(seed: int = 0, settings: ToySettings = FULL, cache_dir: str | Path | None = None,
-                    log=print) -> ToyOriginals:
+                    log=print, jobs: int | None = None, alongside: Callable[[Path], object] | None = None
+                    ) -> ToyOriginals:
     """The toy SigLIP and Qwen2 for ``seed``: read from the cache, else built there (in a
     temporary directory renamed into place, so a crash never leaves half a checkpoint and two
     concurrent builds both end with a complete one). ``cache_dir`` None:
-    ``$COMP_CACHE/toy-pretrained`` (see comp.data.lengths.cache_root)."""
+    ``$COMP_CACHE/toy-pretrained`` (see comp.data.lengths.cache_root). ``jobs`` and
+    ``alongside``: see ``build_toys``; from the cache, ``alongside(final directory)`` runs
+    right away."""
     from comp.data.lengths import cache_root
 
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "toy-pretrained"
@@ -128,7 +140,8 @@ def pretrained_toys(seed: int = 0, settings: ToySettings = FULL, cache_dir: str 
         tmp = root / f".{final.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            build_toys(tmp, seed, settings, log=log)
+            build_toys(tmp, seed, settings, log=log, jobs=jobs, alongside=alongside)
+            alongside = None
             try:
                 os.rename(tmp, final)
             except OSError:  # another process finished first: keep its (identical) build
@@ -136,12 +149,23 @@ def pretrained_toys(seed: int = 0, settings: ToySettings = FULL, cache_dir: str 
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    if alongside is not None:
+        alongside(final)
     quality = json.loads((final / QUALITY_FILE).read_text())
     return ToyOriginals(final / SIGLIP_DIR, final / QWEN2_DIR, quality)
 
 
-def build_toys(out: Path, seed: int, settings: ToySettings, log=print) -> dict:
-    """Tokenizer, SigLIP and Qwen2 for ``seed`` into ``out`` (siglip/, qwen2/, quality.json)."""
+def build_toys(out: Path, seed: int, settings: ToySettings, log=print, jobs: int | None = None,
+               alongside: Callable[[Path], object] | None = None) -> dict:
+    """Tokenizer, SigLIP and Qwen2 for ``seed`` into ``out`` (siglip/, qwen2/, quality.json).
+
+    With ``jobs`` >= 2 (None: comp.demo.parallel.default_jobs) the SigLIP trains in a child
+    process (at this process's torch thread count) while this one trains the LM and then runs
+    ``alongside(out)`` (other work that needs no SigLIP, e.g. writing toyworld and counting
+    the word prior with ``out``/qwen2's tokenizer); each seeds its own generators, so the
+    weights are the same as with ``jobs`` 1, where everything runs here in turn."""
+    from comp.demo.parallel import ChildCall, default_jobs
+
     out.mkdir(parents=True, exist_ok=True)
     quality: dict = {"seed": seed, "settings": asdict(settings), "seconds": {}}
     start = time.perf_counter()
@@ -150,24 +174,47 @@ def build_toys(out: Path, seed: int, settings: ToySettings, log=print) -> dict:
     quality["vocab_size"] = len(tokenizer)
     quality["seconds"]["tokenizer"] = round(time.perf_counter() - start, 2)
 
-    start = time.perf_counter()
-    siglip, siglip_quality = train_siglip(tokenizer, seed, settings)
-    save_siglip(siglip, tokenizer, settings, out / SIGLIP_DIR)
-    quality["siglip"] = siglip_quality
-    quality["seconds"]["siglip"] = round(time.perf_counter() - start, 2)
-    log(f"toy SigLIP (seed {seed}): zero-shot colour {siglip_quality['colour_accuracy']:.3f}, "
-        f"shape {siglip_quality['shape_accuracy']:.3f} in {quality['seconds']['siglip']:.0f} s")
-
-    start = time.perf_counter()
-    heldout_docs = text_documents(seed, "heldout", settings.heldout_scenes)
-    lm, lm_quality = train_lm(tokenizer, train_docs, heldout_docs, seed, settings)
-    save_lm(lm, tokenizer, out / QWEN2_DIR)
-    quality["lm"] = lm_quality
-    quality["seconds"]["lm"] = round(time.perf_counter() - start, 2)
-    log(f"toy Qwen2 (seed {seed}): held-out perplexity {lm_quality['perplexity']:.2f} "
-        f"(unigram {lm_quality['unigram_perplexity']:.2f}) in {quality['seconds']['lm']:.0f} s")
+    job = (tokenizer, seed, settings, out / SIGLIP_DIR, torch.get_num_threads())
+    if (jobs or default_jobs()) >= 2:
+        with ChildCall(out / ".siglip-job", "comp.demo.pretrain:build_siglip", *job) as siglip:
+            quality["lm"], quality["seconds"]["lm"] = build_lm(tokenizer, train_docs, out, seed, settings, log)
+            if alongside is not None:
+                alongside(out)
+            quality["siglip"], quality["seconds"]["siglip"] = siglip.result()
+        shutil.rmtree(out / ".siglip-job")
+    else:
+        quality["siglip"], quality["seconds"]["siglip"] = build_siglip(*job)
+        quality["lm"], quality["seconds"]["lm"] = build_lm(tokenizer, train_docs, out, seed, settings, log)
+        if alongside is not None:
+            alongside(out)
+    q = quality["siglip"]
+    log(f"toy SigLIP (seed {seed}): zero-shot colour {q['colour_accuracy']:.3f}, shape {q['shape_accuracy']:.3f}, "
+        f"digit {q['digit_large_accuracy']:.3f} / word {q['word_large_accuracy']:.3f} with large glyphs, "
+        f"{q['digit_small_accuracy']:.3f} / {q['word_small_accuracy']:.3f} with small ones in large scenes, "
+        f"in {quality['seconds']['siglip']:.0f} s")
     (out / QUALITY_FILE).write_text(json.dumps(quality, indent=2) + "\n")
     return quality
+
+
+def build_siglip(tokenizer, seed: int, settings: ToySettings, out: Path, threads: int) -> tuple[dict, float]:
+    """Train and save the toy SigLIP into ``out`` -> (its quality, seconds)."""
+    start = time.perf_counter()
+    torch.set_num_threads(threads)
+    siglip, quality = train_siglip(tokenizer, seed, settings)
+    save_siglip(siglip, tokenizer, settings, out)
+    return quality, round(time.perf_counter() - start, 2)
+
+
+def build_lm(tokenizer, train_docs, out: Path, seed: int, settings: ToySettings, log=print) -> tuple[dict, float]:
+    """Train and save the toy Qwen2 into ``out``/qwen2 -> (its quality, seconds)."""
+    start = time.perf_counter()
+    heldout_docs = text_documents(seed, "heldout", settings.heldout_scenes)
+    lm, quality = train_lm(tokenizer, train_docs, heldout_docs, seed, settings)
+    save_lm(lm, tokenizer, out / QWEN2_DIR)
+    seconds = round(time.perf_counter() - start, 2)
+    log(f"toy Qwen2 (seed {seed}): held-out perplexity {quality['perplexity']:.2f} "
+        f"(unigram {quality['unigram_perplexity']:.2f}) in {seconds:.0f} s")
+    return quality, seconds
 
 
 # ----------------------------------------------------------------------------- text
@@ -183,14 +230,14 @@ def scene_conversations(rng: np.random.Generator, scene: tw.Scene) -> list[list[
     def assistant(text: str) -> dict:
         return {"role": "assistant", "content": text}
 
-    context = tw.dense_caption(scene)
+    context = tw.dense_caption(scene, rng)
     pairs = tw.qa_pairs(rng, scene)
     chosen = [pairs[int(i)] for i in rng.permutation(len(pairs))[:int(rng.integers(2, 5))]]
     qa = [user(f"{context}\n{chosen[0][0]}"), assistant(chosen[0][1])]
     for question, answer in chosen[1:]:
         qa += [user(question), assistant(answer)]
-    convs = [[user(str(rng.choice(tw.CAPTION_PROMPTS))), assistant(tw.short_caption(scene))],
-             [user(str(rng.choice(tw.DENSE_PROMPTS))), assistant(context)], qa]
+    convs = [[user(str(rng.choice(tw.CAPTION_PROMPTS))), assistant(tw.short_caption(scene, rng))],
+             [user(str(rng.choice(tw.DENSE_PROMPTS))), assistant(tw.dense_caption(scene, rng))], qa]
     if scene.texts:
         convs.append([user(f"{context}\n{rng.choice(tw.OCR_PROMPTS)}"), assistant(tw.transcript(scene))])
     return convs
@@ -305,9 +352,10 @@ def train_siglip(tokenizer, seed: int, settings: ToySettings):
     from transformers import SiglipModel
 
     s = settings
-    scenes = siglip_scenes(seed, s.siglip_images)
-    pixels = torch.from_numpy(np.stack([_square_pixels(sc, s.image_size) for sc in scenes]))
-    captions, truncated = _caption_ids(tokenizer, [tw.short_caption(sc) for sc in scenes], s.text_len)
+    scenes, texts = siglip_groups(seed, s.siglip_images, "pool", 2)
+    read_scenes, read_texts = siglip_groups(seed, s.reading_images, "reading", s.reading_group)
+    pixels = torch.from_numpy(np.stack([_square_pixels(sc, s.image_size) for sc in scenes + read_scenes]))
+    captions, truncated = _caption_ids(tokenizer, texts + read_texts, s.text_len)
     torch.manual_seed(seed)
     model = SiglipModel(siglip_config(tokenizer, s)).train()
     with torch.no_grad():  # SigLIP's init: t' = log 10; its b = -10 is about -log of its
@@ -316,9 +364,13 @@ def train_siglip(tokenizer, seed: int, settings: ToySettings):
     # beta2 0.95 as SigLIP trained; small batches break the initial symmetry fastest here
     opt = torch.optim.AdamW(model.parameters(), lr=s.siglip_lr, betas=(0.9, 0.95), weight_decay=1e-4)
     schedule = _warmup_cosine(opt, s.siglip_steps)
-    order = _twin_batches(len(scenes) // 2, s.siglip_batch, s.siglip_steps, seed)
+    read_batch = s.reading_group * round(s.siglip_batch * s.reading_share / s.reading_group)
+    pool_order = _group_batches(len(scenes) // 2, 2, s.siglip_batch - read_batch, s.siglip_steps, seed)
+    read_order = _group_batches(len(read_scenes) // s.reading_group, s.reading_group, read_batch,
+                                s.siglip_steps, seed + 1)
     losses = []
-    for idx in order:
+    for pool_idx, read_idx in zip(pool_order, read_order):
+        idx = torch.cat([pool_idx, read_idx + len(scenes)])
         out = model(input_ids=captions[idx], pixel_values=_normalise(pixels[idx]), return_loss=True)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -340,18 +392,55 @@ def shape_twin(rng: np.random.Generator, scene: tw.Scene) -> tw.Scene:
             return replace(scene, objects=tuple(replace(o, shape=new) for o, new in zip(scene.objects, shapes)))
 
 
-def siglip_scenes(seed: int, n: int) -> list[tw.Scene]:
-    """``n`` training scenes: pool scenes at even indices, each one's shape twin after it."""
-    scenes = []
-    for i in range(n // 2):
-        scene = tw.pool_scene(tw.rng_for(seed, "toy-siglip", i))
-        scenes += [scene, shape_twin(tw.rng_for(seed, "toy-siglip-twin", i), scene)]
-    return scenes
+def text_siblings(rng: np.random.Generator, scene: tw.Scene, k: int, tries: int = 50) -> list[tw.Scene] | None:
+    """``k`` other versions of a one-text scene, each with another text of the same kind and
+    length (all distinct), ink centred where the old ink was (same position word); None when
+    fewer than ``k`` fit there."""
+    (old,) = scene.texts
+    cx, cy = (old.bbox[0] + old.bbox[2]) / 2, (old.bbox[1] + old.bbox[3]) / 2
+    siblings, used = [], {old.text}
+    for _ in range(tries):
+        text = tw.reading_text(rng, old.kind)
+        if text in used or len(text) != len(old.text):
+            continue
+        x0, y0, x1, y1 = tw.text_bbox(text, (0, 0), old.font_size)
+        xy = (round(cx - (x0 + x1) / 2), round(cy - (y0 + y1) / 2))
+        bbox = tw.text_bbox(text, xy, old.font_size)
+        inside = bbox[0] >= 0 and bbox[1] >= 0 and bbox[2] <= scene.width and bbox[3] <= scene.height
+        if inside and not any(tw._overlaps(bbox, o.bbox) for o in scene.objects):
+            siblings.append(replace(scene, texts=(replace(old, text=text, bbox=bbox, xy=xy),)))
+            used.add(text)
+            if len(siblings) == k:
+                return siblings
+    return None
 
 
-def _twin_batches(pairs: int, batch: int, steps: int, seed: int) -> list[torch.Tensor]:
-    """``_batches`` over the (scene, twin) pairs: every batch holds both of each pair."""
-    return [torch.stack([2 * p, 2 * p + 1], 1).reshape(-1) for p in _batches(pairs, batch // 2, steps, seed)]
+def siglip_groups(seed: int, n: int, kind: str, group: int) -> tuple[list[tw.Scene], list[str]]:
+    """``n`` training scenes (rounded down to whole groups) and their captions, in groups of
+    hard negatives: a "pool" scene and its shape twin (``group`` 2), or a "reading" scene (one
+    large word or number, legible at the fixed size: what the toy learns to read from) and
+    ``group`` - 1 text siblings. A group shares one caption phrasing, so its captions differ
+    only where its images do."""
+    scenes, captions, i = [], [], 0
+    while len(scenes) < group * (n // group):
+        if kind == "pool":
+            scene = tw.pool_scene(tw.rng_for(seed, "toy-siglip", i))
+            others = [shape_twin(tw.rng_for(seed, "toy-siglip-twin", i), scene)]
+        else:
+            rng = tw.rng_for(seed, "toy-siglip-read", i)
+            scene = tw.reading_scene(rng, "number" if rng.random() < 0.5 else "word")
+            others = text_siblings(tw.rng_for(seed, "toy-siglip-read-twin", i), scene, group - 1)
+        if others is not None:
+            scenes += [scene, *others]
+            captions += [tw.short_caption(sc, tw.rng_for(seed, f"toy-siglip-caption-{kind}", i))
+                         for sc in (scene, *others)]
+        i += 1
+    return scenes, captions
+
+
+def _group_batches(groups: int, size: int, batch: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """``_batches`` over groups of ``size`` consecutive scenes: a batch holds whole groups."""
+    return [(size * g[:, None] + torch.arange(size)).reshape(-1) for g in _batches(groups, batch // size, steps, seed)]
 
 
 def _warmup_cosine(opt, steps: int):
@@ -374,40 +463,62 @@ def _batches(n: int, batch: int, steps: int, seed: int) -> list[torch.Tensor]:
 
 
 def class_prompts(attribute: str, label: str) -> list[str]:
-    """The single-shape short captions that state ``label``: every other attribute and every
-    position filled in (CLIP-style prompt ensemble over the caption forms)."""
+    """Captions that state ``label`` and nothing else a scene of that class must show: a single
+    shape in every caption form with every other attribute and every position filled in, or
+    the digit / word alone in every text form at every position (CLIP-style prompt ensemble)."""
     positions = sorted({tw.position_word(x + 0.5, y + 0.5, 3, 3) for x in range(3) for y in range(3)})
+    if attribute in tw.READING_PROBES:
+        kind = "number" if attribute == "digit" else "word"
+        return [f"{form(tw.Text(label, kind, p, (0, 0, 0, 0), (0, 0), 0))}." for form in tw.TEXT_FORMS
+                for p in positions]
     colours = [label] if attribute == "colour" else list(tw.COLOURS)
     shapes = [label] if attribute == "shape" else list(tw.SHAPES)
-    return [f"a {c} {s} {tw.position_phrase(p)}." for c in colours for s in shapes for p in positions]
+    return [f"{form(tw.Shape(s, c, p, (0, 0, 0, 0)), '')}." for form in tw.SHAPE_FORMS
+            for c in colours for s in shapes for p in positions]
+
+
+# zero-shot sets: (attribute, large glyphs); the digit and word ones say whether the toy reads
+# when the glyphs are large at its fixed size, and whether the squeeze of small ones defeats it
+ZERO_SHOT_SETS = (("colour", False), ("shape", False), ("digit", True), ("word", True),
+                  ("digit", False), ("word", False))
+
+
+def _zero_shot_name(attribute: str, large: bool) -> str:
+    return attribute + ("_large" if large else "_small" if attribute in tw.READING_PROBES else "")
 
 
 @torch.no_grad()
 def siglip_zero_shot(model, tokenizer, seed: int, settings: ToySettings) -> dict:
-    """Zero-shot accuracy on probe scenes (held-out stream) for colour and shape: each image's
-    class is the one whose mean normalised prompt embedding is nearest."""
+    """Zero-shot accuracy on probe scenes (held-out streams) at the fixed size: each image's
+    class is the one whose mean normalised prompt embedding is nearest. Colour and shape;
+    digit and word with large glyphs (reading scenes) and with the reading probes' small
+    glyphs in large scenes."""
     result = {}
-    for attribute in ("colour", "shape"):
+    for attribute, large in ZERO_SHOT_SETS:
         classes = tw.PROBES[attribute]
         class_CD = []
         for label in classes:
-            ids, _ = _caption_ids(tokenizer, class_prompts(attribute, label), settings.text_len)
-            text = F.normalize(_features(model.get_text_features(input_ids=ids)), dim=-1)
-            class_CD.append(F.normalize(text.mean(0), dim=-1))
+            text_ND = []
+            prompts = class_prompts(attribute, label)
+            for lo in range(0, len(prompts), 256):
+                ids, _ = _caption_ids(tokenizer, prompts[lo:lo + 256], settings.text_len)
+                text_ND.append(F.normalize(_features(model.get_text_features(input_ids=ids)), dim=-1))
+            class_CD.append(F.normalize(torch.cat(text_ND).mean(0), dim=-1))
         class_CD = torch.stack(class_CD)
         n = settings.probe_per_class * len(classes)
         labels = [i % len(classes) for i in range(n)]
-        stream = f"toy-zeroshot-{attribute}"
+        name = _zero_shot_name(attribute, large)
+        stream = f"toy-zeroshot-{name}"
         pixels = np.stack([_square_pixels(tw.probe_scene(tw.rng_for(seed, stream, i), attribute,
-                                                         classes[c]), settings.image_size)
+                                                         classes[c], large), settings.image_size)
                            for i, c in enumerate(labels)])
         image_ND = F.normalize(_features(model.get_image_features(
             pixel_values=_normalise(torch.from_numpy(pixels)))), dim=-1)
         pred = (image_ND @ class_CD.T).argmax(-1)
         accuracy = (pred == torch.tensor(labels)).float().mean().item()
-        result[f"{attribute}_accuracy"] = round(accuracy, 4)
-        result[f"{attribute}_chance"] = round(1 / len(classes), 4)
-        result[f"{attribute}_images"] = n
+        result[f"{name}_accuracy"] = round(accuracy, 4)
+        result[f"{name}_chance"] = round(1 / len(classes), 4)
+        result[f"{name}_images"] = n
     return result
 
 

@@ -1,0 +1,123 @@
+"""Independent demo work in child Pythons, so a 2-core machine runs two pieces at once.
+
+The demo's models are tiny: one torch thread per process is fastest (a second intra-op thread
+mostly waits), so the cores pay only as separate processes. A child is a fresh
+``python -c`` that imports one function by name, reads its pickled arguments from a work
+folder and pickles the result back: no caller's ``__main__`` is re-run (multiprocessing's
+spawn would re-run an unguarded script), nothing is inherited by fork from a process whose
+torch or tokenizer threads are running. Its prints and warnings go to the work folder's
+log, whose tail an error quotes.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
+
+import torch
+
+CHILD = ("import sys; from comp.demo.parallel import child_main; child_main(sys.argv[1])",)
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_jobs(limit: int = 2) -> int:
+    """How many processes to run side by side: the cores available, at most ``limit``."""
+    return max(1, min(limit, available_cores()))
+
+
+class ChildCall:
+    """``function(*args, **kwargs)`` (``function`` as "module:name") in a child Python with
+    ``threads`` torch threads; ``result()`` waits and returns what it returned. Leaving a
+    ``with`` block before ``result()`` ends the child."""
+
+    def __init__(self, work: Path, function: str, *args, threads: int | None = None, **kwargs):
+        work.mkdir(parents=True, exist_ok=True)
+        self.work, self.function = work, function
+        (work / "result.pkl").unlink(missing_ok=True)
+        (work / "job.pkl").write_bytes(pickle.dumps((function, args, kwargs, threads or torch.get_num_threads())))
+        src = str(Path(__file__).resolve().parents[2])  # where this comp package is imported from
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
+        with open(work / "log.txt", "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", *CHILD, str(work)], stdout=log,
+                                         stderr=subprocess.STDOUT, env=env)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def result(self):
+        if self.proc.wait() != 0:
+            tail = "\n".join((self.work / "log.txt").read_text(errors="replace").splitlines()[-15:])
+            raise RuntimeError(f"{self.function} in a child process exited with {self.proc.returncode}; "
+                               f"the end of {self.work / 'log.txt'}:\n{tail}")
+        return pickle.loads((self.work / "result.pkl").read_bytes())
+
+
+def child_main(work: str) -> None:
+    """The child side of ``ChildCall``."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    function, args, kwargs, threads = pickle.loads((Path(work) / "job.pkl").read_bytes())
+    torch.set_num_threads(threads)
+    result = _resolve(function)(*args, **kwargs)
+    (Path(work) / "result.pkl").write_bytes(pickle.dumps(result))
+
+
+def _resolve(function: str):
+    module, name = function.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_parallel(function: str, calls: Sequence[tuple], jobs: int | None = None,
+                 kwargs: dict | None = None) -> list:
+    """``function(*args, **kwargs)`` for each ``args`` of ``calls``, up to ``jobs`` at a time
+    (None: ``default_jobs()``) in child Pythons, one torch thread each; with ``jobs`` 1, here
+    in turn (no child). Results in the order of ``calls``; the first failure is raised after
+    the other running children are ended."""
+    jobs = default_jobs() if jobs is None else jobs
+    kwargs = kwargs or {}
+    if jobs <= 1:
+        fn = _resolve(function)
+        return [fn(*args, **kwargs) for args in calls]
+    results: dict[int, object] = {}
+    running: dict[int, ChildCall] = {}
+    pending = list(enumerate(calls))
+    with tempfile.TemporaryDirectory(prefix="comp-parallel-") as work:
+        try:
+            while pending or running:
+                while pending and len(running) < jobs:
+                    i, args = pending.pop(0)
+                    running[i] = ChildCall(Path(work) / f"call-{i:04d}", function, *args, threads=1, **kwargs)
+                finished = [i for i, child in running.items() if child.done()]
+                for i in finished:
+                    results[i] = running.pop(i).result()
+                if not finished:
+                    time.sleep(0.05)
+        finally:
+            for child in running.values():
+                child.close()
+    return [results[i] for i in range(len(calls))]
