@@ -16,6 +16,7 @@ Layout of OUT (all JSON paths relative to the file that names them)::
     data/stage3_qa.json              Stage III: multi-turn QA, incl. two-image and text-only records
     stage1.yaml stage2.yaml stage3.yaml
     probe/<attr>/{train,val,val_hires}/<class>/NNNNN.png   ImageFolder splits, attr in PROBES
+    probe/{digit,word}/{train_large,val_large}/<class>/NNNNN.png   the same, large glyphs
     probe/<attr>/<split>.json        [{image, label, meta}] for the same files
     retrieval/images/NNNNN.png, retrieval/captions.json    unique captions per image
     qa_eval/{val,val_hires}/NNNNN.png, qa_eval/questions.json  held-out questions, one image each
@@ -29,10 +30,17 @@ YAML's directory, so ``comp data check OUT/stage2.yaml`` needs no ``--image_fold
 ``val_hires`` re-renders the ``val`` scenes at twice the size (vector re-rendering, not
 upsampling): resolutions never seen in training, same labels.
 
-Resolution matters for the ``digit`` and ``word`` probes and the reading questions: their
-single text is 9-12 px (ink 6-9 px tall) in images up to 448 px, legible at native size;
-squeezed into a VFM's fixed square of 64 px most glyphs shrink below 4 px tall or 2.5 px
-wide. ``qa_eval/questions.json`` holds [{id, image, image_hires, type, question, answer,
+Captions carry their image: Stage I captions, Stage II dense captions and the retrieval
+captions name each scene's shapes (colour, shape, position), texts and optionally its shape
+count and background, in phrasing and order drawn per record, so two captions share few words
+beyond what their scenes share.
+
+Resolution matters for the ``digit`` and ``word`` probes and the reading questions: the
+probes' single text is 9-12 px (ink 6-9 px tall) in a long scene (320-448 px by a half to a
+quarter of that), legible at native size; squeezed into a VFM's fixed square of 112 px nearly every glyph
+shrinks below 4 px tall or 2.5 px wide. Their ``train_large`` / ``val_large`` splits show the
+same classes as reading scenes (11-18 px text in a ~96-136 px scene), legible at that fixed
+size: whether an encoder reads at all. ``qa_eval/questions.json`` holds [{id, image, image_hires, type, question, answer,
 meta}], types QA_TYPES, asked exactly as the Stage III records ask them; each draws from its
 own stream ("qa-eval-<type>"), so it shares no scene with training and adding it changed no
 other output.
@@ -333,10 +341,11 @@ def pool_scene(rng: np.random.Generator) -> Scene:
 
 
 def wide_size(rng: np.random.Generator) -> tuple[int, int]:
-    """(width, height) of a large scene: long side in WIDE_SIDE, aspect log-uniform in
-    1:1..4:1 either way, short side >= SIDE_MIN."""
+    """(width, height) of a long scene: long side in WIDE_SIDE, aspect log-uniform in
+    2:1..4:1, wide or tall. Squeezed into a square, its long axis shrinks >= 2.8x (small text
+    becomes illegible) while the image keeps about as many native tokens as a pool image."""
     long = int(rng.integers(WIDE_SIDE[0], WIDE_SIDE[1] + 1))
-    short = max(SIDE_MIN, round(long / math.exp(rng.uniform(0, math.log(4)))))
+    short = max(SIDE_MIN, round(long / math.exp(rng.uniform(math.log(2), math.log(4)))))
     return (long, short) if rng.random() < 0.5 else (short, long)
 
 
