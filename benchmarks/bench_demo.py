@@ -8,7 +8,7 @@ Parts (``--settings quick`` for seconds, ``full`` for the demo's own sizes):
   serial (``jobs=1``: SigLIP, LM, data in turn) against parallel (``jobs=2``: the SigLIP in a
   child process while this one trains the LM and writes the data, ``alongside``). The two
   builds' weights are compared byte for byte: the parallel build must not change them.
-- probes: the reading probe (comp.demo.claims.reading_probe) of the toy SigLIP, digit and
+- probes: the probe cells (comp.demo.claims.probe_cell) of the toy SigLIP, digit and
   word, in turn against two child processes (comp.demo.parallel.run_parallel).
 ``--demo`` also times whole ``comp demo --quick`` runs (``--full``: and the default demo),
 each a fresh process, against a process that only imports the demo command.
@@ -47,20 +47,9 @@ def weights_digest(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def demo_data(toys_dir: Path, out: Path, toyworld_size: str, seed: int) -> None:
-    """What build_assets makes beside the originals: toyworld and the word prior."""
-    import torch
-
-    from comp.data.prior import word_prior
-    from comp.data.toyworld import write_toyworld
-
-    write_toyworld(out / "toyworld", seed=seed, size=toyworld_size)
-    counts, _ = word_prior(str(out / "toyworld" / "stage2.yaml"), str(toys_dir / "qwen2"))
-    torch.save(counts, out / "word_dist.pt")
-
-
 def bench_assets(root: Path, settings_name: str, seed: int = 0) -> tuple[list, Path, Path]:
     from comp.demo import pretrain
+    from comp.demo.pipeline import write_data
 
     settings = {"quick": pretrain.QUICK, "full": pretrain.FULL}[settings_name]
     size = "small" if settings_name == "quick" else "medium"
@@ -74,10 +63,10 @@ def bench_assets(root: Path, settings_name: str, seed: int = 0) -> tuple[list, P
         def build(jobs=jobs, cache=cache, data=data):
             if jobs == 1:
                 built = pretrain.pretrained_toys(seed, settings, cache_dir=cache, log=quiet, jobs=1)
-                demo_data(built.siglip.parent, data, size, seed)
+                write_data(data, seed, size, built.qwen2)
                 return built
             return pretrain.pretrained_toys(seed, settings, cache_dir=cache, log=quiet, jobs=2,
-                                            alongside=lambda d, data=data: demo_data(d, data, size, seed))
+                                            alongside=lambda d, data=data: write_data(data, seed, size, d / "qwen2"))
 
         seconds, toys, loads = timed(build)
         digests[mode] = weights_digest(toys.siglip.parent)
@@ -89,15 +78,15 @@ def bench_assets(root: Path, settings_name: str, seed: int = 0) -> tuple[list, P
 
 
 def bench_probes(siglip: Path, toyworld: Path, per_class: int | None) -> list:
-    from comp.demo.claims import reading_probe
+    from comp.demo.claims import probe_cell
     from comp.demo.parallel import run_parallel
 
     size = json.loads((siglip / "config.json").read_text())["vision_config"]["image_size"]
-    calls = [(str(siglip), str(toyworld), size, (attribute,)) for attribute in ("digit", "word")]
-    kwargs = {"per_class": per_class}
-    seconds, serial, loads = timed(lambda: [reading_probe(*c, **kwargs) for c in calls])
+    calls = [(str(siglip), str(toyworld), attribute, size) for attribute in ("digit", "word")]
+    kwargs = {"per_class": per_class, "attentive": True}
+    seconds, serial, loads = timed(lambda: [probe_cell(*c, **kwargs) for c in calls])
     rows = [("reading probes (digit, word), serial", seconds, loads, None)]
-    seconds, parallel, loads = timed(lambda: run_parallel("comp.demo.claims:reading_probe", calls, jobs=2,
+    seconds, parallel, loads = timed(lambda: run_parallel("comp.demo.claims:probe_cell", calls, jobs=2,
                                                           kwargs=kwargs))
     rows.append(("reading probes (digit, word), parallel", seconds, loads, None))
     same = serial == parallel

@@ -169,16 +169,22 @@ def test_quick_run_writes_summary_rows_with_verdicts(quick_run):
     results = json.loads((out / "results.json").read_text())
     assert all(math.isfinite(x) for x in _numbers(results))
     rows = results["summary"]
-    assert [r["claim"][:3] for r in rows] == ["(a)", "(a)", "(b)", "(c)", "(d)"]
+    assert [r["claim"][:3] for r in rows] == ["(a)"] * 5 + ["(b)", "(c)", "(d)"]
     for r in rows:
         assert set(r) >= {"claim", "metric", "before", "after", "chance", "spread", "supported"}
         assert r["supported"] == (r["after"] - r["before"] > summary.Z * r["spread"])
     # the rows are computed from the detailed results, not apart from them
-    digit = {(p["encoder"], p["setting"]): p for p in results["probes"] if p["attribute"] == "digit"}
-    assert rows[0]["after"] == digit[("CoMP-VFM", "native")]["attentive"]["mean"]
-    assert rows[1]["before"] == digit[("original", "native 2x")]["attentive"]["mean"]
-    assert rows[3]["after"] == results["qa"]["native"]["accuracy"]
-    assert rows[4]["after"] - rows[4]["before"] == pytest.approx(results["qa"]["native"]["image_use"]["difference"],
+    probe = {(p["attribute"], p["encoder"], p["setting"]): p["attentive"]["mean"] for p in results["probes"]
+             if p["attentive"] is not None}
+    assert (rows[0]["before"], rows[0]["after"]) == (probe["digit", "original", "fixed"],
+                                                     probe["digit", "CoMP-VFM", "native"])
+    assert rows[1]["after"] == probe["word", "CoMP-VFM", "native"]
+    assert rows[2]["before"] == probe["digit", "original", "native 2x"]
+    dense = {(d["encoder"], d["setting"]): d["miou"]["mean"] for d in results["dense"]}
+    assert (rows[3]["before"], rows[3]["after"]) == (dense["original", "fixed"], dense["CoMP-VFM", "native"])
+    assert rows[4]["after"] == dense["CoMP-VFM", "native 2x"]
+    assert rows[6]["after"] == results["qa"]["native"]["accuracy"]
+    assert rows[7]["after"] - rows[7]["before"] == pytest.approx(results["qa"]["native"]["image_use"]["difference"],
                                                                  abs=1e-6)
     report = check_report(out)  # summary table first, every linked figure exists
     assert summary_markdown(rows, rule=summary.RULE) in report
@@ -191,20 +197,29 @@ def test_quick_run_writes_summary_rows_with_verdicts(quick_run):
 def test_probes_cover_encoders_settings_and_seeds(quick_run):
     results = json.loads((quick_run[0] / "results.json").read_text())
     probes = results["probes"]
-    assert {(p["encoder"], p["setting"]) for p in probes} == {
-        (e, s) for e in ("original", "CoMP-VFM") for s in ("fixed", "native", "native 2x")}
+    reading = ("large, fixed",)
+    assert {(p["attribute"], p["encoder"], p["setting"]) for p in probes} == {
+        (a, e, s) for a in ("colour", "digit", "word") for e in ("original", "CoMP-VFM")
+        for s in ("fixed", "native", "native 2x", *(reading if a != "colour" else ()))}
     for p in probes:
         heads = ("linear", "attentive") if p["attribute"] in results["plan"]["attentive_attributes"] else ("linear",)
         assert (p["attentive"] is None) == (heads == ("linear",))
         for head in heads:
             assert len(p[head]["values"]) == 3 and all(0 <= v <= 1 for v in p[head]["values"])
-    assert {p["attribute"] for p in probes if p["attentive"] is not None} == {"digit"}  # quick: colour, digit
+    assert {p["attribute"] for p in probes if p["attentive"] is not None} == {"digit", "word"}
     size = results["image_size"]
-    fixed = [p for p in probes if p["setting"] == "fixed"]
+    fixed = [p for p in probes if p["setting"] in ("fixed", "large, fixed")]
     assert all(p["patches_per_image"] == (size // 14) ** 2 for p in fixed)
     native = {(p["attribute"], p["encoder"]): p for p in probes if p["setting"] == "native"}
     assert all(p["patches_per_image"] > 3 * native[(p["attribute"], p["encoder"])]["patches_per_image"]
                for p in probes if p["setting"] == "native 2x")
+    dense = results["dense"]
+    assert {(d["encoder"], d["setting"]) for d in dense} == {
+        (e, s) for e in ("original", "CoMP-VFM") for s in ("fixed", "native", "native 2x")}
+    assert all(len(d["miou"]["values"]) == 3 and 0 <= d["miou"]["mean"] <= 1 for d in dense)
+    assert list(results["health"]) == ["before", "stage1", "stage2a", "stage2b", "stage3"]
+    assert all(-1 <= h["image_cos"] <= 1 for h in results["health"].values())
+    assert 0 < results["captions"]["text_feature_cos"] < 1
     assert set(results["word_space"]) == {"before", "after"}
     assert set(results["qa"]) == {f"fixed {size}px", "native", "native 2x"}
 

@@ -1,8 +1,9 @@
-"""comp.demo.claims (caption diversity, the reading probe) and comp.demo.parallel, on the tiny
+"""comp.demo.claims (caption diversity, the probe and dense cells) and comp.demo.parallel, on the tiny
 checkpoints and a few toyworld probe images."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from comp.data import toyworld as tw
 from comp.demo import claims
@@ -22,19 +23,45 @@ def test_caption_diversity_is_one_for_one_caption_and_lower_for_different_ones(t
         claims.caption_diversity(tiny_dir("qwen2"), ["one"])
 
 
-def test_reading_probe_rows_per_setting(tiny_dir, tmp_path):
+def test_probe_cell_rows_per_setting(tiny_dir, tmp_path):
     """Real encoder, real probe splits (two images per class): one row per setting, the
-    fixed ones at the given size (56 px: 4 x 4 patches), the native one at each image's."""
+    fixed ones at the given size (56 px: 4 x 4 patches), the native ones at each image's."""
     tw._write_probes(tmp_path, 0, {"probe_train": 2, "probe_val": 1}, {})
-    rows = claims.reading_probe(tiny_dir("siglip"), tmp_path, 56, attributes=("digit",), seeds=2,
-                                linear_epochs=2, attentive_epochs=1)
-    assert [r["setting"] for r in rows] == [s[0] for s in claims.READING_SETTINGS]
+    rows = claims.probe_cell(tiny_dir("siglip"), tmp_path, "digit", 56, attentive=True, seeds=2,
+                             linear_epochs=2, attentive_epochs=1)
+    by = {r["setting"]: r for r in rows}
+    assert list(by) == ["fixed", "native", "native 2x", "large, fixed"]
     for row in rows:
         assert (row["n_train"], row["n_val"], row["chance"]) == (20, 10, 0.1)
         assert len(row["attentive"]["values"]) == len(row["linear"]["values"]) == 2
         assert all(0 <= v <= 1 for v in row["attentive"]["values"])
-    assert rows[0]["patches_per_image"] == rows[1]["patches_per_image"] == 16
-    assert rows[2]["patches_per_image"] > 100  # large scenes at native size
+    assert by["fixed"]["patches_per_image"] == by["large, fixed"]["patches_per_image"] == 16
+    assert by["native"]["patches_per_image"] > 100  # large scenes at native size
+    assert by["native 2x"]["patches_per_image"] > 3 * by["native"]["patches_per_image"]
+    colour = claims.probe_cell(tiny_dir("siglip"), tmp_path, "colour", 56, attentive=False, seeds=1,
+                               linear_epochs=2, per_class=1)
+    assert [r["setting"] for r in colour] == ["fixed", "native", "native 2x"]
+    assert all(r["attentive"] is None and r["n_train"] == 8 for r in colour)
+
+
+def test_dense_cell_rows_per_setting(tiny_dir, tmp_path):
+    tw.write_seg(tmp_path / "seg", 0, 4, 5)
+    rows = claims.dense_cell(tiny_dir("siglip"), tmp_path / "seg", 56, seeds=2, epochs=1, n_train=3)
+    by = {r["setting"]: r for r in rows}
+    assert list(by) == ["fixed", "native", "native 2x"]
+    assert all((r["n_train"], r["n_val"], r["classes"]) == (3, 5, len(tw.SEG_CLASSES)) for r in rows)
+    assert all(len(r["miou"]["values"]) == 2 and 0 <= r["miou"]["mean"] <= 1 and r["miou_se"] >= 0 for r in rows)
+    assert by["fixed"]["tokens_per_image"] == 16
+    assert by["native 2x"]["tokens_per_image"] > 3 * by["native"]["tokens_per_image"]
+
+
+def test_miou_fold_se_is_zero_for_identical_folds_and_grows_with_disagreement():
+    eye = torch.eye(2, dtype=torch.long) * 10
+    assert claims.miou_fold_se(eye.expand(5, 2, 2), ["a", "b"]) == pytest.approx(0.0)
+    wrong = torch.tensor([[0, 10], [10, 0]])
+    mixed = torch.stack([eye, eye, wrong, eye, wrong])
+    assert claims.miou_fold_se(mixed, ["a", "b"]) > 0.1
+    assert claims.miou_fold_se(eye.expand(3, 2, 2), ["a", "b"]) == 0.0  # fewer images than folds
 
 
 def test_run_parallel_matches_serial_and_names_a_failing_child():
@@ -45,9 +72,3 @@ def test_run_parallel_matches_serial_and_names_a_failing_child():
     assert serial == [pytest.approx(0.5), pytest.approx(0.0, abs=1e-6)]
     with pytest.raises(RuntimeError, match="at least two captions"):
         run_parallel("comp.demo.claims:caption_diversity", [("unused", ["one"])], jobs=2)
-
-
-def test_first_per_class_keeps_order():
-    paths, labels = list("abcdef"), [0, 1, 0, 0, 1, 2]
-    assert claims.first_per_class(paths, labels, 2) == (list("abcef"), [0, 1, 0, 1, 2])
-    assert claims.first_per_class(paths, labels, None) == (paths, labels)

@@ -20,8 +20,8 @@ Layout of OUT (all JSON paths relative to the file that names them)::
     probe/<attr>/<split>.json        [{image, label, meta}] for the same files
     retrieval/images/NNNNN.png, retrieval/captions.json    unique captions per image
     qa_eval/{val,val_hires}/NNNNN.png, qa_eval/questions.json  held-out questions, one image each
-    seg/{train,val}/images/NNNNN.png, seg/{train,val}/annotations/NNNNN.png   segmentation split
-    seg/{train,val}.json, seg/classes.json   [{image, annotation, meta}]; names of labels 1..K
+    seg/{train,val,val_hires}/images/NNNNN.png, .../annotations/NNNNN.png   segmentation split
+    seg/{train,val,val_hires}.json, seg/classes.json   [{image, annotation, meta}]; names of labels 1..K
     manifest.json                    seed, size, counts per file and folder (seg's: seg/classes.json)
 
 Image-folder convention: record ``image`` paths are relative to OUT/images (``pool/...``);
@@ -794,10 +794,11 @@ def write_seg(out: str | Path, seed: int, n_train: int, n_val: int) -> dict[str,
     """The segmentation split under ``out`` (toyworld's OUT/seg); returns its counts."""
     out = Path(out)
     counts = {}
-    for split, n in (("train", n_train), ("val", n_val)):
+    for split, n, scale in (("train", n_train, 1), ("val", n_val, 1), ("val_hires", n_val, HIRES_SCALE)):
         entries = []
         for i in range(n):
-            scene = pool_scene(rng_for(seed, f"seg-{split}", i))
+            scene = pool_scene(rng_for(seed, f"seg-{split.removesuffix('_hires')}", i))
+            scene = scale_scene(scene, scale) if scale != 1 else scene
             paths = {"image": f"{split}/images/{i:05d}.png", "annotation": f"{split}/annotations/{i:05d}.png"}
             _write_png(out / paths["image"], scene)
             (out / paths["annotation"]).parent.mkdir(parents=True, exist_ok=True)

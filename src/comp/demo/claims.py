@@ -6,10 +6,10 @@
   has nearly the same ``F_t`` every image gets the same target word distribution. Reported
   with two views of the same texts that need no LLM context: the mean input word embedding
   and a bag-of-words term-frequency vector (words and single digits).
-- ``reading_probe``: does an encoder read digits and words, and at which resolution. Probes
-  on frozen tokens over toyworld's reading splits: large glyphs at the encoder's fixed size
-  ("large, fixed": can it read at all), small glyphs in large scenes squeezed to the fixed
-  size ("small, fixed": what the squeeze leaves) and at native size ("small, native").
+- ``probe_cell``: what a frozen encoder's tokens tell about one toyworld attribute, at the
+  encoder's fixed size, at native size and at 2x; for digits and words also with large
+  glyphs at the fixed size (can the encoder read at all; the other splits ask about small
+  glyphs in large scenes, which the fixed-size squeeze makes illegible).
 
 Shape legend: N texts or images, D width, V vocabulary (bag of words).
 """
@@ -73,78 +73,133 @@ def mean_pairwise_bow_cos(texts: Sequence[str]) -> float:
     return mean_pairwise_cos(bag_of_words(texts))
 
 
-# (setting, train split, val split, fixed size?): what each reading-probe row measures
-READING_SETTINGS = (("large, fixed", "train_large", "val_large", True),
-                    ("small, fixed", "train", "val", True),
-                    ("small, native", "train", "val", False))
+# A probe head is trained once per (train split, resolution) and scored on each of its val
+# splits: (train split, fixed size?, {setting: val split}). "native 2x" is the val scenes
+# rendered at twice the size, classified by the native-trained head.
+PROBE_GROUPS = (("train", True, {"fixed": "val"}),
+                ("train", False, {"native": "val", "native 2x": "val_hires"}))
+# the reading probes add: large glyphs at the fixed size (can the encoder read at all?)
+READING_GROUPS = (("train_large", True, {"large, fixed": "val_large"}),)
 
 
-def reading_probe(encoder_dir: str | Path, toyworld: str | Path, image_size: int,
-                  attributes: Sequence[str] = ("digit", "word"), *, per_class: int | None = None,
-                  seeds: int = 3, linear_epochs: int = 300, attentive_epochs: int = 20,
-                  max_num_vistoken: int = 1280) -> list[dict]:
-    """Linear (mean-pooled tokens) and attentive (all tokens) probe top-1 of a frozen encoder
-    on toyworld's reading splits, one row per attribute and READING_SETTINGS entry: mean,
-    std and values over ``seeds`` probe seeds, chance, images and patches per image. The
-    heads and their settings are the demo's (comp.demo.pipeline.probe_results); "fixed"
-    resizes every image to ``image_size`` square, "native" keeps each image's size within
-    ``max_num_vistoken`` merged tokens. ``per_class``: the first images of each class per
-    split (None: all)."""
+def probe_groups(attribute: str) -> tuple:
+    from comp.data.toyworld import READING_PROBES
+
+    return PROBE_GROUPS + (READING_GROUPS if attribute in READING_PROBES else ())
+
+
+def probe_cell(encoder_dir: str | Path, toyworld: str | Path, attribute: str, image_size: int, *,
+               attentive: bool, per_class: int | None = None, seeds: int = 3, linear_epochs: int = 300,
+               attentive_epochs: int = 20, max_num_vistoken: int = 1280) -> list[dict]:
+    """Linear (mean-pooled tokens) and, with ``attentive``, attentive (all tokens) probe top-1
+    of a frozen encoder on one toyworld probe attribute: one row per setting of
+    ``probe_groups(attribute)`` with mean, std and values over ``seeds`` probe seeds, chance,
+    images and patches per image. "fixed" resizes every image to ``image_size`` square,
+    native keeps each image's size within ``max_num_vistoken`` merged tokens. ``per_class``:
+    the first images of each class per split (None: all). One cell is one child's work in
+    comp.demo.pipeline.probe_results."""
+    from comp.demo.common import per_class_subset, seed_stats
     from comp.eval.features import encode_files, load_encoder, mean_pool
-    from comp.eval.probe import (
-        TrainSettings,
-        attentive_probe,
-        linear_probe,
-        read_image_folder,
-        top1,
-    )
+    from comp.eval.heads import TrainSettings, attentive_probe, linear_probe, top1
+    from comp.eval.probe import read_image_folder
 
+    root = Path(toyworld) / "probe" / attribute
     rows = []
-    encoders = {}
-    for attribute in attributes:
-        root = Path(toyworld) / "probe" / attribute
-        for setting, train_split, val_split, fixed in READING_SETTINGS:
-            resolution = image_size if fixed else None
-            if resolution not in encoders:
-                encoders[resolution] = load_encoder(encoder_dir, resolution=resolution,
-                                                    max_num_vistoken=max_num_vistoken, device="cpu")
-            encoder = encoders[resolution]
-            train_p, train_y, classes = read_image_folder(root / train_split)
-            val_p, val_y, _ = read_image_folder(root / val_split, classes)
-            train_p, train_y = first_per_class(train_p, train_y, per_class)
-            val_p, val_y = first_per_class(val_p, val_y, per_class)
-            train_tokens, _ = encode_files(encoder, train_p)
-            val_tokens, val_grid = encode_files(encoder, val_p)
-            train_y, val_y = torch.tensor(train_y), torch.tensor(val_y)
-            heads: dict[str, list[float]] = {"linear": [], "attentive": []}
-            for seed in range(seeds):
-                full = TrainSettings(epochs=linear_epochs, lr=1e-2, wd=0.0, batch_size=len(train_y), seed=seed)
-                pred = linear_probe(mean_pool(train_tokens), train_y, mean_pool(val_tokens), len(classes), full)
-                heads["linear"].append(top1(pred, val_y))
+    for train_split, fixed, evals in probe_groups(attribute):
+        encoder = load_encoder(encoder_dir, resolution=image_size if fixed else None,
+                               max_num_vistoken=max_num_vistoken, device="cpu")
+        train_p, train_y, classes = read_image_folder(root / train_split)
+        train_p, train_y = per_class_subset(train_p, train_y, per_class)
+        train_tokens, _ = encode_files(encoder, train_p)
+        train_y = torch.tensor(train_y)
+        vals = {}
+        for setting, split in evals.items():
+            paths, labels, _ = read_image_folder(root / split, classes)
+            paths, labels = per_class_subset(paths, labels, per_class)
+            vals[setting] = (*encode_files(encoder, paths), torch.tensor(labels))
+        # one head per seed, scored on every val split of this group
+        val_tokens = [t for tokens, _, _ in vals.values() for t in tokens]
+        bounds = torch.tensor([0, *[len(y) for _, _, y in vals.values()]]).cumsum(0).tolist()
+        preds: dict[str, list[torch.Tensor]] = {"linear": [], **({"attentive": []} if attentive else {})}
+        for seed in range(seeds):
+            full = TrainSettings(epochs=linear_epochs, lr=1e-2, wd=0.0, batch_size=len(train_y), seed=seed)
+            preds["linear"].append(linear_probe(mean_pool(train_tokens), train_y, mean_pool(val_tokens),
+                                                len(classes), full))
+            if attentive:
                 mini = TrainSettings(epochs=attentive_epochs, lr=1e-3, wd=0.0, batch_size=32, seed=seed)
-                pred = attentive_probe(train_tokens, train_y, val_tokens, len(classes), mini)
-                heads["attentive"].append(top1(pred, val_y))
+                preds["attentive"].append(attentive_probe(train_tokens, train_y, val_tokens, len(classes), mini))
+        for k, (setting, (_, grid_N3, val_y)) in enumerate(vals.items()):
+            part = slice(bounds[k], bounds[k + 1])
             rows.append({"attribute": attribute, "setting": setting, "chance": 1 / len(classes),
                          "n_train": len(train_y), "n_val": len(val_y),
-                         "patches_per_image": float(val_grid.prod(-1).float().mean()),
-                         **{head: _stats(values) for head, values in heads.items()}})
+                         "patches_per_image": float(grid_N3.prod(-1).float().mean()), "attentive": None,
+                         **{head: seed_stats([top1(p[part], val_y) for p in ps]) for head, ps in preds.items()}})
     return rows
 
 
-def first_per_class(paths: list, labels: list[int], limit: int | None) -> tuple[list, list[int]]:
-    """The first ``limit`` items of each class (all when None), order kept."""
-    if limit is None:
-        return paths, labels
-    seen: Counter = Counter()
-    keep = []
-    for i, y in enumerate(labels):
-        seen[y] += 1
-        if seen[y] <= limit:
-            keep.append(i)
-    return [paths[i] for i in keep], [labels[i] for i in keep]
+# (fixed size?, {setting: val split}): as PROBE_GROUPS, for toyworld's segmentation split
+DENSE_GROUPS = ((True, {"fixed": "val"}), (False, {"native": "val", "native 2x": "val_hires"}))
 
 
-def _stats(values: list[float]) -> dict:
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)) ** 0.5
-    return {"mean": mean, "std": std, "values": values}
+def dense_cell(encoder_dir: str | Path, seg_root: str | Path, image_size: int, *, seeds: int = 3,
+               epochs: int = 10, lr: float = 1e-2, batch_size: int = 16, n_train: int | None = None,
+               n_val: int | None = None, max_num_vistoken: int = 1280) -> list[dict]:
+    """mIoU and pixel accuracy (mean, std and values over ``seeds`` head seeds) of the linear
+    segmentation probe (comp.eval.segmentation's head, loss and metric; one fixed lr instead
+    of its sweep, as the demo's other probes) on a frozen encoder, one row per DENSE_GROUPS
+    setting. ``seg_root`` holds train/, val/ and val_hires/ in ADE20K's layout (toyworld's
+    seg/); ``n_train`` / ``n_val``: the first images of each split (None: all)."""
+    from comp.demo.common import seed_stats
+    from comp.eval import segmentation as seg
+    from comp.eval.features import encode_files, load_encoder
+    from comp.eval.heads import TrainSettings
+
+    root = Path(seg_root)
+    names = seg.read_class_names(root)
+
+    def split(name: str, limit: int | None):
+        images, annotations = seg.read_split(root / name)
+        images, annotations = images[:limit], annotations[:limit]
+        return images, seg.load_labels(images, annotations)
+
+    train_images, train_labels = split("train", n_train)
+    num_classes = seg.num_classes_of(train_labels, names, str(root / "train"))
+    names = names or [str(v) for v in range(1, num_classes + 1)]
+    rows = []
+    for fixed, evals in DENSE_GROUPS:
+        encoder = load_encoder(encoder_dir, resolution=image_size if fixed else None,
+                               max_num_vistoken=max_num_vistoken, device="cpu")
+        train_tokens, train_grid = encode_files(encoder, train_images)
+        vals = {}
+        for setting, name in evals.items():
+            images, labels = split(name, n_val)
+            vals[setting] = (*encode_files(encoder, images), labels)
+        scored: dict[str, list[dict]] = {setting: [] for setting in evals}
+        fold_se: dict[str, float] = {}
+        for seed in range(seeds):
+            settings = TrainSettings(epochs=epochs, lr=lr, wd=0.0, batch_size=batch_size, seed=seed)
+            head = seg.train_head(train_tokens, train_grid, train_labels, num_classes, settings)
+            for setting, (tokens, grid_N3, labels) in vals.items():
+                conf_NKK = torch.stack([seg.evaluate(head, [t], g[None], [y], num_classes)
+                                        for t, g, y in zip(tokens, grid_N3, labels)])
+                scored[setting].append(seg.scores(conf_NKK.sum(0), names))
+                if seed == 0:
+                    fold_se[setting] = miou_fold_se(conf_NKK, names)
+        for setting, (tokens, _, labels) in vals.items():
+            rows.append({"setting": setting, "classes": num_classes, "n_train": len(train_images),
+                         "n_val": len(labels), "tokens_per_image": sum(map(len, tokens)) / len(tokens),
+                         "miou": seed_stats([s["miou"] for s in scored[setting]]), "miou_se": fold_se[setting],
+                         "pixel_acc": seed_stats([s["pixel_acc"] for s in scored[setting]])})
+    return rows
+
+
+def miou_fold_se(conf_NKK: torch.Tensor, names: list[str], folds: int = 5) -> float:
+    """The sampling error of a val set's mIoU, from per-image confusions: the std of the mIoU
+    of ``folds`` disjoint image folds over sqrt(folds) (0 with fewer images than folds)."""
+    from comp.demo.common import mean_std
+    from comp.eval.segmentation import scores
+
+    if len(conf_NKK) < folds:
+        return 0.0
+    per_fold = [scores(conf_NKK[k::folds].sum(0), names)["miou"] for k in range(folds)]
+    return mean_std(per_fold)[1] / folds ** 0.5

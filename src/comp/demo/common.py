@@ -20,6 +20,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def seed_stats(values: Sequence[float]) -> dict:
+    """What results.json keeps of a per-seed measurement: mean, std and the values."""
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "values": list(values)}
+
+
 def binomial_se(p: float, n: int) -> float:
     """Standard error of an accuracy ``p`` measured on ``n`` items."""
     return math.sqrt(max(p * (1 - p), 0.0) / max(1, n))

@@ -94,15 +94,19 @@ def _resolve(function: str):
 
 def run_parallel(function: str, calls: Sequence[tuple], jobs: int | None = None,
                  kwargs: dict | None = None) -> list:
-    """``function(*args, **kwargs)`` for each ``args`` of ``calls``, up to ``jobs`` at a time
-    (None: ``default_jobs()``) in child Pythons, one torch thread each; with ``jobs`` 1, here
-    in turn (no child). Results in the order of ``calls``; the first failure is raised after
-    the other running children are ended."""
+    """``function(*args, **kwargs)`` for each ``args`` of ``calls``: ``run_calls`` of one function."""
+    return run_calls([(function, args, kwargs or {}) for args in calls], jobs)
+
+
+def run_calls(calls: Sequence[tuple[str, tuple, dict]], jobs: int | None = None) -> list:
+    """``function(*args, **kwargs)`` for each (function, args, kwargs) of ``calls``, up to
+    ``jobs`` at a time (None: ``default_jobs()``) in child Pythons, one torch thread each, in
+    the order given (put the longest first); with ``jobs`` 1, here in turn (no child).
+    Results in the order of ``calls``; the first failure is raised after the other running
+    children are ended."""
     jobs = default_jobs() if jobs is None else jobs
-    kwargs = kwargs or {}
     if jobs <= 1:
-        fn = _resolve(function)
-        return [fn(*args, **kwargs) for args in calls]
+        return [_resolve(function)(*args, **kwargs) for function, args, kwargs in calls]
     results: dict[int, object] = {}
     running: dict[int, ChildCall] = {}
     pending = list(enumerate(calls))
@@ -110,7 +114,7 @@ def run_parallel(function: str, calls: Sequence[tuple], jobs: int | None = None,
         try:
             while pending or running:
                 while pending and len(running) < jobs:
-                    i, args = pending.pop(0)
+                    i, (function, args, kwargs) = pending.pop(0)
                     running[i] = ChildCall(Path(work) / f"call-{i:04d}", function, *args, threads=1, **kwargs)
                 finished = [i for i, child in running.items() if child.done()]
                 for i in finished:

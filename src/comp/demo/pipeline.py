@@ -21,13 +21,19 @@ each step, shows when the merger has stopped carrying its images):
   MLLM does not use its images.
 The measurements behind these choices: docs/results/measurements.md.
 
-Evaluation (``evaluate``):
-- probes: linear (mean-pooled) and attentive (all tokens) heads on frozen encoder tokens of
-  the original toy SigLIP and the CoMP-VFM, at the VFM's fixed size ("fixed": every image
-  S x S), at native size and at 2x native (val_hires), over ``probe_seeds`` probe seeds;
+Evaluation (``run_pipeline``):
+- encoder probes (comp.demo.claims, one child process per encoder and attribute, both cores):
+  linear (mean-pooled) and attentive (all tokens) heads on frozen encoder tokens of the
+  original toy SigLIP and the CoMP-VFM, at the VFM's fixed size ("fixed": every image S x S),
+  at native size and at 2x native (val_hires), over ``probe_seeds`` probe seeds; for digits
+  and words also large glyphs at the fixed size ("large, fixed": does the encoder read at
+  all); and the dense probe: a linear segmentation head on every patch token, mIoU on
+  toyworld's seg split at the same three settings;
 - word space: zero-shot colour/shape/digit accuracy through the prototype rows of the class
   words and image-caption retrieval through the prototypes, for the CoMP-MM built from the
-  originals (before Stage I) and after Stage II-b;
+  originals (before Stage I) and after Stage II-b; the image features' mean pairwise cosine
+  before Stage I and after every step (``health``); how much the captions differ
+  (comp.demo.claims.caption_diversity);
 - the MLLM after Stage III: exact match by question type and resolution, and image use
   (answer NLL with the right vs another record's image).
 
@@ -47,7 +53,7 @@ import torch
 from comp.data.image import PROCESSOR_MAX_NUM_VISTOKEN
 from comp import recipes
 from comp.demo import recipe
-from comp.demo.common import captured, mean_std, per_class_subset, timed
+from comp.demo.common import captured, per_class_subset, timed
 
 ZERO_SHOT_ATTRIBUTES = ("colour", "shape", "digit")
 FINAL_STEP = "stage3"  # the recipe's instruction-tuning step
@@ -73,17 +79,24 @@ class Plan:
     attentive_epochs: int = 20  # epochs of the attentive probe (mini-batches of 32)
     # the attentive head only where a mean over tokens dilutes the label (a few tokens hold it)
     attentive_attributes: tuple[str, ...] = ("digit", "word")
+    dense_train: int | None = 300  # segmentation probe: the first images of seg/train (None: all)
+    dense_val: int | None = 100  # ... of seg/val and seg/val_hires
+    dense_epochs: int = 10  # mini-batches of 16 images; more epochs do not raise the original's mIoU
     zero_shot_per_class: int | None = None
     retrieval_images: int | None = None
     qa_limit: int | None = None  # held-out questions (None: all)
+    jobs: int | None = None  # processes for independent work (None: comp.demo.parallel.default_jobs)
     timings: dict[str, float] = field(default_factory=dict)
 
     def settings(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "timings"}
+        """What decides the results (not how many processes computed them)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("timings", "jobs")}
 
 
-QUICK = dict(steps=2, toys="quick", toyworld="small", train_tokens=64, attributes=("colour", "digit"), probe_per_class=4,
-             probe_seeds=3, probe_epochs=30, attentive_epochs=3, zero_shot_per_class=3, retrieval_images=12, qa_limit=12)
+QUICK = dict(steps=2, toys="quick", toyworld="small", train_tokens=64, attributes=("colour", "digit", "word"),
+             probe_per_class=4,
+             probe_seeds=3, probe_epochs=30, attentive_epochs=3, dense_train=8, dense_val=4, dense_epochs=2,
+             zero_shot_per_class=3, retrieval_images=12, qa_limit=12)
 
 
 @dataclass(frozen=True)
@@ -104,25 +117,34 @@ def toy_settings(name: str):
 
 def build_assets(seed: int, plan: Plan, log=print) -> Assets:
     """The toy originals (built when not cached), toyworld and the word prior for ``seed``,
-    cached beside the originals (keyed by the toyworld size)."""
-    from comp.data.prior import word_prior
-    from comp.data.toyworld import write_toyworld
+    cached beside the originals (keyed by the toyworld size). A cold build writes toyworld
+    while the toy SigLIP trains (comp.demo.pretrain.build_toys' ``alongside``)."""
     from comp.demo.pretrain import pretrained_toys
-    from comp.files import atomic_output
 
-    toys = pretrained_toys(seed, toy_settings(plan.toys), log=log)
-    root = toys.siglip.parent / f"demo-data-{plan.toyworld}"
-    if not (root / "ready").exists():
-        with atomic_output(root, directory=True) as tmp:
-            write_toyworld(tmp / "toyworld", seed=seed, size=plan.toyworld)
-            counts, skipped = word_prior(str(tmp / "toyworld" / "stage2.yaml"), str(toys.qwen2))
-            if skipped:
-                raise ValueError(f"{tmp / 'toyworld' / 'stage2.yaml'}: {skipped} malformed records in "
-                                 "freshly written toyworld data; this is a bug in comp.data.toyworld")
-            torch.save(counts, tmp / "word_dist.pt")
-            (tmp / "ready").touch()
+    data = f"demo-data-{plan.toyworld}"
+    toys = pretrained_toys(seed, toy_settings(plan.toys), log=log, jobs=plan.jobs,
+                           alongside=lambda toys: write_data(toys / data, seed, plan.toyworld, toys / "qwen2"))
+    root = toys.siglip.parent / data
     size = json.loads((toys.siglip / "config.json").read_text())["vision_config"]["image_size"]
     return Assets(toys.qwen2, toys.siglip, root / "toyworld", root / "word_dist.pt", int(size), toys.quality)
+
+
+def write_data(root: Path, seed: int, size: str, tokenizer: Path) -> None:
+    """toyworld and its word prior (counted with ``tokenizer``) into ``root``, unless there already."""
+    from comp.data.prior import word_prior
+    from comp.data.toyworld import write_toyworld
+    from comp.files import atomic_output
+
+    if (root / "ready").exists():
+        return
+    with atomic_output(root, directory=True) as tmp:
+        write_toyworld(tmp / "toyworld", seed=seed, size=size)
+        counts, skipped = word_prior(str(tmp / "toyworld" / "stage2.yaml"), str(tokenizer))
+        if skipped:
+            raise ValueError(f"{tmp / 'toyworld' / 'stage2.yaml'}: {skipped} malformed records in "
+                             "freshly written toyworld data; this is a bug in comp.data.toyworld")
+        torch.save(counts, tmp / "word_dist.pt")
+        (tmp / "ready").touch()
 
 
 # ----------------------------------------------------------------------------- training
@@ -212,75 +234,44 @@ def initial_model(argv: list[str], seed: int):
     return model.eval()
 
 
-# ----------------------------------------------------------------------------- statistics
-
-
-def seed_stats(values: list[float]) -> dict:
-    """What results.json keeps of a per-seed measurement: mean, std and the values."""
-    mean, std = mean_std(values)
-    return {"mean": mean, "std": std, "values": values}
-
-
 # ----------------------------------------------------------------------------- probes
 
 
-def probe_splits(toyworld: Path, attribute: str, per_class: int | None):
-    from comp.eval.probe import read_image_folder
+def encoder_calls(encoders: dict[str, Path], assets: Assets, plan: Plan) -> list[tuple[str, tuple, dict]]:
+    """The frozen-encoder measurements, one child's work each (comp.demo.parallel.run_calls):
+    per encoder, the dense probe and a probe cell per attribute (comp.demo.claims), the
+    slowest first (the attentive attributes and the dense probe)."""
+    probe = {"per_class": plan.probe_per_class, "seeds": plan.probe_seeds, "linear_epochs": plan.probe_epochs,
+             "attentive_epochs": plan.attentive_epochs, "max_num_vistoken": NATIVE_TOKENS}
+    dense = {"seeds": plan.probe_seeds, "epochs": plan.dense_epochs, "n_train": plan.dense_train,
+             "n_val": plan.dense_val, "max_num_vistoken": NATIVE_TOKENS}
+    calls = []
+    for name, directory in encoders.items():
+        calls.append((2, name, "comp.demo.claims:dense_cell", (directory, assets.toyworld / "seg", assets.image_size),
+                      dense))
+        for attribute in plan.attributes:
+            attentive = attribute in plan.attentive_attributes
+            calls.append((1 if attentive else 0, name, "comp.demo.claims:probe_cell",
+                          (directory, assets.toyworld, attribute, assets.image_size), {**probe, "attentive": attentive}))
+    return sorted(calls, key=lambda c: -c[0])
 
-    root = toyworld / "probe" / attribute
-    train_p, train_y, classes = read_image_folder(root / "train")
-    splits = {"train": per_class_subset(train_p, train_y, per_class)}
-    for split in ("val", "val_hires"):
-        paths, labels, _ = read_image_folder(root / split, classes)
-        splits[split] = per_class_subset(paths, labels, per_class)
-    return splits, classes
 
+def encoder_results(encoders: dict[str, Path], assets: Assets, plan: Plan) -> tuple[list[dict], list[dict]]:
+    """(probe rows, dense rows), each row naming its encoder. Probes: linear and attentive
+    top-1 (mean and std over probe seeds) per attribute and setting (comp.demo.claims.
+    probe_cell; the attentive head for ``plan.attentive_attributes`` only, None elsewhere, the
+    same for every encoder). Dense: the segmentation probe's mIoU per setting."""
+    from comp.demo.parallel import run_calls
 
-def probe_results(encoders: dict[str, Path], assets: Assets, plan: Plan) -> list[dict]:
-    """Linear and attentive top-1 (mean and std over probe seeds) per encoder, attribute and
-    resolution: "fixed" (S x S, train and val), "native" and "native 2x" (the native-trained
-    probe applied to val_hires). Each encoder's tokens are computed once per resolution and
-    shared by every probe seed and head; the attentive head runs for
-    ``plan.attentive_attributes`` only (None elsewhere), the same for every encoder."""
-    from comp.eval.features import encode_files, load_encoder, mean_pool
-    from comp.eval.heads import TrainSettings, attentive_probe, linear_probe, top1
-
-    rows = []
-    for attribute in plan.attributes:
-        splits, classes = probe_splits(assets.toyworld, attribute, plan.probe_per_class)
-        for name, directory in encoders.items():
-            for resolution, evals in ((assets.image_size, {"fixed": "val"}),
-                                      (None, {"native": "val", "native 2x": "val_hires"})):
-                encoder = load_encoder(directory, resolution=resolution, max_num_vistoken=NATIVE_TOKENS,
-                                       device="cpu")
-                tokens = {s: encode_files(encoder, splits[s][0]) for s in ("train", *evals.values())}
-                train_y = torch.tensor(splits["train"][1])
-                # one probe per seed, applied to every split of this resolution
-                val_tokens = [t for split in evals.values() for t in tokens[split][0]]
-                bounds = torch.tensor([0, *[len(splits[split][1]) for split in evals.values()]]).cumsum(0)
-                attentive = attribute in plan.attentive_attributes
-                preds: dict[str, list[torch.Tensor]] = {"linear": [], **({"attentive": []} if attentive else {})}
-                for probe_seed in range(plan.probe_seeds):
-                    full = TrainSettings(epochs=plan.probe_epochs, lr=1e-2, wd=0.0, batch_size=len(train_y),
-                                         seed=probe_seed)
-                    preds["linear"].append(linear_probe(mean_pool(tokens["train"][0]), train_y,
-                                                        mean_pool(val_tokens), len(classes), full))
-                    if not attentive:
-                        continue
-                    mini = TrainSettings(epochs=plan.attentive_epochs, lr=1e-3, wd=0.0, batch_size=32,
-                                         seed=probe_seed)
-                    preds["attentive"].append(attentive_probe(tokens["train"][0], train_y, val_tokens,
-                                                              len(classes), mini))
-                for k, (setting, split) in enumerate(evals.items()):
-                    val_y = torch.tensor(splits[split][1])
-                    part = slice(int(bounds[k]), int(bounds[k + 1]))
-                    rows.append({"attribute": attribute, "encoder": name, "setting": setting,
-                                 "patches_per_image": float(tokens[split][1].prod(-1).float().mean()),
-                                 "n_train": len(train_y), "n_val": len(val_y), "chance": 1 / len(classes),
-                                 "attentive": None,
-                                 **{head: seed_stats([top1(p[part], val_y) for p in ps])
-                                    for head, ps in preds.items()}})
-    return rows
+    calls = encoder_calls(encoders, assets, plan)
+    results = run_calls([(function, args, kwargs) for _, _, function, args, kwargs in calls], plan.jobs)
+    probes, dense = [], []
+    for (_, name, function, _, _), rows in zip(calls, results):
+        target = dense if function.endswith("dense_cell") else probes
+        target += [{"encoder": name, **row} for row in rows]
+    order = {a: i for i, a in enumerate(plan.attributes)}
+    probes.sort(key=lambda r: (order[r["attribute"]], list(encoders).index(r["encoder"])))
+    return probes, dense
 
 
 # ----------------------------------------------------------------------------- word space
@@ -318,20 +309,31 @@ def word_space_results(initial, run_dir: Path, assets: Assets, plan: Plan) -> di
     return results
 
 
-def health_results(run_dir: Path, steps: Sequence[str], assets: Assets, plan: Plan, images: int = 16) -> dict:
-    """Each step's merged visual tokens on the first held-out QA images (training budget):
-    their norm against the word embeddings and their image-specific share."""
+def health_results(initial, run_dir: Path, steps: Sequence[str], assets: Assets, plan: Plan,
+                   images: int = 16, cos_images: int = 100) -> dict:
+    """Before Stage I and after each step: the merged visual tokens on the first held-out QA
+    images (training budget), their norm against the word embeddings and their image-specific
+    share; and ``image_cos``, the mean pairwise cosine of F_v over the first retrieval images
+    (1: every image offers the alignment loss the same word distribution)."""
     from comp.data.processor import CompProcessor
     from comp.eval.qa import load_questions
-    from comp.eval.wordspace import merged_token_health
+    from comp.eval.wordspace import image_features, mean_pairwise_cos, merged_token_health
     from comp.models.mllm import CompForConditionalGeneration
 
     paths = [q["image"] for q in load_questions(assets.toyworld / "qa_eval")[:images]]
+    entries = json.loads((assets.toyworld / "retrieval" / "captions.json").read_text())[:cos_images]
+    retrieval_paths = [assets.toyworld / "retrieval" / e["image"] for e in entries]
     out = {}
-    for name in steps:
-        model = CompForConditionalGeneration.from_pretrained(run_dir / name).eval()
-        processor = CompProcessor.from_pretrained(run_dir / name, max_num_vistoken=plan.train_tokens)
-        out[name] = merged_token_health(model, processor.image_processor, paths)
+    for name in ("before", *steps):
+        if name == "before":
+            model = initial()
+            processor = CompProcessor.from_components(assets.llm, assets.vision, max_num_vistoken=plan.train_tokens)
+        else:
+            model = CompForConditionalGeneration.from_pretrained(run_dir / name).eval()
+            processor = CompProcessor.from_pretrained(run_dir / name, max_num_vistoken=plan.train_tokens)
+        out[name] = {**merged_token_health(model, processor.image_processor, paths),
+                     "image_cos": mean_pairwise_cos(image_features(model, processor.image_processor, retrieval_paths)),
+                     "cos_images": len(retrieval_paths)}
     return out
 
 
@@ -351,31 +353,35 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
                  word_dist: str | None = None, verbose: bool = False, say=None,
                  callbacks_for=None) -> dict:
     """Train the recipe into ``out/comp_1b_siglip``, export the CoMP-VFM, evaluate; -> results."""
+    from comp.demo.claims import caption_diversity
     from comp.train.export import export_vfm
 
     say = say or (lambda message: print(f"[comp demo] {message}", file=sys.stderr, flush=True))
     logs, run_dir = out / "logs", out / recipe.RUN
     argvs = step_argvs(assets, run_dir, plan, seed, variant, word_dist)
     histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for)
+    first = argvs[next(iter(argvs))]
     with timed(plan, "health"), captured(logs / "eval.log", verbose):
-        health = health_results(run_dir, list(argvs), assets, plan)
-    say("merged visual tokens (norm / word-embedding norm, image-specific share): " + ", ".join(
-        f"{k} {h['norm_ratio']:.0f}x {h['image_specific']:.2f}" for k, h in health.items()))
+        health = health_results(lambda: initial_model(first, seed), run_dir, list(argvs), assets, plan)
+    say("merged visual tokens (norm / word-embedding norm, image-specific share, image cos): " + ", ".join(
+        f"{k} {h['norm_ratio']:.0f}x {h['image_specific']:.2f} {h['image_cos']:.2f}" for k, h in health.items()))
     vfm = run_dir / "comp-vfm"
     with timed(plan, "export"), captured(logs / "export.log", verbose):
         if not (vfm / "config.json").exists():
             export_vfm(run_dir / "stage3", vfm)
     say(f"export: CoMP-VFM in {vfm}")
     with timed(plan, "probe"), captured(logs / "eval.log", verbose):
-        probes = probe_results({"original": assets.vision, "CoMP-VFM": vfm}, assets, plan)
-    say(f"probe: {len(probes)} probe rows ({plan.timings['probe']:.0f} s)")
+        probes, dense = encoder_results({"original": assets.vision, "CoMP-VFM": vfm}, assets, plan)
+    say(f"probe: {len(probes)} probe rows, {len(dense)} dense rows ({plan.timings['probe']:.0f} s)")
     with timed(plan, "word space"), captured(logs / "eval.log", verbose):
-        first = argvs[next(iter(argvs))]
         words = word_space_results(lambda: initial_model(first, seed), run_dir, assets, plan)
+        entries = json.loads((assets.toyworld / "retrieval" / "captions.json").read_text())[: plan.retrieval_images]
+        captions = caption_diversity(assets.llm, [e["caption"] for e in entries])
     say(f"word space: zero-shot and retrieval before / after Stage II-b ({plan.timings['word space']:.0f} s)")
     with timed(plan, "qa"), captured(logs / "eval.log", verbose):
         qa = qa_results(run_dir, assets, plan, seed)
     say(f"qa: exact match and image use after Stage III ({plan.timings['qa']:.0f} s)")
     return {"seed": seed, "plan": plan.settings(), "image_size": assets.image_size,
             "toy_quality": assets.quality, "argv": argvs, "histories": histories,
-            "health": health, "probes": probes, "word_space": words, "qa": qa}
+            "health": health, "probes": probes, "dense": dense, "word_space": words, "captions": captions,
+            "qa": qa}

@@ -379,13 +379,18 @@ def loss_section(results: dict, figures: Path) -> list[str]:
 
 
 def health_section(results: dict) -> list[str]:
-    rows = [[name, f"{h['norm_ratio']:.1f}", f"{h['image_specific']:.2f}"] for name, h in results["health"].items()]
+    health = results["health"]
+    rows = [[name, f"{h['norm_ratio']:.1f}", f"{h['image_specific']:.2f}", f"{h['image_cos']:.3f}"]
+            for name, h in health.items()]
+    cos_images = next(iter(health.values()))["cos_images"]
     return ["## Merged visual tokens per stage", "",
             "On the first held-out QA images: the tokens' mean norm over the LLM's mean word-embedding norm, "
             "and their image-specific share (mean distance to the one vector common to all tokens, over "
             "their mean norm). A share near 0 means the merger emits nearly the same tokens for every "
-            "image: after RMSNorm the LLM can no longer tell images apart.", "",
-            markdown_table(["after", "norm / word norm", "image-specific share"], rows), ""]
+            "image: after RMSNorm the LLM can no longer tell images apart. Image cos: the mean cosine "
+            f"between distinct images' F_v (the alignment loss's image feature) over {cos_images} retrieval "
+            "images; near 1 every image offers the same word distribution (the word space has collapsed).", "",
+            markdown_table(["model", "norm / word norm", "image-specific share", "image cos"], rows), ""]
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -404,7 +409,9 @@ def probe_section(results: dict, figures: Path) -> list[str]:
              f"{', '.join(results['plan']['attentive_attributes'])} only: a few tokens hold the label), "
              f"{seeds} probe seeds, bars = mean ± 1 std over them, dashed = chance. *fixed*: every image "
              f"{results['image_size']} x {results['image_size']} (train and val); *native*: native size; "
-             "*native 2x*: the val scenes rendered at twice the size, classified by the native-trained probe.", ""]
+             "*native 2x*: the val scenes rendered at twice the size, classified by the native-trained probe; "
+             "*large, fixed* (digits and words): large glyphs at the fixed size, i.e. whether the encoder reads "
+             "at all (the other settings ask about small glyphs in large scenes).", ""]
     for setting in SETTINGS:
         series = {f"{e}, {h}": tuple(map(list, zip(*[_stat(_probe(probes, a, e, setting), h) for a in attributes])))
                   for e in encoders for h in heads}
@@ -463,6 +470,41 @@ def word_space_section(results: dict, figures: Path) -> list[str]:
             "![prototype words](figures/prototype_words.png)", ""]
 
 
+def dense_section(results: dict, figures: Path) -> list[str]:
+    dense = results["dense"]
+    encoders = list(dict.fromkeys(d["encoder"] for d in dense))
+    settings = list(dict.fromkeys(d["setting"] for d in dense))
+    pick = {(d["encoder"], d["setting"]): d for d in dense}
+    first = dense[0]
+    bars_with_errors(settings, {e: ([pick[e, s]["miou"]["mean"] for s in settings],
+                                    [pick[e, s]["miou"]["std"] for s in settings]) for e in encoders},
+                     figures / "dense.png", ylabel="mIoU (val)", ylim=(0.0, 1.0),
+                     title="linear segmentation probe on frozen patch tokens")
+    return ["## Dense probe (segmentation)", "",
+            f"A linear head on every frozen patch token, logits upsampled to the label map "
+            f"(`comp probe --task segmentation`'s head, loss and mIoU; one fixed learning rate), "
+            f"{first['classes']} classes, {first['n_train']} train / {first['n_val']} val images of toyworld's "
+            f"seg split, {results['plan']['probe_seeds']} head seeds (mean ± std); *fixed*: every image "
+            f"{results['image_size']} x {results['image_size']}; *native 2x*: val rendered at twice the size, "
+            "scored with the native head. Sampling se: from 5 disjoint folds of the val images.", "",
+            markdown_table(["encoder", "setting", "tokens / image", "mIoU", "sampling se", "pixel acc"],
+                           [[d["encoder"], d["setting"], f"{d['tokens_per_image']:.0f}",
+                             f"{d['miou']['mean']:.3f} ± {d['miou']['std']:.3f}", f"{d['miou_se']:.3f}",
+                             f"{d['pixel_acc']['mean']:.3f}"] for d in dense]), "",
+            "![dense probe](figures/dense.png)", ""]
+
+
+def captions_section(results: dict) -> list[str]:
+    c = results["captions"]
+    return ["### How much the captions differ", "",
+            f"The alignment loss's targets come from the captions' text features F_t: captions that all "
+            f"read alike give every image the same target. Mean pairwise cosine over {c['captions']} "
+            f"retrieval captions: F_t {c['text_feature_cos']:.3f}, mean word embedding "
+            f"{c['word_embedding_cos']:.3f}, bag of words {c['bag_of_words_cos']:.3f} (1: all the same); "
+            f"{c['tokens_per_caption']:.1f} tokens per caption; most common words: "
+            f"{', '.join(c['top_words'])}.", ""]
+
+
 def qa_section(results: dict, figures: Path) -> list[str]:
     qa = results["qa"]
     variants = list(qa)
@@ -512,7 +554,8 @@ def write_report(out: str | Path, results: dict, *, rule: str) -> Path:
              f"{q['siglip']['shape_accuracy']:.3f} (chance {q['siglip']['shape_chance']:.3f}); LM held-out "
              f"perplexity {q['lm']['perplexity']:.2f} (unigram {q['lm']['unigram_perplexity']:.2f}).", "",
              *loss_section(results, figures), *health_section(results), *probe_section(results, figures),
-             *word_space_section(results, figures), *qa_section(results, figures),
+             *dense_section(results, figures), *word_space_section(results, figures), *captions_section(results),
+             *qa_section(results, figures),
              "## Timings", "",
              markdown_table(["phase", "seconds"], [*[[k, f"{v:.0f}"] for k, v in timings.items()],
                                                    ["total", f"{sum(timings.values()):.0f}"]]), ""]

@@ -49,6 +49,10 @@ def cell_metrics(results: dict) -> dict[str, float]:
         if p["attribute"] in ("digit", "word") and p["encoder"] == "CoMP-VFM":
             out[f"{p['attribute']} attentive {p['setting']}"] = p["attentive"]["mean"]
     zs = results["word_space"]["after"]["zero_shot"]
+    for d in results["dense"]:
+        if d["encoder"] == "CoMP-VFM":
+            out[f"mIoU {d['setting']}"] = d["miou"]["mean"]
+    out["image cos after II-b"] = results["health"]["stage2b"]["image_cos"]
     out["zero-shot (mean)"] = sum(z["top1"] for z in zs.values()) / len(zs)
     out["retrieval R@1"] = results["word_space"]["after"]["retrieval"]["prototypes"]["R@1"]
     for variant in ("native", "native 2x"):
@@ -99,7 +103,7 @@ def write_study(out: Path, cells: list[dict], seeds: list[int]) -> Path:
     metrics = list(dict.fromkeys(m for row in table.values() for m in row))
     reference = "full" if "full" in table else None
     accuracy = [m for m in metrics if m != IMAGE_USE]
-    study_bars(table, out / "figures" / "study.png", metrics=accuracy, ylabel="accuracy",
+    study_bars(table, out / "figures" / "study.png", metrics=accuracy, ylabel="accuracy, mIoU or cosine",
                title=f"ablations, mean ± 1 std over seeds {seeds}")
     lines = ["# comp study: ablations against the full recipe", "",
              f"Seeds {seeds}; mean ± std over seeds. The CoMP-VFM's attentive probes; word space after "
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     plan_args = dict(QUICK) if args.quick else {}
     if args.steps is not None:
         plan_args["steps"] = args.steps
+    if args.jobs > 1:
+        plan_args["jobs"] = 1  # the cores are taken by the cells already
 
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)

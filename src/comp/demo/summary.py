@@ -4,8 +4,9 @@ renders them first in report.md.
 
 Rule: a claim is supported when its effect exceeds ``Z`` times its uncertainty. The
 uncertainty combines, in quadrature, the probe-seed std of each side (where there is one) and
-the sampling standard error of each accuracy on its n evaluation items (binomial); for image
-use it is the standard error of the per-question NLL difference.
+the sampling standard error of each accuracy on its n evaluation items (binomial; for mIoU,
+from disjoint folds of the val images); for image use it is the standard error of the
+per-question NLL difference.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from comp.demo.common import binomial_se
 
 Z = 2.0
 FINE_DETAIL = "digit"  # the fine-detail probe of claim (a)
+READING = ("digit", "word")  # the probes on small glyphs in large scenes
 PROBE_HEAD = "attentive"  # no mean over the digit's few tokens
 RULE = (f"supported when the effect exceeds {Z:g} x its uncertainty (quadrature sum of probe-seed "
-        "std and binomial standard error of each side; for image use, the standard error of the "
-        "per-question NLL difference)")
+        "std and sampling standard error of each side: binomial for accuracy, over val-image folds for "
+        "mIoU; for image use, the standard error of the per-question NLL difference)")
 
 
 def _row(claim: str, metric: str, before: float, after: float, chance: float | None, spread: float) -> dict:
@@ -27,14 +29,35 @@ def _row(claim: str, metric: str, before: float, after: float, chance: float | N
             "spread": spread, "effect": effect, "supported": bool(effect > Z * spread)}
 
 
-def probe_row(probes: list[dict], setting: str, attribute: str = FINE_DETAIL, head: str = PROBE_HEAD) -> dict:
-    pick = {r["encoder"]: r for r in probes if r["attribute"] == attribute and r["setting"] == setting}
-    b, a = pick["original"], pick["CoMP-VFM"]
+def probe_row(probes: list[dict], attribute: str, before: str, after: str, head: str = PROBE_HEAD) -> dict:
+    """The original at setting ``before`` against the CoMP-VFM at ``after``."""
+    b = _pick(probes, "original", before, attribute)
+    a = _pick(probes, "CoMP-VFM", after, attribute)
     sb, sa = b[head], a[head]
     spread = math.sqrt(sb["std"] ** 2 + sa["std"] ** 2 + binomial_se(sb["mean"], b["n_val"]) ** 2
                        + binomial_se(sa["mean"], a["n_val"]) ** 2)
-    return _row(f"(a) CoMP-VFM over the original, {setting}", f"{attribute} {head} probe top-1",
-                sb["mean"], sa["mean"], b["chance"], spread)
+    return _row(_claim_a(before, after), f"{attribute} {head} probe top-1", sb["mean"], sa["mean"], b["chance"],
+                spread)
+
+
+def dense_row(dense: list[dict], before: str, after: str) -> dict:
+    """Segmentation mIoU, the original at ``before`` against the CoMP-VFM at ``after``; the
+    uncertainty adds each side's head-seed std and val-sampling error (miou_se)."""
+    b, a = _pick(dense, "original", before), _pick(dense, "CoMP-VFM", after)
+    spread = math.sqrt(b["miou"]["std"] ** 2 + a["miou"]["std"] ** 2 + b["miou_se"] ** 2 + a["miou_se"] ** 2)
+    return _row(_claim_a(before, after), "segmentation mIoU (linear, frozen patch tokens)", b["miou"]["mean"],
+                a["miou"]["mean"], None, spread)
+
+
+def _pick(rows: list[dict], encoder: str, setting: str, attribute: str | None = None) -> dict:
+    return next(r for r in rows if r["encoder"] == encoder and r["setting"] == setting
+                and (attribute is None or r["attribute"] == attribute))
+
+
+def _claim_a(before: str, after: str) -> str:
+    if before == after:
+        return f"(a) CoMP-VFM over the original, both at {after}"
+    return f"(a) CoMP-VFM at {after} over the original at {before}"
 
 
 def zero_shot_row(words: dict) -> dict:
@@ -69,5 +92,11 @@ def image_use_row(qa: dict, variant: str = "native") -> dict:
 
 
 def summary_rows(results: dict) -> list[dict]:
-    return [probe_row(results["probes"], "native"), probe_row(results["probes"], "native 2x"),
+    """Claim (a) asks whether native-resolution training lets the encoder use detail its
+    fixed-size original cannot: the CoMP-VFM at native size against the original at its fixed
+    size (how each is meant to be used), and both at 2x native (detail beyond training)."""
+    probes, dense = results["probes"], results["dense"]
+    return [*[probe_row(probes, attribute, "fixed", "native") for attribute in READING],
+            probe_row(probes, FINE_DETAIL, "native 2x", "native 2x"),
+            dense_row(dense, "fixed", "native"), dense_row(dense, "native 2x", "native 2x"),
             zero_shot_row(results["word_space"]), qa_row(results["qa"]), image_use_row(results["qa"])]
