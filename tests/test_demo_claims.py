@@ -7,7 +7,7 @@ import torch
 
 from comp.data import toyworld as tw
 from comp.demo import claims
-from comp.demo.parallel import run_parallel
+from comp.demo.parallel import ChildPool, run_parallel
 
 
 def test_caption_diversity_is_one_for_one_caption_and_lower_for_different_ones(tiny_dir):
@@ -72,3 +72,19 @@ def test_run_parallel_matches_serial_and_names_a_failing_child():
     assert serial == [pytest.approx(0.5), pytest.approx(0.0, abs=1e-6)]
     with pytest.raises(RuntimeError, match="at least two captions"):
         run_parallel("comp.demo.claims:caption_diversity", [("unused", ["one"])], jobs=2)
+
+
+def test_child_pool_runs_calls_while_the_caller_works_and_reports_each():
+    """Calls submitted before and after the caller's own work, labelled and timed; a failing
+    call's error reaches its future, the others still finish."""
+    finished = []
+    with ChildPool(1, on_done=lambda f: finished.append((f.label, f.seconds > 0))) as pool:
+        first = pool.submit("comp.demo.claims:mean_pairwise_bow_cos", (["red star", "red ring"],), label="first")
+        assert sum(range(1000)) == 499500  # the caller's own work meanwhile
+        pool.jobs = 2
+        bad = pool.submit("comp.demo.claims:caption_diversity", ("unused", ["one"]), label="bad")
+        second = pool.submit("comp.demo.claims:mean_pairwise_bow_cos", (["x", "y"],), label="second")
+        assert first.result() == pytest.approx(0.5) and second.result() == pytest.approx(0.0, abs=1e-6)
+        with pytest.raises(RuntimeError, match="at least two captions"):
+            bad.result()
+    assert sorted(finished) == [("bad", True), ("first", True), ("second", True)]

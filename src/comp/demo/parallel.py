@@ -16,8 +16,10 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Self
 
@@ -100,28 +102,84 @@ def run_parallel(function: str, calls: Sequence[tuple], jobs: int | None = None,
 
 def run_calls(calls: Sequence[tuple[str, tuple, dict]], jobs: int | None = None) -> list:
     """``function(*args, **kwargs)`` for each (function, args, kwargs) of ``calls``, up to
-    ``jobs`` at a time (None: ``default_jobs()``) in child Pythons, one torch thread each, in
-    the order given (put the longest first); with ``jobs`` 1, here in turn (no child).
-    Results in the order of ``calls``; the first failure is raised after the other running
-    children are ended."""
+    ``jobs`` at a time (None: ``default_jobs()``) in child Pythons (a ``ChildPool``), in the
+    order given (put the longest first); with ``jobs`` 1, here in turn (no child). Results in
+    the order of ``calls``; the first failure is raised after the running children are ended."""
     jobs = default_jobs() if jobs is None else jobs
     if jobs <= 1:
         return [_resolve(function)(*args, **kwargs) for function, args, kwargs in calls]
-    results: dict[int, object] = {}
-    running: dict[int, ChildCall] = {}
-    pending = list(enumerate(calls))
-    with tempfile.TemporaryDirectory(prefix="comp-parallel-") as work:
-        try:
-            while pending or running:
-                while pending and len(running) < jobs:
-                    i, (function, args, kwargs) = pending.pop(0)
-                    running[i] = ChildCall(Path(work) / f"call-{i:04d}", function, *args, threads=1, **kwargs)
-                finished = [i for i, child in running.items() if child.done()]
-                for i in finished:
-                    results[i] = running.pop(i).result()
-                if not finished:
-                    time.sleep(0.05)
-        finally:
-            for child in running.values():
+    with ChildPool(jobs) as pool:
+        futures = [pool.submit(function, args, kwargs) for function, args, kwargs in calls]
+        return [f.result() for f in futures]
+
+
+class ChildPool:
+    """Calls submitted at any time, each in a child Python with one torch thread, at most
+    ``jobs`` at once (changeable: lower while this process computes too), started in the
+    order submitted. A scheduler thread starts and collects the children, so this process
+    keeps working meanwhile. ``submit`` returns a ``concurrent.futures.Future`` carrying
+    ``label`` and, once done, ``seconds`` (the call's wall time); ``on_done(future)`` runs
+    in the scheduler thread as each finishes. Leaving the ``with`` block ends running
+    children and cancels the calls not started."""
+
+    def __init__(self, jobs: int | None = None, on_done: Callable[[Future], object] | None = None):
+        self.jobs = default_jobs() if jobs is None else jobs
+        self.on_done = on_done
+        self._work = tempfile.TemporaryDirectory(prefix="comp-parallel-")
+        self._pending: list[tuple[Future, str, tuple, dict]] = []
+        self._running: dict[Future, tuple[ChildCall, float]] = {}
+        self._count = 0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._schedule, name="comp-child-pool", daemon=True)
+        self._thread.start()
+
+    def submit(self, function: str, args: tuple = (), kwargs: dict | None = None, label: str | None = None) -> Future:
+        """``function(*args, **kwargs)`` ("module:name") as soon as a job is free."""
+        future: Future = Future()
+        future.label = label or function
+        kwargs = kwargs or {}
+        with self._lock:
+            self._pending.append((future, function, args, kwargs))
+        return future
+
+    def _schedule(self) -> None:
+        while not self._closed.is_set():
+            with self._lock:
+                while self._pending and len(self._running) < self.jobs:
+                    future, function, args, kwargs = self._pending.pop(0)
+                    if future.set_running_or_notify_cancel():
+                        work = Path(self._work.name) / f"call-{self._count:04d}"
+                        self._count += 1
+                        self._running[future] = (ChildCall(work, function, *args, threads=1, **kwargs),
+                                                 time.perf_counter())
+                finished = [f for f, (child, _) in self._running.items() if child.done()]
+                done = [(f, *self._running.pop(f)) for f in finished]
+            for future, child, start in done:
+                future.seconds = time.perf_counter() - start
+                try:
+                    future.set_result(child.result())
+                except Exception as err:  # the caller's result() raises it
+                    future.set_exception(err)
+                if self.on_done is not None:
+                    self.on_done(future)
+            if not done:
+                time.sleep(0.05)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+        with self._lock:
+            for future, *_ in self._pending:
+                future.cancel()
+            for future, (child, _) in self._running.items():
                 child.close()
-    return [results[i] for i in range(len(calls))]
+                future.set_exception(RuntimeError("the ChildPool was closed before this call finished"))
+            self._pending, self._running = [], {}
+        self._work.cleanup()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -237,40 +237,34 @@ def initial_model(argv: list[str], seed: int):
 # ----------------------------------------------------------------------------- probes
 
 
-def encoder_calls(encoders: dict[str, Path], assets: Assets, plan: Plan) -> list[tuple[str, tuple, dict]]:
-    """The frozen-encoder measurements, one child's work each (comp.demo.parallel.run_calls):
-    per encoder, the dense probe and a probe cell per attribute (comp.demo.claims), the
-    slowest first (the attentive attributes and the dense probe)."""
+def encoder_calls(name: str, directory: Path, assets: Assets, plan: Plan) -> list[tuple[str, str, tuple, dict]]:
+    """The frozen-encoder measurements of one encoder, one child's work each, slowest first:
+    (label, function, args, kwargs) of the dense probe (comp.demo.claims.dense_cell) and a
+    probe cell per attribute (comp.demo.claims.probe_cell; the attentive head for
+    ``plan.attentive_attributes`` only, the same for every encoder)."""
     probe = {"per_class": plan.probe_per_class, "seeds": plan.probe_seeds, "linear_epochs": plan.probe_epochs,
              "attentive_epochs": plan.attentive_epochs, "max_num_vistoken": NATIVE_TOKENS}
     dense = {"seeds": plan.probe_seeds, "epochs": plan.dense_epochs, "n_train": plan.dense_train,
              "n_val": plan.dense_val, "max_num_vistoken": NATIVE_TOKENS}
-    calls = []
-    for name, directory in encoders.items():
-        calls.append((2, name, "comp.demo.claims:dense_cell", (directory, assets.toyworld / "seg", assets.image_size),
-                      dense))
-        for attribute in plan.attributes:
-            attentive = attribute in plan.attentive_attributes
-            calls.append((1 if attentive else 0, name, "comp.demo.claims:probe_cell",
-                          (directory, assets.toyworld, attribute, assets.image_size), {**probe, "attentive": attentive}))
-    return sorted(calls, key=lambda c: -c[0])
+    calls = [(f"probe: {name}, dense", "comp.demo.claims:dense_cell",
+              (directory, assets.toyworld / "seg", assets.image_size), dense)]
+    attributes = sorted(plan.attributes, key=lambda a: a not in plan.attentive_attributes)
+    for attribute in attributes:
+        calls.append((f"probe: {name}, {attribute}", "comp.demo.claims:probe_cell",
+                      (directory, assets.toyworld, attribute, assets.image_size),
+                      {**probe, "attentive": attribute in plan.attentive_attributes}))
+    return calls
 
 
-def encoder_results(encoders: dict[str, Path], assets: Assets, plan: Plan) -> tuple[list[dict], list[dict]]:
-    """(probe rows, dense rows), each row naming its encoder. Probes: linear and attentive
-    top-1 (mean and std over probe seeds) per attribute and setting (comp.demo.claims.
-    probe_cell; the attentive head for ``plan.attentive_attributes`` only, None elsewhere, the
-    same for every encoder). Dense: the segmentation probe's mIoU per setting."""
-    from comp.demo.parallel import run_calls
-
-    calls = encoder_calls(encoders, assets, plan)
-    results = run_calls([(function, args, kwargs) for _, _, function, args, kwargs in calls], plan.jobs)
+def probe_rows(results: dict[str, list[dict]], plan: Plan) -> tuple[list[dict], list[dict]]:
+    """(probe rows, dense rows) from ``encoder_calls``' results by label, each row naming its
+    encoder; probe rows in the plan's attribute order."""
     probes, dense = [], []
-    for (_, name, function, _, _), rows in zip(calls, results):
-        target = dense if function.endswith("dense_cell") else probes
-        target += [{"encoder": name, **row} for row in rows]
+    for label, rows in results.items():
+        encoder, what = label.removeprefix("probe: ").split(", ")
+        (dense if what == "dense" else probes).extend({"encoder": encoder, **row} for row in rows)
     order = {a: i for i, a in enumerate(plan.attributes)}
-    probes.sort(key=lambda r: (order[r["attribute"]], list(encoders).index(r["encoder"])))
+    probes.sort(key=lambda r: order[r["attribute"]])  # stable: encoders stay in call order
     return probes, dense
 
 
@@ -290,51 +284,61 @@ def zero_shot_results(model, processor, assets: Assets, plan: Plan) -> dict:
     return out
 
 
-def word_space_results(initial, run_dir: Path, assets: Assets, plan: Plan) -> dict:
-    """Zero-shot and retrieval before Stage I and after Stage II-b, one image protocol (the
+def load_model(name: str, run_dir: Path, first_argv: list[str], seed: int):
+    """The CoMP-MM before Stage I (``name`` "before": original SigLIP, new merger, the LLM) or
+    after step ``name``."""
+    from comp.models.mllm import CompForConditionalGeneration
+
+    if name == "before":
+        return initial_model(first_argv, seed)
+    return CompForConditionalGeneration.from_pretrained(run_dir / name).eval()
+
+
+def word_space_results(name: str, run_dir: Path, first_argv: list[str], seed: int, assets: Assets,
+                       plan: Plan) -> dict:
+    """Zero-shot and retrieval of one model (``load_model``), one image protocol for all (the
     training budget, native aspect)."""
     from comp.data.processor import CompProcessor
     from comp.eval.wordspace import retrieval
-    from comp.models.mllm import CompForConditionalGeneration
 
     entries = json.loads((assets.toyworld / "retrieval" / "captions.json").read_text())[: plan.retrieval_images]
     processor = CompProcessor.from_components(assets.llm, assets.vision, max_num_vistoken=plan.train_tokens)
-    results = {}
-    for name, load in (("before", initial),
-                       ("after", lambda: CompForConditionalGeneration.from_pretrained(run_dir / "stage2b"))):
-        model = load()
-        results[name] = {"zero_shot": zero_shot_results(model, processor, assets, plan),
-                         "retrieval": retrieval(model, processor, assets.word_dist, entries,
-                                                assets.toyworld / "retrieval")}
-    return results
+    model = load_model(name, run_dir, first_argv, seed)
+    return {"zero_shot": zero_shot_results(model, processor, assets, plan),
+            "retrieval": retrieval(model, processor, assets.word_dist, entries, assets.toyworld / "retrieval")}
 
 
-def health_results(initial, run_dir: Path, steps: Sequence[str], assets: Assets, plan: Plan,
-                   images: int = 16, cos_images: int = 100) -> dict:
-    """Before Stage I and after each step: the merged visual tokens on the first held-out QA
-    images (training budget), their norm against the word embeddings and their image-specific
-    share; and ``image_cos``, the mean pairwise cosine of F_v over the first retrieval images
-    (1: every image offers the alignment loss the same word distribution)."""
+def health_results(names: Sequence[str], run_dir: Path, first_argv: list[str], seed: int, assets: Assets,
+                   plan: Plan, images: int = 16, cos_images: int = 100) -> dict:
+    """Per model of ``names`` (``load_model``): the merged visual tokens on the first held-out
+    QA images (training budget), their norm against the word embeddings and their
+    image-specific share; and ``image_cos``, the mean pairwise cosine of F_v over the first
+    retrieval images (1: every image offers the alignment loss the same word distribution)."""
     from comp.data.processor import CompProcessor
     from comp.eval.qa import load_questions
     from comp.eval.wordspace import image_features, mean_pairwise_cos, merged_token_health
-    from comp.models.mllm import CompForConditionalGeneration
 
     paths = [q["image"] for q in load_questions(assets.toyworld / "qa_eval")[:images]]
     entries = json.loads((assets.toyworld / "retrieval" / "captions.json").read_text())[:cos_images]
     retrieval_paths = [assets.toyworld / "retrieval" / e["image"] for e in entries]
     out = {}
-    for name in ("before", *steps):
-        if name == "before":
-            model = initial()
-            processor = CompProcessor.from_components(assets.llm, assets.vision, max_num_vistoken=plan.train_tokens)
-        else:
-            model = CompForConditionalGeneration.from_pretrained(run_dir / name).eval()
-            processor = CompProcessor.from_pretrained(run_dir / name, max_num_vistoken=plan.train_tokens)
+    for name in names:
+        model = load_model(name, run_dir, first_argv, seed)
+        processor = (CompProcessor.from_components(assets.llm, assets.vision, max_num_vistoken=plan.train_tokens)
+                     if name == "before" else
+                     CompProcessor.from_pretrained(run_dir / name, max_num_vistoken=plan.train_tokens))
         out[name] = {**merged_token_health(model, processor.image_processor, paths),
                      "image_cos": mean_pairwise_cos(image_features(model, processor.image_processor, retrieval_paths)),
                      "cos_images": len(retrieval_paths)}
     return out
+
+
+def caption_results(assets: Assets, plan: Plan) -> dict:
+    """How much the retrieval captions differ (comp.demo.claims.caption_diversity)."""
+    from comp.demo.claims import caption_diversity
+
+    entries = json.loads((assets.toyworld / "retrieval" / "captions.json").read_text())[: plan.retrieval_images]
+    return caption_diversity(assets.llm, [e["caption"] for e in entries])
 
 
 def qa_results(run_dir: Path, assets: Assets, plan: Plan, seed: int) -> dict:
@@ -352,36 +356,57 @@ def qa_results(run_dir: Path, assets: Assets, plan: Plan, seed: int) -> dict:
 def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: dict | None = None,
                  word_dist: str | None = None, verbose: bool = False, say=None,
                  callbacks_for=None) -> dict:
-    """Train the recipe into ``out/comp_1b_siglip``, export the CoMP-VFM, evaluate; -> results."""
-    from comp.demo.claims import caption_diversity
+    """Train the recipe into ``out/comp_1b_siglip``, export the CoMP-VFM, evaluate; -> results.
+
+    The evaluation runs in child processes (comp.demo.parallel.ChildPool): what needs only the
+    originals on the core the training leaves free (it runs one thread), the rest on every
+    core once the CoMP-VFM is exported."""
+    from comp.demo.parallel import ChildPool, default_jobs
     from comp.train.export import export_vfm
 
     say = say or (lambda message: print(f"[comp demo] {message}", file=sys.stderr, flush=True))
     logs, run_dir = out / "logs", out / recipe.RUN
     argvs = step_argvs(assets, run_dir, plan, seed, variant, word_dist)
-    histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for)
     first = argvs[next(iter(argvs))]
-    with timed(plan, "health"), captured(logs / "eval.log", verbose):
-        health = health_results(lambda: initial_model(first, seed), run_dir, list(argvs), assets, plan)
+    context = (run_dir, first, seed, assets, plan)
+    before = [*encoder_calls("original", assets.vision, assets, plan),
+              ("word space: before Stage I", f"{__name__}:word_space_results", ("before", *context), {}),
+              ("health: before Stage I", f"{__name__}:health_results", (["before"], *context), {}),
+              ("word space: how much the captions differ", f"{__name__}:caption_results", (assets, plan), {})]
+    vfm = run_dir / "comp-vfm"
+    after = [("qa: exact match and image use after Stage III", f"{__name__}:qa_results",
+              (run_dir, assets, plan, seed), {}),
+             *encoder_calls("CoMP-VFM", vfm, assets, plan),
+             ("health: after every step", f"{__name__}:health_results", (list(argvs), *context), {}),
+             ("word space: after Stage II-b", f"{__name__}:word_space_results", ("stage2b", *context), {})]
+    jobs = default_jobs() if plan.jobs is None else plan.jobs
+    seconds: dict[str, float] = {}
+
+    def done(future) -> None:
+        seconds[future.label] = round(future.seconds, 1)
+        if future.exception() is None:
+            say(f"{future.label} ({future.seconds:.0f} s)")
+
+    with ChildPool(max(1, jobs - 1), on_done=done) as pool:
+        futures = [pool.submit(function, args, kwargs, label) for label, function, args, kwargs in before]
+        histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for)
+        with timed(plan, "export"), captured(logs / "export.log", verbose):
+            if not (vfm / "config.json").exists():
+                export_vfm(run_dir / "stage3", vfm)
+        say(f"export: CoMP-VFM in {vfm}")
+        with timed(plan, "evaluation"):
+            pool.jobs = jobs
+            futures += [pool.submit(function, args, kwargs, label) for label, function, args, kwargs in after]
+            results = {future.label: future.result() for future in futures}
+    say(f"evaluation: {len(results)} parts done {plan.timings['evaluation']:.0f} s after the training")
+    probes, dense = probe_rows({k: v for k, v in results.items() if k.startswith("probe: ")}, plan)
+    health = results["health: before Stage I"] | results["health: after every step"]
     say("merged visual tokens (norm / word-embedding norm, image-specific share, image cos): " + ", ".join(
         f"{k} {h['norm_ratio']:.0f}x {h['image_specific']:.2f} {h['image_cos']:.2f}" for k, h in health.items()))
-    vfm = run_dir / "comp-vfm"
-    with timed(plan, "export"), captured(logs / "export.log", verbose):
-        if not (vfm / "config.json").exists():
-            export_vfm(run_dir / "stage3", vfm)
-    say(f"export: CoMP-VFM in {vfm}")
-    with timed(plan, "probe"), captured(logs / "eval.log", verbose):
-        probes, dense = encoder_results({"original": assets.vision, "CoMP-VFM": vfm}, assets, plan)
-    say(f"probe: {len(probes)} probe rows, {len(dense)} dense rows ({plan.timings['probe']:.0f} s)")
-    with timed(plan, "word space"), captured(logs / "eval.log", verbose):
-        words = word_space_results(lambda: initial_model(first, seed), run_dir, assets, plan)
-        entries = json.loads((assets.toyworld / "retrieval" / "captions.json").read_text())[: plan.retrieval_images]
-        captions = caption_diversity(assets.llm, [e["caption"] for e in entries])
-    say(f"word space: zero-shot and retrieval before / after Stage II-b ({plan.timings['word space']:.0f} s)")
-    with timed(plan, "qa"), captured(logs / "eval.log", verbose):
-        qa = qa_results(run_dir, assets, plan, seed)
-    say(f"qa: exact match and image use after Stage III ({plan.timings['qa']:.0f} s)")
     return {"seed": seed, "plan": plan.settings(), "image_size": assets.image_size,
-            "toy_quality": assets.quality, "argv": argvs, "histories": histories,
-            "health": health, "probes": probes, "dense": dense, "word_space": words, "captions": captions,
-            "qa": qa}
+            "toy_quality": assets.quality, "argv": argvs, "histories": histories, "health": health,
+            "probes": probes, "dense": dense,
+            "word_space": {"before": results["word space: before Stage I"],
+                           "after": results["word space: after Stage II-b"]},
+            "captions": results["word space: how much the captions differ"],
+            "qa": results["qa: exact match and image use after Stage III"], "eval_seconds": seconds}

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace, plan) -> Path:
 
     report = write_report(out, results, rule=RULE)
     for row in results["summary"]:
-        say(f"{row['claim']}: {row['before']:.3f} -> {row['after']:.3f} (spread {row['spread']:.3f}): "
+        say(f"{row['claim']}, {row['metric']}: {row['before']:.3f} -> {row['after']:.3f} (spread {row['spread']:.3f}): "
             f"{'supported' if row['supported'] else 'NOT supported'}")
     say(f"done in {sum(plan.timings.values()):.0f} s; report: {report}")
     return report
