@@ -46,7 +46,8 @@ def test_probe_cell_rows_per_setting(tiny_dir, tmp_path):
 
 def test_dense_cell_rows_per_setting(tiny_dir, tmp_path):
     tw.write_seg(tmp_path / "seg", 0, 4, 5)
-    rows = claims.dense_cell(tiny_dir("siglip"), tmp_path / "seg", 56, seeds=2, epochs=1, n_train=3)
+    rows = [row for fixed in (True, False)
+            for row in claims.dense_cell(tiny_dir("siglip"), tmp_path / "seg", 56, fixed, seeds=2, epochs=1, n_train=3)]
     by = {r["setting"]: r for r in rows}
     assert list(by) == ["fixed", "native", "native 2x"]
     assert all((r["n_train"], r["n_val"], r["classes"]) == (3, 5, len(tw.SEG_CLASSES)) for r in rows)
@@ -88,3 +89,17 @@ def test_child_pool_runs_calls_while_the_caller_works_and_reports_each():
         with pytest.raises(RuntimeError, match="at least two captions"):
             bad.result()
     assert sorted(finished) == [("bad", True), ("first", True), ("second", True)]
+
+
+def test_cached_call_computes_once_per_function_and_arguments(tmp_path, monkeypatch):
+    from comp.demo import pipeline
+
+    calls = []
+    real = claims.mean_pairwise_bow_cos
+    monkeypatch.setattr(claims, "mean_pairwise_bow_cos", lambda texts: calls.append(texts) or real(texts))
+    function = "comp.demo.claims:mean_pairwise_bow_cos"
+    first = pipeline.cached_call(tmp_path, function, (["red star", "red ring"],), {})
+    again = pipeline.cached_call(tmp_path, function, (["red star", "red ring"],), {})
+    other = pipeline.cached_call(tmp_path, function, (["x", "y"],), {})
+    assert first == again == pytest.approx(0.5) and other == pytest.approx(0.0, abs=1e-6)
+    assert len(calls) == 2 and len(list(tmp_path.glob("*.json"))) == 2

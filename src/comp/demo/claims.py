@@ -141,14 +141,15 @@ def probe_cell(encoder_dir: str | Path, toyworld: str | Path, attribute: str, im
 DENSE_GROUPS = ((True, {"fixed": "val"}), (False, {"native": "val", "native 2x": "val_hires"}))
 
 
-def dense_cell(encoder_dir: str | Path, seg_root: str | Path, image_size: int, *, seeds: int = 3,
+def dense_cell(encoder_dir: str | Path, seg_root: str | Path, image_size: int, fixed: bool, *, seeds: int = 3,
                epochs: int = 10, lr: float = 1e-2, batch_size: int = 16, n_train: int | None = None,
                n_val: int | None = None, max_num_vistoken: int = 1280) -> list[dict]:
     """mIoU and pixel accuracy (mean, std and values over ``seeds`` head seeds) of the linear
     segmentation probe (comp.eval.segmentation's head, loss and metric; one fixed lr instead
-    of its sweep, as the demo's other probes) on a frozen encoder, one row per DENSE_GROUPS
-    setting. ``seg_root`` holds train/, val/ and val_hires/ in ADE20K's layout (toyworld's
-    seg/); ``n_train`` / ``n_val``: the first images of each split (None: all)."""
+    of its sweep, as the demo's other probes) on a frozen encoder, one row per setting of the
+    DENSE_GROUPS entry with that ``fixed`` (two cells: the halves run side by side).
+    ``seg_root`` holds train/, val/ and val_hires/ in ADE20K's layout (toyworld's seg/);
+    ``n_train`` / ``n_val``: the first images of each split (None: all)."""
     from comp.demo.common import seed_stats
     from comp.eval import segmentation as seg
     from comp.eval.features import encode_files, load_encoder
@@ -166,7 +167,7 @@ def dense_cell(encoder_dir: str | Path, seg_root: str | Path, image_size: int, *
     num_classes = seg.num_classes_of(train_labels, names, str(root / "train"))
     names = names or [str(v) for v in range(1, num_classes + 1)]
     rows = []
-    for fixed, evals in DENSE_GROUPS:
+    for _, evals in (group for group in DENSE_GROUPS if group[0] == fixed):
         encoder = load_encoder(encoder_dir, resolution=image_size if fixed else None,
                                max_num_vistoken=max_num_vistoken, device="cpu")
         train_tokens, train_grid = encode_files(encoder, train_images)

@@ -85,11 +85,11 @@ def child_main(work: str) -> None:
     transformers.logging.set_verbosity_error()
     function, args, kwargs, threads = pickle.loads((Path(work) / "job.pkl").read_bytes())
     torch.set_num_threads(threads)
-    result = _resolve(function)(*args, **kwargs)
+    result = resolve(function)(*args, **kwargs)
     (Path(work) / "result.pkl").write_bytes(pickle.dumps(result))
 
 
-def _resolve(function: str):
+def resolve(function: str):
     module, name = function.split(":")
     return getattr(importlib.import_module(module), name)
 
@@ -107,7 +107,7 @@ def run_calls(calls: Sequence[tuple[str, tuple, dict]], jobs: int | None = None)
     the order of ``calls``; the first failure is raised after the running children are ended."""
     jobs = default_jobs() if jobs is None else jobs
     if jobs <= 1:
-        return [_resolve(function)(*args, **kwargs) for function, args, kwargs in calls]
+        return [resolve(function)(*args, **kwargs) for function, args, kwargs in calls]
     with ChildPool(jobs) as pool:
         futures = [pool.submit(function, args, kwargs) for function, args, kwargs in calls]
         return [f.result() for f in futures]

@@ -239,15 +239,15 @@ def initial_model(argv: list[str], seed: int):
 
 def encoder_calls(name: str, directory: Path, assets: Assets, plan: Plan) -> list[tuple[str, str, tuple, dict]]:
     """The frozen-encoder measurements of one encoder, one child's work each, slowest first:
-    (label, function, args, kwargs) of the dense probe (comp.demo.claims.dense_cell) and a
+    (label, function, args, kwargs) of the dense probe's two halves (comp.demo.claims.dense_cell) and a
     probe cell per attribute (comp.demo.claims.probe_cell; the attentive head for
     ``plan.attentive_attributes`` only, the same for every encoder)."""
     probe = {"per_class": plan.probe_per_class, "seeds": plan.probe_seeds, "linear_epochs": plan.probe_epochs,
              "attentive_epochs": plan.attentive_epochs, "max_num_vistoken": NATIVE_TOKENS}
     dense = {"seeds": plan.probe_seeds, "epochs": plan.dense_epochs, "n_train": plan.dense_train,
              "n_val": plan.dense_val, "max_num_vistoken": NATIVE_TOKENS}
-    calls = [(f"probe: {name}, dense", "comp.demo.claims:dense_cell",
-              (directory, assets.toyworld / "seg", assets.image_size), dense)]
+    calls = [(f"probe: {name}, dense {'fixed' if fixed else 'native'}", "comp.demo.claims:dense_cell",
+              (directory, assets.toyworld / "seg", assets.image_size, fixed), dense) for fixed in (False, True)]
     attributes = sorted(plan.attributes, key=lambda a: a not in plan.attentive_attributes)
     for attribute in attributes:
         calls.append((f"probe: {name}, {attribute}", "comp.demo.claims:probe_cell",
@@ -256,13 +256,36 @@ def encoder_calls(name: str, directory: Path, assets: Assets, plan: Plan) -> lis
     return calls
 
 
+def cached_call(cache: Path, function: str, args: tuple, kwargs: dict):
+    """``function(*args, **kwargs)``'s JSON result, read from ``cache`` (a folder) when an
+    earlier call with the same function, arguments and source of its module wrote it there.
+    The original encoder's probes are the same in every ``comp study`` variant of a seed:
+    computed once."""
+    import hashlib
+    import importlib
+
+    from comp.demo.parallel import resolve
+    from comp.files import atomic_output
+
+    source = Path(importlib.import_module(function.split(":")[0]).__file__).read_bytes()
+    key = json.dumps([function, args, kwargs, hashlib.sha256(source).hexdigest()], sort_keys=True, default=str)
+    path = Path(cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    result = resolve(function)(*args, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(result) + "\n")
+    return result
+
+
 def probe_rows(results: dict[str, list[dict]], plan: Plan) -> tuple[list[dict], list[dict]]:
     """(probe rows, dense rows) from ``encoder_calls``' results by label, each row naming its
     encoder; probe rows in the plan's attribute order."""
     probes, dense = [], []
     for label, rows in results.items():
         encoder, what = label.removeprefix("probe: ").split(", ")
-        (dense if what == "dense" else probes).extend({"encoder": encoder, **row} for row in rows)
+        (dense if what.startswith("dense") else probes).extend({"encoder": encoder, **row} for row in rows)
     order = {a: i for i, a in enumerate(plan.attributes)}
     probes.sort(key=lambda r: order[r["attribute"]])  # stable: encoders stay in call order
     return probes, dense
@@ -364,15 +387,22 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
     from comp.demo.parallel import ChildPool, default_jobs
     from comp.train.export import export_vfm
 
-    say = say or (lambda message: print(f"[comp demo] {message}", file=sys.stderr, flush=True))
+    if say is None:
+        stream = sys.stderr  # bound now: a phase's log captures sys.stderr while the pool reports
+
+        def say(message: str) -> None:
+            print(f"[comp demo] {message}", file=stream, flush=True)
     logs, run_dir = out / "logs", out / recipe.RUN
     argvs = step_argvs(assets, run_dir, plan, seed, variant, word_dist)
     first = argvs[next(iter(argvs))]
     context = (run_dir, first, seed, assets, plan)
-    before = [*encoder_calls("original", assets.vision, assets, plan),
-              ("word space: before Stage I", f"{__name__}:word_space_results", ("before", *context), {}),
-              ("health: before Stage I", f"{__name__}:health_results", (["before"], *context), {}),
-              ("word space: how much the captions differ", f"{__name__}:caption_results", (assets, plan), {})]
+    cache = assets.vision.parent / "probe-cache"  # beside the original, whose results they are
+    before = [(label, f"{__name__}:cached_call", (cache, function, args, kwargs), {})
+              for label, function, args, kwargs in encoder_calls("original", assets.vision, assets, plan)]
+    before += [
+               ("word space: before Stage I", f"{__name__}:word_space_results", ("before", *context), {}),
+               ("health: before Stage I", f"{__name__}:health_results", (["before"], *context), {}),
+               ("word space: how much the captions differ", f"{__name__}:caption_results", (assets, plan), {})]
     vfm = run_dir / "comp-vfm"
     after = [("qa: exact match and image use after Stage III", f"{__name__}:qa_results",
               (run_dir, assets, plan, seed), {}),

@@ -117,8 +117,10 @@ def run(args: argparse.Namespace, plan) -> Path:
 
     out = args.out
 
+    stream = sys.stdout  # not a phase's log: the evaluation reports from a thread while a phase runs
+
     def say(message: str) -> None:
-        print(f"[comp demo] {message}", flush=True)
+        print(f"[comp demo] {message}", file=stream, flush=True)
 
     StageProgress = stage_progress_callback()
     with timed(plan, "assets"), captured(out / "logs" / "assets.log", args.verbose):

@@ -139,7 +139,8 @@ def build_parser():
 
 
 def _say(message: str) -> None:
-    print(f"[comp study] {message}", flush=True)
+    # the real stdout: the pipeline reports from a thread while a phase's log captures sys.stdout
+    print(f"[comp study] {message}", file=sys.__stdout__, flush=True)
 
 
 def _assets_job(seed: int, plan_args: dict):
