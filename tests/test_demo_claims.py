@@ -23,6 +23,26 @@ def test_caption_diversity_is_one_for_one_caption_and_lower_for_different_ones(t
         claims.caption_diversity(tiny_dir("qwen2"), ["one"])
 
 
+def test_alignment_targets_same_texts_one_target_and_content_share(tiny_dir, tmp_path):
+    """The loss's targets on the tiny Qwen2 with a flat prior: identical texts peak on one word
+    (cosine 1); content_share counts argmax words among the given words (all of them: 1)."""
+    from transformers import AutoTokenizer
+
+    counts = tmp_path / "counts.pt"
+    vocab = len(AutoTokenizer.from_pretrained(tiny_dir("qwen2")))
+    torch.save(torch.ones(vocab), counts)
+    same = claims.alignment_targets(tiny_dir("qwen2"), ["a red circle on the left."] * 3, counts)
+    assert (same["texts"], same["distinct_argmax"]) == (3, 1)
+    assert same["target_cos"] == pytest.approx(1.0, abs=1e-5) and same["content_share"] == 0.0
+    assert same["top_targets"][0][1] == 3 and 0 < same["max_p"] <= 1 and same["entropy"] >= 0
+    assert -1 <= same["next_token_cos"] <= 1 and -1 <= same["current_token_cos"] <= 1
+    word = same["top_targets"][0][0].strip()
+    assert claims.alignment_targets(tiny_dir("qwen2"), ["a red circle on the left."], counts,
+                                    content_words=[word])["content_share"] == 1.0
+    with pytest.raises(ValueError, match="at least one text"):
+        claims.alignment_targets(tiny_dir("qwen2"), [], counts)
+
+
 def test_probe_cell_rows_per_setting(tiny_dir, tmp_path):
     """Real encoder, real probe splits (two images per class): one row per setting, the
     fixed ones at the given size (56 px: 4 x 4 patches), the native ones at each image's."""

@@ -6,6 +6,12 @@
   has nearly the same ``F_t`` every image gets the same target word distribution. Reported
   with two views of the same texts that need no LLM context: the mean input word embedding
   and a bag-of-words term-frequency vector (words and single digits).
+- ``alignment_targets``: the alignment loss's own targets ``p_t`` for texts (the prior and
+  the reference's constants): how many distinct words they peak on, how peaked they are, and
+  how many peak on a content word. The loss can only make image features differ by image if
+  the targets do: targets that peak on the same few function words whatever the scene pull
+  every image to one word distribution (the demo's word-space collapse, issue 23). Beside
+  them, where the LLM's last hidden states point: at the next token or at the current one.
 - ``probe_cell``: what a frozen encoder's tokens tell about one toyworld attribute, at the
   encoder's fixed size, at native size and at 2x; for digits and words also with large
   glyphs at the fixed size (can the encoder read at all; the other splits ask about small
@@ -66,6 +72,63 @@ def caption_diversity(llm_dir: str | Path, captions: Sequence[str]) -> dict:
             "bag_of_words_cos": mean_pairwise_cos(bag_of_words(captions)),
             "tokens_per_caption": sum(map(len, rows)) / len(rows),
             "top_words": [w for w, _ in words.most_common(8)]}
+
+
+@torch.no_grad()
+def alignment_targets(llm_dir: str | Path, texts: Sequence[str], word_dist: str | Path,
+                      content_words: Sequence[str] = (), top: int = 5) -> dict:
+    """The targets ``p_t`` of ``texts`` as the alignment loss forms them (comp.models.alignment
+    at its defaults: prior from ``word_dist``, eps 0.005, 3 reference iterations), summarised:
+    distinct argmax words, the commonest ones with counts, mean entropy (nats) and top
+    probability, mean pairwise cosine of the p_t rows, the share whose argmax is one of
+    ``content_words`` (as running text writes them, after a space), and the mean cosine of
+    each position's last hidden state with the next and with the current token's prototype."""
+    from transformers import AutoModelForCausalLM
+
+    from comp.data.collator import pad_rows
+    from comp.data.conversation import load_tokenizer
+    from comp.models.alignment import (
+        log_word_prior,
+        masked_mean_pool,
+        sinkhorn_log_targets,
+    )
+    from comp.models.configuration import CompConfig
+
+    if not texts:
+        raise ValueError("alignment_targets needs at least one text")
+    tokenizer = load_tokenizer(str(llm_dir))
+    model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
+    K = len(tokenizer)
+    W_KD = torch.nn.functional.normalize(model.get_output_embeddings().weight[:K].float(), dim=-1)
+    log_prior_K = log_word_prior(str(word_dist), K, CompConfig.word_temp)
+    rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    log_p, next_cos, current_cos, positions = [], 0.0, 0.0, 0
+    for lo in range(0, len(rows), 64):
+        padded = pad_rows([torch.tensor(r) for r in rows[lo:lo + 64]], tokenizer.pad_token_id, "ids", "mask")
+        ids_NL, mask_NL = padded["ids"], padded["mask"]
+        hidden_NLD = model.model(input_ids=ids_NL, attention_mask=mask_NL).last_hidden_state.float()
+        log_p.append(sinkhorn_log_targets(masked_mean_pool(hidden_NLD, mask_NL) @ W_KD.T, log_prior_K,
+                                          eps=CompConfig.word_eps, iters=CompConfig.sinkhorn_iters))
+        unit_NLD = torch.nn.functional.normalize(hidden_NLD, dim=-1)
+        current_cos += float(((unit_NLD * W_KD[ids_NL]).sum(-1) * mask_NL).sum())
+        next_cos += float(((unit_NLD[:, :-1] * W_KD[ids_NL[:, 1:]]).sum(-1) * mask_NL[:, 1:]).sum())
+        positions += int(mask_NL.sum())
+    log_p_NK = torch.cat(log_p)
+    p_NK = log_p_NK.exp()
+    argmax_N = p_NK.argmax(-1)
+    counts_K = torch.bincount(argmax_N, minlength=K)
+    content = {i for w in content_words for i in tokenizer(" " + w, add_special_tokens=False)["input_ids"][-1:]}
+    commonest = counts_K.topk(min(top, K))
+    return {"texts": len(rows),
+            "distinct_argmax": int((counts_K > 0).sum()),
+            "top_targets": [(tokenizer.decode([int(i)]), int(c)) for c, i in zip(commonest.values, commonest.indices)
+                            if c > 0],
+            "entropy": float(-(p_NK * log_p_NK).nan_to_num().sum(-1).mean()),
+            "max_p": float(p_NK.max(-1).values.mean()),
+            "target_cos": mean_pairwise_cos(p_NK) if len(rows) > 1 else 1.0,
+            "content_share": sum(int(i) in content for i in argmax_N) / len(rows),
+            "next_token_cos": next_cos / max(1, positions - len(rows)),
+            "current_token_cos": current_cos / max(1, positions)}
 
 
 def mean_pairwise_bow_cos(texts: Sequence[str]) -> float:

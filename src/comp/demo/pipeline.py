@@ -11,10 +11,14 @@ Demo settings on top of the recipe's smoke-mode flags, the same for every varian
 that keeps every toyworld image native; and these learning rates and steps, chosen on seed 0
 (single runs; ``health`` in the results, the merged visual tokens' image-specific share after
 each step, shows when the merger has stopped carrying its images):
-- Stages I-II at the recipe's rates, capped at ``lr_cap`` = Stage I's merger rate (only
-  Stage II's merger rate, 5e-3, is above it). Scaled x10 there (LLM 2e-4, VFM 1e-3), Stage II
-  leaves the merged tokens one shared vector and Stage III never recovers; at these rates
-  Stage III undoes what collapse there is.
+- Stages I-II at the recipe's rates scaled to the demo's batch by Adam's square-root rule
+  (``batch_lr_scaling``): x sqrt(demo batch / the recipe's global batch on ``RECIPE_GPUS``
+  GPUs), 2 / 256 in Stage I and 4 / 256 in Stage II (merger 8.8e-5, then 6.25e-4; VFM
+  1.25e-5; LLM 2.5e-6); then capped at ``lr_cap``. At the recipe's own rates (64-128x the
+  samples per step they were set for) the alignment loss, whose toy targets are nearly the
+  same few function words for every caption, drives every image to one feature and Stage
+  III does not recover (docs/results/demo-claims.md). At the recipe's rates x10 (LLM 2e-4,
+  VFM 1e-3), Stage II leaves the merged tokens one shared vector.
 - Stage III at ``stage3_lr_scale`` x the recipe's rates (a 1B LLM's fine-tuning rates: 1e-5
   LLM, 2e-5 VFM), the merger at ``stage3_projector_lr`` (the recipe gives it the LLM's rate),
   for ``stage3_steps_scale`` x the steps on the medium toyworld: at the recipe's Stage III the
@@ -42,6 +46,7 @@ Shape legend: N images, D width.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -59,6 +64,7 @@ ZERO_SHOT_ATTRIBUTES = ("colour", "shape", "digit")
 FINAL_STEP = "stage3"  # the recipe's instruction-tuning step
 # The processor's default budget: every toyworld image (<= 896 px) stays native.
 NATIVE_TOKENS = PROCESSOR_MAX_NUM_VISTOKEN
+RECIPE_GPUS = 8  # the reference trains every stage on 8 GPUs (per-device batch x accumulation x 8)
 
 
 @dataclass
@@ -69,6 +75,7 @@ class Plan:
     toyworld: str = "medium"  # 3000 pool scenes: Stage III's 1800 steps x 2 records stay < 1.3 epochs
     train_tokens: int = 256  # merged tokens per training image: 448 px toyworld images stay native
     lr_cap: float = 1e-3  # learning rates and Stage III's length: see the module docstring
+    batch_lr_scaling: bool = True  # Stages I-II's rates x sqrt(demo batch / recipe batch)
     stage3_lr_scale: float = 10.0
     stage3_projector_lr: float = 1e-3
     stage3_steps_scale: int = 12
@@ -160,6 +167,18 @@ def resize_factor(steps: list[recipe.RecipeStep], image_size: int) -> float:
     return image_size / int(first)
 
 
+def batch_lr_factor(step: recipe.RecipeStep) -> float:
+    """sqrt(the demo's batch / the recipe's global batch) for ``step`` (Adam's square-root
+    scaling rule): the demo's rates for the samples per step it trains on."""
+    reference = {s.name: dict(s.flags) for s in recipes.load_recipe(recipe.RUN).stages}[step.name]
+
+    def batch(flags: dict, gpus: int) -> int:
+        return int(flags["per_device_train_batch_size"]) * int(flags.get("gradient_accumulation_steps", 1)) * gpus
+
+    ours = {k.removeprefix("--"): v for k, v in recipe.flag_pairs(list(step.flags))}
+    return math.sqrt(batch(ours, 1) / batch(reference, RECIPE_GPUS))
+
+
 def step_overrides(step: recipe.RecipeStep, assets: Assets, plan: Plan, factor: float,
                    variant: dict[str, str | None]) -> dict[str, str | None]:
     """The demo's settings (and a study variant's flags, which win) for one step."""
@@ -169,10 +188,11 @@ def step_overrides(step: recipe.RecipeStep, assets: Assets, plan: Plan, factor: 
         unit = 28  # patch 14 x merge 2
         out["--force_resize"] = str(max(unit, round(int(resize) * factor / unit) * unit))
     final = step.name == FINAL_STEP
+    scale = plan.stage3_lr_scale if final else batch_lr_factor(step) if plan.batch_lr_scaling else 1.0
     for flag in recipe.LR_FLAGS:
         value = recipe.flag_value(step.flags, flag)
         if value is not None:
-            out[flag] = f"{min(float(value) * (plan.stage3_lr_scale if final else 1.0), plan.lr_cap):g}"
+            out[flag] = f"{min(float(value) * scale, plan.lr_cap):g}"
     if final:
         out["--mm_projector_lr"] = f"{plan.stage3_projector_lr:g}"
     return out | variant
@@ -357,11 +377,17 @@ def health_results(names: Sequence[str], run_dir: Path, first_argv: list[str], s
 
 
 def caption_results(assets: Assets, plan: Plan) -> dict:
-    """How much the retrieval captions differ (comp.demo.claims.caption_diversity)."""
-    from comp.demo.claims import caption_diversity
+    """How much the retrieval captions differ (comp.demo.claims.caption_diversity) and, in
+    ``targets``, what the alignment loss makes of them (comp.demo.claims.alignment_targets;
+    content words: every probe class)."""
+    from comp.data.toyworld import PROBES
+    from comp.demo.claims import alignment_targets, caption_diversity
 
     entries = json.loads((assets.toyworld / "retrieval" / "captions.json").read_text())[: plan.retrieval_images]
-    return caption_diversity(assets.llm, [e["caption"] for e in entries])
+    captions = [e["caption"] for e in entries]
+    classes = [c for names in PROBES.values() for c in names]
+    return {**caption_diversity(assets.llm, captions),
+            "targets": alignment_targets(assets.llm, captions, assets.word_dist, content_words=classes)}
 
 
 def qa_results(run_dir: Path, assets: Assets, plan: Plan, seed: int) -> dict:

@@ -496,13 +496,22 @@ def dense_section(results: dict, figures: Path) -> list[str]:
 
 def captions_section(results: dict) -> list[str]:
     c = results["captions"]
+    t = c["targets"]
     return ["### How much the captions differ", "",
             f"The alignment loss's targets come from the captions' text features F_t: captions that all "
             f"read alike give every image the same target. Mean pairwise cosine over {c['captions']} "
             f"retrieval captions: F_t {c['text_feature_cos']:.3f}, mean word embedding "
             f"{c['word_embedding_cos']:.3f}, bag of words {c['bag_of_words_cos']:.3f} (1: all the same); "
             f"{c['tokens_per_caption']:.1f} tokens per caption; most common words: "
-            f"{', '.join(c['top_words'])}.", ""]
+            f"{', '.join(c['top_words'])}.", "",
+            f"What the alignment loss makes of them (its own targets p_t, the run's word prior): they peak on "
+            f"{t['distinct_argmax']} distinct words (commonest: "
+            f"{', '.join(f'{w.strip() or repr(w)} {n}' for w, n in t['top_targets'])}), on a class word (colour, shape, "
+            f"digit or word) for {t['content_share']:.1%} of the captions, with mean top probability "
+            f"{t['max_p']:.2f}; mean pairwise cosine of the p_t {t['target_cos']:.2f}. The LLM's last hidden "
+            f"states point at the next token (cosine {t['next_token_cos']:.2f} with its prototype) more than "
+            f"at the current one ({t['current_token_cos']:.2f}): pooled over a caption they name what comes "
+            "next, not what the caption says.", ""]
 
 
 def qa_section(results: dict, figures: Path) -> list[str]:
