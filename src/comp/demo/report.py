@@ -509,9 +509,9 @@ def captions_section(results: dict) -> list[str]:
             f"{', '.join(f'{w.strip() or repr(w)} {n}' for w, n in t['top_targets'])}), on a class word (colour, shape, "
             f"digit or word) for {t['content_share']:.1%} of the captions, with mean top probability "
             f"{t['max_p']:.2f}; mean pairwise cosine of the p_t {t['target_cos']:.2f}. The LLM's last hidden "
-            f"states point at the next token (cosine {t['next_token_cos']:.2f} with its prototype) more than "
-            f"at the current one ({t['current_token_cos']:.2f}): pooled over a caption they name what comes "
-            "next, not what the caption says.", ""]
+            f"states' mean cosine with the next token's prototype: {t['next_token_cos']:.2f}; with the current "
+            f"token's: {t['current_token_cos']:.2f} (where the first is larger, a caption's pooled states name "
+            "what would come next more than what the caption says).", ""]
 
 
 def qa_section(results: dict, figures: Path) -> list[str]:
