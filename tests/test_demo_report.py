@@ -248,9 +248,18 @@ def _results(attributes=("colour", "digit")) -> dict:
               "image_use": {"nll_right": 1.5, "nll_wrong": 1.8, "difference": 0.3, "difference_se": 0.05,
                             "right_better": 0.8, "n": 40}}
           for v in ("fixed 112px", "native", "native 2x")}
-    health = {name: {"norm_ratio": 20.0, "image_specific": share}
-              for name, share in (("stage1", 0.6), ("stage2a", 0.05))}
-    return {"seed": 0, "image_size": 112, "health": health,
+    health = {name: {"norm_ratio": 20.0, "image_specific": share, "image_cos": cos, "cos_images": 100}
+              for name, share, cos in (("before", 0.7, 0.35), ("stage1", 0.6, 0.5), ("stage2a", 0.05, 0.98))}
+    dense = [{"encoder": e, "setting": s, "classes": 9, "n_train": 300, "n_val": 100, "tokens_per_image": t,
+              "miou": _seeds(0.13 + 0.01 * i), "miou_se": 0.004, "pixel_acc": _seeds(0.96)}
+             for i, e in enumerate(("original", "CoMP-VFM"))
+             for s, t in (("fixed", 64.0), ("native", 240.0), ("native 2x", 960.0))]
+    targets = {"texts": 24, "distinct_argmax": 3, "top_targets": [[" the", 20], [" in", 3], [",", 1]],
+               "entropy": 0.1, "max_p": 0.95, "target_cos": 0.3, "content_share": 0.0, "next_token_cos": 0.8,
+               "current_token_cos": 0.25}
+    captions = {"captions": 24, "text_feature_cos": 0.8, "word_embedding_cos": 0.78, "bag_of_words_cos": 0.46,
+                "tokens_per_caption": 25.0, "top_words": ["the", "in"], "targets": targets}
+    return {"seed": 0, "image_size": 112, "health": health, "dense": dense, "captions": captions,
             "plan": {"steps": 20, "stage3_steps_scale": 12, "probe_seeds": 3, "attentive_attributes": ["digit"]},
             "toy_quality": {"siglip": {"colour_accuracy": 0.9, "colour_chance": 0.125, "shape_accuracy": 0.3,
                                        "shape_chance": 1 / 6},
@@ -283,9 +292,11 @@ def test_write_report_leads_with_the_summary_and_writes_every_figure_it_links(tm
     assert summary_markdown(SUMMARY, rule="effect > 2 x spread") in text
     linked = set(re.findall(r"\(figures/([^)]+)\)", text))
     assert linked == {"loss.png", "probe_fixed.png", "probe_native.png", "probe_native-2x.png", "zero_shot.png",
-                      "prototype_words.png", "qa.png", "image_use.png",
+                      "prototype_words.png", "qa.png", "image_use.png", "dense.png",
                       *(f"resolution_{a}.png" for a in attributes)}
-    assert "| stage2a | 20.0 | 0.05 |" in text and "(240 in Stage III)" in text
+    assert "| stage2a | 20.0 | 0.05 | 0.980 |" in text and "(240 in Stage III)" in text
+    assert "| CoMP-VFM | native 2x | 960 | 0.140 ± 0.020 | 0.004 | 0.960 |" in text
+    assert "peak on 3 distinct words (commonest: the 20, in 3, , 1)" in text
     # the attentive head is shown where it ran and "-" where it did not
     assert "| digit | CoMP-VFM | native | 220 | 0.400 ± 0.020 | 0.400 ± 0.020 | 0.100 |" in text
     if "colour" in attributes:
