@@ -145,3 +145,8 @@ def test_evaluate_qa_per_variant_and_type_and_deterministic(mm, tiny_mm_dir, qa_
         assert math.isfinite(result["image_use"]["difference"])
     assert qa.evaluate_qa(model, tiny_mm_dir, qa_dir, fixed_size=64, native_tokens=256,
                           max_new_tokens=4) == first
+    native = qa.evaluate_qa(model, tiny_mm_dir, qa_dir, fixed_size=64, native_tokens=256, max_new_tokens=4,
+                            variants=["native"])
+    assert native == {"native": first["native"]}  # one variant alone: the same numbers
+    with pytest.raises(ValueError, match="unknown QA variants"):
+        qa.evaluate_qa(model, tiny_mm_dir, qa_dir, fixed_size=64, variants=["fixed 112px"])

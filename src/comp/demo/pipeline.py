@@ -86,8 +86,8 @@ class Plan:
     attentive_epochs: int = 20  # epochs of the attentive probe (mini-batches of 32)
     # the attentive head only where a mean over tokens dilutes the label (a few tokens hold it)
     attentive_attributes: tuple[str, ...] = ("digit", "word")
-    dense_train: int | None = 300  # segmentation probe: the first images of seg/train (None: all)
-    dense_val: int | None = 100  # ... of seg/val and seg/val_hires
+    dense_train: int | None = 150  # segmentation probe: the first images of seg/train (None: all)
+    dense_val: int | None = 60  # ... of seg/val and seg/val_hires
     dense_epochs: int = 10  # mini-batches of 16 images; more epochs do not raise the original's mIoU
     zero_shot_per_class: int | None = None
     retrieval_images: int | None = None
@@ -390,13 +390,14 @@ def caption_results(assets: Assets, plan: Plan) -> dict:
             "targets": alignment_targets(assets.llm, captions, assets.word_dist, content_words=classes)}
 
 
-def qa_results(run_dir: Path, assets: Assets, plan: Plan, seed: int) -> dict:
+def qa_results(run_dir: Path, assets: Assets, plan: Plan, seed: int, variant: str) -> dict:
+    """comp.eval.qa.evaluate_qa after Stage III at one resolution ``variant`` (one child each)."""
     from comp.eval.qa import evaluate_qa
     from comp.models.mllm import CompForConditionalGeneration
 
     model = CompForConditionalGeneration.from_pretrained(run_dir / "stage3").eval()
     return evaluate_qa(model, run_dir / "stage3", assets.toyworld / "qa_eval", fixed_size=assets.image_size,
-                       native_tokens=NATIVE_TOKENS, limit=plan.qa_limit, seed=seed)
+                       native_tokens=NATIVE_TOKENS, limit=plan.qa_limit, seed=seed, variants=[variant])[variant]
 
 
 # ----------------------------------------------------------------------------- one run
@@ -411,6 +412,7 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
     originals on the core the training leaves free (it runs one thread), the rest on every
     core once the CoMP-VFM is exported."""
     from comp.demo.parallel import ChildPool, default_jobs
+    from comp.eval.qa import resolution_names
     from comp.train.export import export_vfm
 
     if say is None:
@@ -430,8 +432,9 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
                ("health: before Stage I", f"{__name__}:health_results", (["before"], *context), {}),
                ("word space: how much the captions differ", f"{__name__}:caption_results", (assets, plan), {})]
     vfm = run_dir / "comp-vfm"
-    after = [("qa: exact match and image use after Stage III", f"{__name__}:qa_results",
-              (run_dir, assets, plan, seed), {}),
+    qa_variants = resolution_names(assets.image_size)
+    after = [*[(f"qa: exact match and image use after Stage III, {variant}", f"{__name__}:qa_results",
+                (run_dir, assets, plan, seed, variant), {}) for variant in qa_variants],
              *encoder_calls("CoMP-VFM", vfm, assets, plan),
              ("health: after every step", f"{__name__}:health_results", (list(argvs), *context), {}),
              ("word space: after Stage II-b", f"{__name__}:word_space_results", ("stage2b", *context), {})]
@@ -465,4 +468,5 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
             "word_space": {"before": results["word space: before Stage I"],
                            "after": results["word space: after Stage II-b"]},
             "captions": results["word space: how much the captions differ"],
-            "qa": results["qa: exact match and image use after Stage III"], "eval_seconds": seconds}
+            "qa": {v: results[f"qa: exact match and image use after Stage III, {v}"] for v in qa_variants},
+            "eval_seconds": seconds}

@@ -175,24 +175,35 @@ def image_use(model, processor, questions: Sequence[dict], images: Sequence[Path
             "right_better": float((diff_N > 0).float().mean()), "n": len(diff_N)}
 
 
+def resolution_names(fixed_size: int) -> tuple[str, str, str]:
+    """The resolution variants' names, in ``resolution_processors``' order."""
+    return f"fixed {fixed_size}px", "native", "native 2x"
+
+
 def resolution_processors(model_dir: str | Path, fixed_size: int, native_tokens: int) -> dict:
     """Variant name -> (CompProcessor, the question field holding its image)."""
     from comp.data.processor import CompProcessor
 
     native = CompProcessor.from_pretrained(model_dir, max_num_vistoken=native_tokens)
     fixed = CompProcessor.from_pretrained(model_dir, force_resize=fixed_size, max_num_vistoken=native_tokens)
-    return {f"fixed {fixed_size}px": (fixed, "image"), "native": (native, "image"),
-            "native 2x": (native, "image_hires")}
+    return dict(zip(resolution_names(fixed_size), ((fixed, "image"), (native, "image"), (native, "image_hires"))))
 
 
 def evaluate_qa(model, model_dir: str | Path, qa_dir: str | Path, *, fixed_size: int = 64,
                 native_tokens: int = PROCESSOR_MAX_NUM_VISTOKEN, limit: int | None = None, seed: int = 0,
-                batch_size: int = 16, max_new_tokens: int = 8) -> dict:
+                batch_size: int = 16, max_new_tokens: int = 8, variants: Sequence[str] | None = None) -> dict:
     """Exact match and image use of ``model`` (saved with its processor in ``model_dir``) on
-    the first ``limit`` questions of ``qa_dir`` (None: all), per resolution variant."""
+    the first ``limit`` questions of ``qa_dir`` (None: all), per resolution variant (those
+    named in ``variants``; None: every one of ``resolution_processors``)."""
     questions = load_questions(qa_dir)[:limit]
+    processors = resolution_processors(model_dir, fixed_size, native_tokens)
+    unknown = sorted(set(variants or ()) - set(processors))
+    if unknown:
+        raise ValueError(f"unknown QA variants {unknown}; choose from {list(processors)}")
     results = {}
-    for name, (processor, field) in resolution_processors(model_dir, fixed_size, native_tokens).items():
+    for name, (processor, field) in processors.items():
+        if variants is not None and name not in variants:
+            continue
         images = [q[field] for q in questions]
         answers = generate_answers(model, processor, questions, images, batch_size=batch_size,
                                    max_new_tokens=max_new_tokens)
