@@ -262,3 +262,17 @@ def test_prepare_out_replaces_an_earlier_demo_and_refuses_other_directories(tmp_
 def test_bad_arguments_exit_2(tmp_path, capsys):
     assert demo.main(["--steps", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--steps" in capsys.readouterr().err
+
+
+def test_reading_note_only_where_the_original_cannot_read_large_glyphs():
+    def probes(mean: float) -> list[dict]:
+        return [{"attribute": "digit", "encoder": "original", "setting": "large, fixed", "chance": 0.1,
+                 "n_val": 500, "attentive": {"mean": mean, "std": 0.01, "values": [mean]}}]
+
+    assert "does not read digits" in summary.reading_note(probes(0.11), "digit")
+    assert summary.reading_note(probes(0.6), "digit") is None
+    assert summary.reading_note(probes(0.11), "word") is None  # not probed
+    note = summary.collapse_note({"health": {"before": {"image_cos": 0.35}, "stage2b": {"image_cos": 0.79}},
+                                  "captions": {"targets": {"distinct_argmax": 14, "content_share": 0.004}}})
+    assert note == ("Measured: image cos after Stage II-b 0.79 (before Stage I 0.35); the loss's targets for "
+                    "the captions peak on 14 distinct words, a class word for 0.4% of them.")

@@ -91,12 +91,48 @@ def image_use_row(qa: dict, variant: str = "native") -> dict:
                 u["nll_right"], u["nll_wrong"], None, u["difference_se"])
 
 
+def reading_note(probes: list[dict], attribute: str, head: str = PROBE_HEAD) -> str | None:
+    """Where the original does not read even large glyphs at its fixed size (its "large,
+    fixed" probe within Z binomial standard errors of chance), a reading row measures no
+    resolution effect: the note says so. None where it reads, or was not probed."""
+    large = [r for r in probes if (r["attribute"], r["encoder"], r["setting"]) == (attribute, "original", "large, fixed")]
+    if not large or large[0][head] is None:
+        return None
+    r = large[0]
+    acc = r[head]["mean"]
+    if acc - r["chance"] > Z * math.sqrt(r[head]["std"] ** 2 + binomial_se(acc, r["n_val"]) ** 2):
+        return None
+    return (f"The original does not read {attribute}s even in large type at its fixed size ({head} probe "
+            f"{acc:.3f}, chance {r['chance']:.3f}): this row cannot show what resolution adds.")
+
+
+def collapse_note(results: dict) -> str | None:
+    """What the word-space row's inputs looked like: the image features' spread after
+    Stage II-b and where the alignment loss's targets peak (comp.demo.claims.alignment_targets)."""
+    health = results.get("health", {}).get("stage2b")
+    targets = results.get("captions", {}).get("targets")
+    parts = []
+    if health is not None:
+        parts.append(f"image cos after Stage II-b {health['image_cos']:.2f} (before Stage I "
+                     f"{results['health']['before']['image_cos']:.2f})")
+    if targets is not None:
+        parts.append(f"the loss's targets for the captions peak on {targets['distinct_argmax']} distinct words, "
+                     f"a class word for {targets['content_share']:.1%} of them")
+    return ("Measured: " + "; ".join(parts) + ".") if parts else None
+
+
 def summary_rows(results: dict) -> list[dict]:
     """Claim (a) asks whether native-resolution training lets the encoder use detail its
     fixed-size original cannot: the CoMP-VFM at native size against the original at its fixed
-    size (how each is meant to be used), and both at 2x native (detail beyond training)."""
+    size (how each is meant to be used), and both at 2x native (detail beyond training).
+    Notes (measured, never a verdict): whether the original reads at all; what the word-space
+    row's inputs looked like."""
     probes, dense = results["probes"], results["dense"]
-    return [*[probe_row(probes, attribute, "fixed", "native") for attribute in READING],
-            probe_row(probes, FINE_DETAIL, "native 2x", "native 2x"),
-            dense_row(dense, "fixed", "native"), dense_row(dense, "native 2x", "native 2x"),
-            zero_shot_row(results["word_space"]), qa_row(results["qa"]), image_use_row(results["qa"])]
+    reading = [probe_row(probes, attribute, "fixed", "native") for attribute in READING]
+    reading.append(probe_row(probes, FINE_DETAIL, "native 2x", "native 2x"))
+    for row, attribute in zip(reading, (*READING, FINE_DETAIL)):
+        row["note"] = reading_note(probes, attribute)
+    words = zero_shot_row(results["word_space"])
+    words["note"] = collapse_note(results)
+    return [*reading, dense_row(dense, "fixed", "native"), dense_row(dense, "native 2x", "native 2x"),
+            words, qa_row(results["qa"]), image_use_row(results["qa"])]
