@@ -302,12 +302,17 @@ def cached_call(cache: Path, function: str, args: tuple, kwargs: dict):
 def probe_rows(results: dict[str, list[dict]], plan: Plan) -> tuple[list[dict], list[dict]]:
     """(probe rows, dense rows) from ``encoder_calls``' results by label, each row naming its
     encoder; probe rows in the plan's attribute order."""
+    from comp.demo.claims import DENSE_GROUPS
+
     probes, dense = [], []
     for label, rows in results.items():
         encoder, what = label.removeprefix("probe: ").split(", ")
         (dense if what.startswith("dense") else probes).extend({"encoder": encoder, **row} for row in rows)
     order = {a: i for i, a in enumerate(plan.attributes)}
     probes.sort(key=lambda r: order[r["attribute"]])  # stable: encoders stay in call order
+    encoders = list(dict.fromkeys(r["encoder"] for r in dense))
+    settings = [s for _, evals in DENSE_GROUPS for s in evals]
+    dense.sort(key=lambda r: (encoders.index(r["encoder"]), settings.index(r["setting"])))
     return probes, dense
 
 
