@@ -39,6 +39,10 @@ def test_cell_is_deterministic_and_resumes(tmp_path, assets, monkeypatch):
     second = study.run_cell(tmp_path / "b", "alignment loss off", 0, plan(), assets, say)
     assert first["metrics"] == second["metrics"]
     assert first["results"]["histories"] == second["results"]["histories"]
+    # one process (a --jobs N worker's plan): the evaluation in turn here, the same numbers
+    alone = study.run_cell(tmp_path / "c", "alignment loss off", 0, pipeline.Plan(**pipeline.QUICK, jobs=1), assets,
+                           say)
+    assert alone["metrics"] == first["metrics"] and alone["results"]["probes"] == first["results"]["probes"]
     assert all("align_loss" not in h for hist in first["results"]["histories"].values() for h in hist)
 
     def no_training(*args, **kwargs):

@@ -408,17 +408,52 @@ def qa_results(run_dir: Path, assets: Assets, plan: Plan, seed: int, variant: st
 # ----------------------------------------------------------------------------- one run
 
 
+def export_once(run_dir: Path, vfm: Path, plan: Plan, logs: Path, verbose: bool, say) -> None:
+    """The CoMP-VFM from Stage III's checkpoint (kept when exported already)."""
+    from comp.train.export import export_vfm
+
+    with timed(plan, "export"), captured(logs / "export.log", verbose):
+        if not (vfm / "config.json").exists():
+            export_vfm(run_dir / "stage3", vfm)
+    say(f"export: CoMP-VFM in {vfm}")
+
+
+def train_and_evaluate_beside(before: list, after: list, jobs: int, argvs: dict[str, list[str]], vfm: Path,
+                              plan: Plan, logs: Path, verbose: bool, say, callbacks_for):
+    """The recipe's steps with the ``before`` calls in child processes beside them (the
+    training runs one thread: ``jobs`` - 1 children), then the ``after`` calls on ``jobs``;
+    -> (histories, results by label, seconds by label)."""
+    from comp.demo.parallel import ChildPool
+
+    seconds: dict[str, float] = {}
+
+    def done(future) -> None:
+        seconds[future.label] = round(future.seconds, 1)
+        if future.exception() is None:
+            say(f"{future.label} ({future.seconds:.0f} s)")
+
+    with ChildPool(max(1, jobs - 1), on_done=done) as pool:
+        futures = [pool.submit(function, args, kwargs, label) for label, function, args, kwargs in before]
+        histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for)
+        export_once(vfm.parent, vfm, plan, logs, verbose, say)
+        with timed(plan, "evaluation"):
+            pool.jobs = jobs
+            futures += [pool.submit(function, args, kwargs, label) for label, function, args, kwargs in after]
+            results = {future.label: future.result() for future in futures}
+    return histories, results, seconds
+
+
 def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: dict | None = None,
                  word_dist: str | None = None, verbose: bool = False, say=None,
                  callbacks_for=None) -> dict:
     """Train the recipe into ``out/comp_1b_siglip``, export the CoMP-VFM, evaluate; -> results.
 
-    The evaluation runs in child processes (comp.demo.parallel.ChildPool): what needs only the
-    originals on the core the training leaves free (it runs one thread), the rest on every
-    core once the CoMP-VFM is exported."""
-    from comp.demo.parallel import ChildPool, default_jobs
+    With ``plan.jobs`` > 1 (None: the cores, at most 2) the evaluation runs in child processes
+    (``train_and_evaluate_beside``): what needs only the originals on the core the training
+    leaves free (it runs one thread), the rest on every core once the CoMP-VFM is exported;
+    with 1, here after the training."""
+    from comp.demo.parallel import default_jobs, resolve
     from comp.eval.qa import resolution_names
-    from comp.train.export import export_vfm
 
     if say is None:
         stream = sys.stderr  # bound now: a phase's log captures sys.stderr while the pool reports
@@ -432,8 +467,7 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
     cache = assets.vision.parent / "probe-cache"  # beside the original, whose results they are
     before = [(label, f"{__name__}:cached_call", (cache, function, args, kwargs), {})
               for label, function, args, kwargs in encoder_calls("original", assets.vision, assets, plan)]
-    before += [
-               ("word space: before Stage I", f"{__name__}:word_space_results", ("before", *context), {}),
+    before += [("word space: before Stage I", f"{__name__}:word_space_results", ("before", *context), {}),
                ("health: before Stage I", f"{__name__}:health_results", (["before"], *context), {}),
                ("word space: how much the captions differ", f"{__name__}:caption_results", (assets, plan), {})]
     vfm = run_dir / "comp-vfm"
@@ -444,24 +478,18 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
              ("health: after every step", f"{__name__}:health_results", (list(argvs), *context), {}),
              ("word space: after Stage II-b", f"{__name__}:word_space_results", ("stage2b", *context), {})]
     jobs = default_jobs() if plan.jobs is None else plan.jobs
-    seconds: dict[str, float] = {}
-
-    def done(future) -> None:
-        seconds[future.label] = round(future.seconds, 1)
-        if future.exception() is None:
-            say(f"{future.label} ({future.seconds:.0f} s)")
-
-    with ChildPool(max(1, jobs - 1), on_done=done) as pool:
-        futures = [pool.submit(function, args, kwargs, label) for label, function, args, kwargs in before]
+    if jobs > 1:
+        histories, results, seconds = train_and_evaluate_beside(before, after, jobs, argvs, vfm, plan, logs, verbose,
+                                                               say, callbacks_for)
+    else:  # one process (a comp study worker): children would only add their start-up
         histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for)
-        with timed(plan, "export"), captured(logs / "export.log", verbose):
-            if not (vfm / "config.json").exists():
-                export_vfm(run_dir / "stage3", vfm)
-        say(f"export: CoMP-VFM in {vfm}")
-        with timed(plan, "evaluation"):
-            pool.jobs = jobs
-            futures += [pool.submit(function, args, kwargs, label) for label, function, args, kwargs in after]
-            results = {future.label: future.result() for future in futures}
+        export_once(run_dir, vfm, plan, logs, verbose, say)
+        results, seconds = {}, {}
+        with timed(plan, "evaluation"), captured(logs / "eval.log", verbose):
+            for label, function, args, kwargs in before + after:
+                start = time.perf_counter()
+                results[label] = resolve(function)(*args, **kwargs)
+                seconds[label] = round(time.perf_counter() - start, 1)
     say(f"evaluation: {len(results)} parts done {plan.timings['evaluation']:.0f} s after the training")
     probes, dense = probe_rows({k: v for k, v in results.items() if k.startswith("probe: ")}, plan)
     health = results["health: before Stage I"] | results["health: after every step"]
