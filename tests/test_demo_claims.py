@@ -109,6 +109,11 @@ def test_child_pool_runs_calls_while_the_caller_works_and_reports_each():
         with pytest.raises(RuntimeError, match="at least two captions"):
             bad.result()
     assert sorted(finished) == [("bad", True), ("first", True), ("second", True)]
+    with ChildPool(1) as pool:  # a call that cannot reach a child fails its future, not the pool
+        unpicklable = pool.submit("comp.demo.claims:mean_pairwise_bow_cos", (lambda: None,), label="lambda")
+        with pytest.raises(Exception, match="pickle"):
+            unpicklable.result(timeout=60)
+        assert pool.submit("comp.demo.claims:mean_pairwise_bow_cos", (["a", "a"],)).result() == pytest.approx(1.0)
 
 
 def test_cached_call_computes_once_per_function_and_arguments(tmp_path, monkeypatch):

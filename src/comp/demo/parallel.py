@@ -148,11 +148,16 @@ class ChildPool:
             with self._lock:
                 while self._pending and len(self._running) < self.jobs:
                     future, function, args, kwargs = self._pending.pop(0)
-                    if future.set_running_or_notify_cancel():
-                        work = Path(self._work.name) / f"call-{self._count:04d}"
-                        self._count += 1
+                    if not future.set_running_or_notify_cancel():
+                        continue
+                    work = Path(self._work.name) / f"call-{self._count:04d}"
+                    self._count += 1
+                    try:
                         self._running[future] = (ChildCall(work, function, *args, threads=1, **kwargs),
                                                  time.perf_counter())
+                    except Exception as err:  # e.g. arguments that do not pickle: the caller's result() raises
+                        future.seconds = 0.0
+                        future.set_exception(err)
                 finished = [f for f, (child, _) in self._running.items() if child.done()]
                 done = [(f, *self._running.pop(f)) for f in finished]
             for future, child, start in done:
@@ -162,7 +167,10 @@ class ChildPool:
                 except Exception as err:  # the caller's result() raises it
                     future.set_exception(err)
                 if self.on_done is not None:
-                    self.on_done(future)
+                    try:
+                        self.on_done(future)
+                    except Exception as err:  # a report that fails must not stop the scheduler
+                        print(f"comp.demo.parallel: on_done failed for {future.label}: {err!r}", file=sys.stderr)
             if not done:
                 time.sleep(0.05)
 
