@@ -44,6 +44,12 @@ def test_cell_is_deterministic_and_resumes(tmp_path, assets, monkeypatch):
                            say)
     assert alone["metrics"] == first["metrics"] and alone["results"]["probes"] == first["results"]["probes"]
     assert all("align_loss" not in h for hist in first["results"]["histories"].values() for h in hist)
+    # what comp study runs: the same metrics without the demo's "before" measurements
+    lean = study.run_cell(tmp_path / "d", "alignment loss off", 0, pipeline.Plan(**{**pipeline.QUICK, **study.CELL_PLAN}),
+                          assets, say)
+    assert lean["metrics"] == first["metrics"]
+    assert lean["results"]["word_space"]["before"] is None and "before" not in lean["results"]["health"]
+    assert {p["encoder"] for p in lean["results"]["probes"] + lean["results"]["dense"]} == {"CoMP-VFM"}
 
     def no_training(*args, **kwargs):
         raise AssertionError("a computed cell must be read back")

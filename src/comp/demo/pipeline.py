@@ -93,6 +93,9 @@ class Plan:
     retrieval_images: int | None = None
     qa_limit: int | None = None  # held-out questions (None: all)
     jobs: int | None = None  # processes for independent work (None: comp.demo.parallel.default_jobs)
+    # measure the original encoder and the model before Stage I too (the demo's "before"; comp
+    # study compares variants after training and leaves it out)
+    before: bool = True
     timings: dict[str, float] = field(default_factory=dict)
 
     def settings(self) -> dict:
@@ -470,6 +473,8 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
     before += [("word space: before Stage I", f"{__name__}:word_space_results", ("before", *context), {}),
                ("health: before Stage I", f"{__name__}:health_results", (["before"], *context), {}),
                ("word space: how much the captions differ", f"{__name__}:caption_results", (assets, plan), {})]
+    if not plan.before:
+        before = []
     vfm = run_dir / "comp-vfm"
     qa_variants = resolution_names(assets.image_size)
     after = [*[(f"qa: exact match and image use after Stage III, {variant}", f"{__name__}:qa_results",
@@ -492,14 +497,14 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
                 seconds[label] = round(time.perf_counter() - start, 1)
     say(f"evaluation: {len(results)} parts done {plan.timings['evaluation']:.0f} s after the training")
     probes, dense = probe_rows({k: v for k, v in results.items() if k.startswith("probe: ")}, plan)
-    health = results["health: before Stage I"] | results["health: after every step"]
+    health = results.get("health: before Stage I", {}) | results["health: after every step"]
     say("merged visual tokens (norm / word-embedding norm, image-specific share, image cos): " + ", ".join(
         f"{k} {h['norm_ratio']:.0f}x {h['image_specific']:.2f} {h['image_cos']:.2f}" for k, h in health.items()))
     return {"seed": seed, "plan": plan.settings(), "image_size": assets.image_size,
             "toy_quality": assets.quality, "argv": argvs, "histories": histories, "health": health,
             "probes": probes, "dense": dense,
-            "word_space": {"before": results["word space: before Stage I"],
+            "word_space": {"before": results.get("word space: before Stage I"),
                            "after": results["word space: after Stage II-b"]},
-            "captions": results["word space: how much the captions differ"],
+            "captions": results.get("word space: how much the captions differ"),
             "qa": {v: results[f"qa: exact match and image use after Stage III, {v}"] for v in qa_variants},
             "eval_seconds": seconds}

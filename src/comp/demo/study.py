@@ -25,6 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+# What a cell measures: what cell_metrics reads (the CoMP-VFM after training, its reading and
+# dense probes), not the demo's before / after of the original.
+CELL_PLAN = dict(before=False, attributes=("digit", "word"))
 VARIANTS = ("full", "C-RoPE off", "alignment loss off", "word prior off", "native resolution off")
 DEFAULT_SEEDS = 3
 
@@ -165,7 +168,9 @@ def _cell_job(root: Path, variant: str, seed: int, plan_args: dict, assets) -> d
 
 def run_cells(root: Path, variants: list[str], seeds: list[int], plan_args: dict, jobs: int) -> list[dict]:
     """Every (seed, variant) cell, seed-major; ``jobs`` > 1 runs them in that many spawned
-    worker processes (each seed's assets first, so no two workers build the same toys)."""
+    worker processes. Each seed's assets are built once, and its cells are queued as soon as
+    they are: a worker never waits for the other seeds' toys (with 3 seeds on 2 workers, the
+    third seed's toys build beside the first seed's cells)."""
     if jobs <= 1:
         out = []
         for seed in seeds:
@@ -173,13 +178,16 @@ def run_cells(root: Path, variants: list[str], seeds: list[int], plan_args: dict
             out += [_cell_job(root, variant, seed, plan_args, assets) for variant in variants]
         return out
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        assets = dict(zip(seeds, pool.map(_assets_job, seeds, [plan_args] * len(seeds))))
-        futures = [pool.submit(_cell_job, root, variant, seed, plan_args, assets[seed])
-                   for seed in seeds for variant in variants]
-        return [f.result() for f in futures]
+        building = {pool.submit(_assets_job, seed, plan_args): seed for seed in seeds}
+        cells = {}
+        for built in as_completed(building):
+            seed = building[built]
+            for variant in variants:
+                cells[seed, variant] = pool.submit(_cell_job, root, variant, seed, plan_args, built.result())
+        return [cells[seed, variant].result() for seed in seeds for variant in variants]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"comp study: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
-    plan_args = dict(QUICK) if args.quick else {}
+    plan_args = {**(QUICK if args.quick else {}), **CELL_PLAN}
     if args.steps is not None:
         plan_args["steps"] = args.steps
     if args.jobs > 1:
