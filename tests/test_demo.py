@@ -272,6 +272,11 @@ def test_reading_note_only_where_the_original_cannot_read_large_glyphs():
     assert "does not read digits" in summary.reading_note(probes(0.11), "digit")
     assert summary.reading_note(probes(0.6), "digit") is None
     assert summary.reading_note(probes(0.11), "word") is None  # not probed
+    native = [{"attribute": "digit", "encoder": e, "setting": "native", "attentive": {"mean": m}}
+              for e, m in (("original", 0.413), ("CoMP-VFM", 0.275))]
+    assert summary.same_size_note(native, "native", lambda r: r["attentive"]["mean"], "digit") == (
+        "Both at native size: original 0.413, CoMP-VFM 0.275 (CoMP's training beyond the size: -0.138).")
+    assert summary.same_size_note(native, "native", lambda r: r["attentive"]["mean"], "word") is None
     note = summary.collapse_note({"health": {"before": {"image_cos": 0.35}, "stage2b": {"image_cos": 0.79}},
                                   "captions": {"targets": {"distinct_argmax": 14, "content_share": 0.004}}})
     assert note == ("Measured: image cos after Stage II-b 0.79 (before Stage I 0.35); the loss's targets for "

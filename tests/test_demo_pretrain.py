@@ -60,27 +60,6 @@ def test_siglip_groups_are_hard_negatives_with_one_phrasing():
     assert "the number 7." in prompts and all("7" in p for p in prompts)
 
 
-def test_distinguishing_words_are_what_tells_a_group_apart(toys):
-    """The image tower's labels: a reading sibling's own digits or word, a shape twin's shape
-    words; never a word its whole group shares."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(toys.siglip)
-    scenes, captions = pretrain.siglip_groups(0, 8, "reading", 8)
-    pool, pool_captions = pretrain.siglip_groups(0, 2, "pool", 2)
-    ids, _ = pretrain._caption_ids(tokenizer, captions + pool_captions, 64)
-    targets = pretrain.distinguishing_words(ids, [8, 2], len(tokenizer))
-    assert torch.allclose(targets.sum(-1), torch.ones(10))
-    for scene, row in zip(scenes + pool, targets):
-        named = set(tokenizer.convert_ids_to_tokens(row.nonzero().flatten().tolist()))
-        if scene.texts and scene in scenes:
-            assert {t.lstrip("Ġ") for t in named} <= set(scene.texts[0].text) | {scene.texts[0].text}, named
-        else:
-            assert {t.lstrip("Ġ") for t in named} <= {o.shape for o in scene.objects}, named
-            assert named
-    assert not pretrain.distinguishing_words(ids[:1], [1], len(tokenizer)).any()  # alone: nothing to tell apart
-
-
 def test_saved_tokenizers_reload_unchanged(toys):
     """The recipe's loader (AutoTokenizer -> Qwen2Tokenizer for model_type qwen2) and SigLIP's
     directory give back the tokenizer the toys were trained with: same vocabulary, same ids on

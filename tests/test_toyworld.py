@@ -296,27 +296,23 @@ def ink_at(meta: dict, side: int | None = None) -> tuple[np.ndarray, np.ndarray]
 
 @pytest.mark.parametrize("attribute", ["digit", "word"])
 def test_reading_probes_are_legible_natively_and_not_at_112_px(world, attribute):
-    """The point of these probes: at native size every glyph is as tall as the large glyphs
-    are in the toy SigLIP's fixed 112 x 112 input (what it learns to read from); squeezed into
-    that input, nearly every glyph is smaller along the scene's long axis than any large one and
-    its aspect is distorted at least 2x (the large ones' at most 1.6x)."""
+    """The point of these probes: at native size every digit has >= 6 px of ink height (a
+    word >= 5, the x-height of one without ascenders); in the toy SigLIP's fixed 112 x 112
+    input nearly all fall under 4 px tall or 2.5 px a glyph wide. The large-glyph split is
+    the opposite: legible at 112 px, where a fixed-size encoder can learn to read."""
     def metas(split):
         return [e["meta"] for e in json.loads((world / "probe" / attribute / f"{split}.json").read_text())]
 
-    glyphs = 1 if attribute == "digit" else 5
-    large = [m for split in ("train_large", "val_large") for m in metas(split)]
-    large_h112, large_w112 = ink_at(large, 112)
-    assert large_h112.min() >= 13, large_h112.min()  # about a patch tall: what a 14 px patch ViT reads
-    h, w = ink_at(metas("val"))
-    assert h.min() >= large_h112.min()
+    glyph = 2.5 if attribute == "digit" else 2.5 * 5  # words: 5 glyphs
+    h, _ = ink_at(metas("val"))
+    assert h.min() >= (6 if attribute == "digit" else 5)
     h112, w112 = ink_at(metas("val"), 112)
-    wide = np.array([m["width"] >= m["height"] for m in metas("val")])  # one text per scene
-    squeezed = np.where(wide, w112 / glyphs < (large_w112 / glyphs).min(), h112 < large_h112.min())
-    assert squeezed.mean() > 0.95, squeezed.mean()  # along the long axis, smaller than any large glyph
-    assert np.abs(np.log((w / h) / (w112 / h112))).min() >= np.log(1.95)  # the squeeze's aspect distortion
-    large_h, large_w = ink_at(large)
-    assert np.abs(np.log((large_w / large_h) / (large_w112 / large_h112))).max() <= np.log(176 / 112) + 0.05
+    small = (h112 < 4) | (w112 < glyph)
+    assert small.mean() > 0.95, small.mean()
     assert ink_at(metas("val_hires"))[0].min() >= 2 * h.min()
+    for split in ("train_large", "val_large"):
+        h112, w112 = ink_at(metas(split), 112)
+        assert h112.min() >= 4.5 and w112.min() >= glyph, split
 
 
 def test_captions_name_their_scene_in_varied_words():

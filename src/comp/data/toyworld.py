@@ -35,13 +35,12 @@ captions name each scene's shapes (colour, shape, position), texts and optionall
 count and background, in phrasing and order drawn per record, so two captions share few words
 beyond what their scenes share.
 
-Resolution matters for the ``digit`` and ``word`` probes: the probes' single text is set in
-the reading scenes' type (36-44 px) in a long scene (320-448 px by a half to a quarter of
-that): at native size as large as the glyphs a fixed-size encoder learns to read from;
-squeezed into a VFM's fixed square of 112 px every glyph is narrower than any of those, and
-its aspect is distorted 2-4x. Their ``train_large`` / ``val_large`` splits show the same
-classes as reading scenes (36-44 px text in a 112-176 px scene), legible at that fixed size:
-whether an encoder reads at all. ``qa_eval/questions.json`` holds [{id, image, image_hires, type, question, answer,
+Resolution matters for the ``digit`` and ``word`` probes and the reading questions: the
+probes' single text is 9-12 px (ink 6-9 px tall) in a long scene (320-448 px by a half to a
+quarter of that), legible at native size; squeezed into a VFM's fixed square of 112 px nearly every glyph
+shrinks below 4 px tall or 2.5 px wide. Their ``train_large`` / ``val_large`` splits show the
+same classes as reading scenes (11-18 px text in a ~96-136 px scene), legible at that fixed
+size: whether an encoder reads at all. ``qa_eval/questions.json`` holds [{id, image, image_hires, type, question, answer,
 meta}], types QA_TYPES, asked exactly as the Stage III records ask them; each draws from its
 own stream ("qa-eval-<type>"), so it shares no scene with training and adding it changed no
 other output.
@@ -99,11 +98,9 @@ SEG_CLASSES = ("background", *SHAPES, "word", "number")
 QA_TYPES = ("colour", "shape", "position", "count", "number", "word")
 SIDE_MIN, SIDE_MAX = 56, 448
 TEXT_SIZES = (8, 9, 10, 11, 12, 13)  # pool text, px: small enough that downsampling hurts
-# Reading. A ViT with 14 px patches learns to read glyphs a few patches tall: 36-44 px type
-# (measured on the toy SigLIP: 11-36 px type stays at chance even with labels to learn from).
-DIGIT_SIZES = (36, 40, 44)  # the digit and word probes' single text, in a long scene
-READ_SIZES = (36, 40, 44)  # reading scenes' text: still a few patches tall squeezed to ~112 px
-READ_SIDE = (112, 176)  # reading scenes' sides, px: a squeeze to ~112 px distorts them < 1.6x
+DIGIT_SIZES = (9, 10, 11, 12)  # the digit and word probes' single text
+READ_SIZES = (11, 12, 13, 14, 16, 18)  # reading scenes' text: legible squeezed to ~112 px
+READ_SIDE = (96, 136)  # reading scenes' sides, px: a squeeze to ~112 px barely distorts them
 WIDE_SIDE = (320, 448)  # the reading probes' long side, px: a fixed-size squeeze shrinks >= 2.8x
 MARGIN = 2  # px kept free around every item
 HIRES_SCALE = 2

@@ -12,14 +12,9 @@ are made as the real ones were, at toy scale, with transformers' own classes and
   toyworld colour alone tells a random batch's captions apart, and without twins the toy
   never learns shape), and reading scenes (one word or number large enough to stay legible
   at that resolution) with their text siblings (the same scene with other texts), so that
-  the toy can learn to read where its input shows the text large; text in a long scene
-  becomes illegible in the squeeze, which native-resolution training should recover.
-  A group's captions share one phrasing and differ only where its images do. Beside the
-  sigmoid loss the image tower classifies the words that tell its caption from the rest of
-  its group (``distinguishing_words``; a linear head, discarded): at toy scale the two towers
-  never start to tell a group apart on their own (measured: 4000 steps, sibling captions'
-  text features at cosine 0.9997, large digits at chance), as supervision on caption words
-  (SuperClass) teaches a VFM without a text tower;
+  the toy can learn to read where its input shows the text large; small text in a large
+  scene becomes illegible in the squeeze, which native-resolution training should recover.
+  A group's captions share one phrasing and differ only where its images do;
 - ``Qwen2ForCausalLM`` (tied embeddings, padded table) trained with its causal LM loss on
   toyworld text in the chat format: captions, dense captions, and questions answered from a
   scene's description (the LM never sees images, as a text LM).
@@ -79,13 +74,10 @@ class ToySettings:
     siglip_images: int = 4000  # pool scenes, half of them the other half's shape twins
     reading_images: int = 4000  # reading scenes (large text), in groups of text siblings
     reading_group: int = 8
-    reading_share: float = 0.5  # of every batch: two groups of 8
+    reading_share: float = 0.25  # of every batch: one group of 8
     siglip_steps: int = 2000
     siglip_batch: int = 32
     siglip_lr: float = 1e-3
-    # weight of the image tower's caption-word classification beside the sigmoid loss (0: the
-    # sigmoid loss alone; see train_siglip)
-    caption_classification: float = 1.0
     # Qwen2 LM
     lm_width: int = 128
     lm_layers: int = 2
@@ -370,26 +362,18 @@ def train_siglip(tokenizer, seed: int, settings: ToySettings):
         model.logit_scale.fill_(math.log(10.0))  # 32k batch, scaled to ours
         model.logit_bias.fill_(-math.log(s.siglip_batch))
     # beta2 0.95 as SigLIP trained; small batches break the initial symmetry fastest here
-    word_head = torch.nn.Linear(s.vision_width, len(tokenizer))  # discarded after training
-    opt = torch.optim.AdamW([*model.parameters(), *word_head.parameters()], lr=s.siglip_lr, betas=(0.9, 0.95),
-                            weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.siglip_lr, betas=(0.9, 0.95), weight_decay=1e-4)
     schedule = _warmup_cosine(opt, s.siglip_steps)
     read_batch = s.reading_group * round(s.siglip_batch * s.reading_share / s.reading_group)
     pool_order = _group_batches(len(scenes) // 2, 2, s.siglip_batch - read_batch, s.siglip_steps, seed)
     read_order = _group_batches(len(read_scenes) // s.reading_group, s.reading_group, read_batch,
                                 s.siglip_steps, seed + 1)
-    words_NV = distinguishing_words(captions, [2] * (len(scenes) // 2)
-                                    + [s.reading_group] * (len(read_scenes) // s.reading_group), len(tokenizer))
     losses = []
     for pool_idx, read_idx in zip(pool_order, read_order):
         idx = torch.cat([pool_idx, read_idx + len(scenes)])
         out = model(input_ids=captions[idx], pixel_values=_normalise(pixels[idx]), return_loss=True)
-        loss = out.loss
-        if s.caption_classification:
-            logits_BV = word_head(out.vision_model_output.pooler_output)
-            loss = loss + s.caption_classification * -(words_NV[idx] * logits_BV.log_softmax(-1)).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         opt.step()
         schedule.step()
         losses.append(out.loss.item())
@@ -398,20 +382,6 @@ def train_siglip(tokenizer, seed: int, settings: ToySettings):
     quality.update(first_loss=round(losses[0], 4), last_loss=round(float(np.mean(losses[-20:])), 4),
                    truncated_captions=truncated, image_size=s.image_size)
     return model, quality
-
-
-def distinguishing_words(ids_NL: torch.Tensor, group_sizes: list[int], vocab: int) -> torch.Tensor:
-    """Per caption, the words it names that not every caption of its group (consecutive rows,
-    ``group_sizes`` of them) names, as a uniform distribution over the vocabulary: a reading
-    scene's digit or word, a shape twin's shape words. What the sigmoid loss asks the image
-    tower to tell apart within a group, given to it as a label (rows with none: zeros)."""
-    present_NV = torch.zeros(len(ids_NL), vocab).scatter_(1, ids_NL, 1.0)
-    start = 0
-    for size in group_sizes:
-        group = present_NV[start:start + size]
-        group -= group.min(0).values  # drop the words every caption of the group names
-        start += size
-    return present_NV / present_NV.sum(-1, keepdim=True).clamp(min=1)
 
 
 def shape_twin(rng: np.random.Generator, scene: tw.Scene) -> tw.Scene:

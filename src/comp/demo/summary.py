@@ -106,6 +106,22 @@ def reading_note(probes: list[dict], attribute: str, head: str = PROBE_HEAD) -> 
             f"{acc:.3f}, chance {r['chance']:.3f}): this row cannot show what resolution adds.")
 
 
+def same_size_note(rows: list[dict], setting: str, value, attribute: str | None = None) -> str | None:
+    """Where a row sets the CoMP-VFM at ``setting`` against the original at its fixed size, both
+    at ``setting``: how much of the effect is the size alone and how much CoMP's training.
+    ``value``: a row -> its number. None where either was not measured at ``setting``."""
+    try:
+        o, c = _pick(rows, "original", setting, attribute), _pick(rows, "CoMP-VFM", setting, attribute)
+    except StopIteration:
+        return None
+    return (f"Both at {setting} size: original {value(o):.3f}, CoMP-VFM {value(c):.3f} (CoMP's training "
+            f"beyond the size: {value(c) - value(o):+.3f}).")
+
+
+def _join(*notes: str | None) -> str | None:
+    return " ".join(n for n in notes if n) or None
+
+
 def collapse_note(results: dict) -> str | None:
     """What the word-space row's inputs looked like: the image features' spread after
     Stage II-b and where the alignment loss's targets peak (comp.demo.claims.alignment_targets)."""
@@ -125,14 +141,19 @@ def summary_rows(results: dict) -> list[dict]:
     """Claim (a) asks whether native-resolution training lets the encoder use detail its
     fixed-size original cannot: the CoMP-VFM at native size against the original at its fixed
     size (how each is meant to be used), and both at 2x native (detail beyond training).
-    Notes (measured, never a verdict): whether the original reads at all; what the word-space
-    row's inputs looked like."""
+    Notes (measured, never a verdict): whether the original reads at all; both encoders at
+    native size, where a row compares them at different sizes; what the word-space row's
+    inputs looked like."""
     probes, dense = results["probes"], results["dense"]
     reading = [probe_row(probes, attribute, "fixed", "native") for attribute in READING]
+    for row, attribute in zip(reading, READING):
+        row["note"] = _join(reading_note(probes, attribute),
+                            same_size_note(probes, "native", lambda r: r[PROBE_HEAD]["mean"], attribute))
     reading.append(probe_row(probes, FINE_DETAIL, "native 2x", "native 2x"))
-    for row, attribute in zip(reading, (*READING, FINE_DETAIL)):
-        row["note"] = reading_note(probes, attribute)
+    reading[-1]["note"] = reading_note(probes, FINE_DETAIL)
+    dense_native = dense_row(dense, "fixed", "native")
+    dense_native["note"] = same_size_note(dense, "native", lambda r: r["miou"]["mean"])
     words = zero_shot_row(results["word_space"])
     words["note"] = collapse_note(results)
-    return [*reading, dense_row(dense, "fixed", "native"), dense_row(dense, "native 2x", "native 2x"),
+    return [*reading, dense_native, dense_row(dense, "native 2x", "native 2x"),
             words, qa_row(results["qa"]), image_use_row(results["qa"])]
