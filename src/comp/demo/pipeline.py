@@ -468,13 +468,13 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
     first = argvs[next(iter(argvs))]
     context = (run_dir, first, seed, assets, plan)
     cache = assets.vision.parent / "probe-cache"  # beside the original, whose results they are
-    before = [(label, f"{__name__}:cached_call", (cache, function, args, kwargs), {})
-              for label, function, args, kwargs in encoder_calls("original", assets.vision, assets, plan)]
-    before += [("word space: before Stage I", f"{__name__}:word_space_results", ("before", *context), {}),
-               ("health: before Stage I", f"{__name__}:health_results", (["before"], *context), {}),
-               ("word space: how much the captions differ", f"{__name__}:caption_results", (assets, plan), {})]
-    if not plan.before:
-        before = []
+    before = []
+    if plan.before:
+        before = [(label, f"{__name__}:cached_call", (cache, function, args, kwargs), {})
+                  for label, function, args, kwargs in encoder_calls("original", assets.vision, assets, plan)]
+        before += [("word space: before Stage I", f"{__name__}:word_space_results", ("before", *context), {}),
+                   ("health: before Stage I", f"{__name__}:health_results", (["before"], *context), {}),
+                   ("word space: how much the captions differ", f"{__name__}:caption_results", (assets, plan), {})]
     vfm = run_dir / "comp-vfm"
     qa_variants = resolution_names(assets.image_size)
     after = [*[(f"qa: exact match and image use after Stage III, {variant}", f"{__name__}:qa_results",

@@ -13,7 +13,8 @@ and writes cell.json; a cell whose cell.json exists is read back, not recomputed
 ``--jobs N`` computes N cells at once in spawned worker processes, each evaluating in its own
 process; every cell measures only what the study's table reads (CELL_PLAN). 3 seeds x 5 variants with
 2 jobs on 2 cores: the toys of two seeds ~6 min, then ~420 s a cell two at a time (the third
-seed's toys beside the first cells), about 60 min in all (docs/results/study/study.md).
+seed's toys beside the first cells), about 63 min in all, projected from 13 measured cells
+(docs/results/study/study.md).
 OUT/study.json holds every cell's metrics, OUT/study.md one table (variant x metric, mean ±
 std over seeds, difference to the full recipe) and bar plots (OUT/figures).
 """
@@ -138,7 +139,7 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe step")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells (and seeds' toy originals) computed at once, one process and one thread "
-                        "each (default 1; the default study takes about 60 min with 2 on 2 cores)")
+                        "each (default 1; the default study takes about 63 min with 2 on 2 cores)")
     p.add_switch("--quick", default=False, help="smoke-sized cells (tests)")
     return p
 
