@@ -50,6 +50,7 @@ def test_cell_is_deterministic_and_resumes(tmp_path, assets, monkeypatch):
     assert lean["metrics"] == first["metrics"]
     assert lean["results"]["word_space"]["before"] is None and "before" not in lean["results"]["health"]
     assert {p["encoder"] for p in lean["results"]["probes"] + lean["results"]["dense"]} == {"CoMP-VFM"}
+    assert "native 2x" in first["results"]["qa"] and "native 2x" not in lean["results"]["qa"]
 
     def no_training(*args, **kwargs):
         raise AssertionError("a computed cell must be read back")

@@ -92,6 +92,7 @@ class Plan:
     zero_shot_per_class: int | None = None
     retrieval_images: int | None = None
     qa_limit: int | None = None  # held-out questions (None: all)
+    qa_native_2x: bool = True  # Stage III's QA at 2x native too (beside fixed and native)
     jobs: int | None = None  # processes for independent work (None: comp.demo.parallel.default_jobs)
     # measure the original encoder and the model before Stage I too (the demo's "before"; comp
     # study compares variants after training and leaves it out)
@@ -476,7 +477,7 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
                    ("health: before Stage I", f"{__name__}:health_results", (["before"], *context), {}),
                    ("word space: how much the captions differ", f"{__name__}:caption_results", (assets, plan), {})]
     vfm = run_dir / "comp-vfm"
-    qa_variants = resolution_names(assets.image_size)
+    qa_variants = resolution_names(assets.image_size)[:None if plan.qa_native_2x else 2]
     after = [*[(f"qa: exact match and image use after Stage III, {variant}", f"{__name__}:qa_results",
                 (run_dir, assets, plan, seed, variant), {}) for variant in qa_variants],
              *encoder_calls("CoMP-VFM", vfm, assets, plan),
