@@ -14,6 +14,8 @@ def test_caption_diversity_is_one_for_one_caption_and_lower_for_different_ones(t
     same = claims.caption_diversity(tiny_dir("qwen2"), ["a red circle on the left."] * 3)
     for key in ("text_feature_cos", "word_embedding_cos", "bag_of_words_cos"):
         assert same[key] == pytest.approx(1.0, abs=1e-5), key
+    # the floor: random texts of the same few words differ although the captions do not
+    assert 0 < same["text_feature_cos_random_words"] < 0.9999
     different = claims.caption_diversity(tiny_dir("qwen2"), ["a red circle on the left.", "number 47 (top)",
                                                              "blue star; zebra"])
     assert all(different[key] < 0.99 for key in ("text_feature_cos", "word_embedding_cos"))

@@ -257,7 +257,8 @@ def _results(attributes=("colour", "digit")) -> dict:
     targets = {"texts": 24, "distinct_argmax": 3, "top_targets": [[" the", 20], [" in", 3], [",", 1]],
                "entropy": 0.1, "max_p": 0.95, "target_cos": 0.3, "content_share": 0.0, "next_token_cos": 0.8,
                "current_token_cos": 0.25}
-    captions = {"captions": 24, "text_feature_cos": 0.8, "word_embedding_cos": 0.78, "bag_of_words_cos": 0.46,
+    captions = {"captions": 24, "text_feature_cos": 0.8,
+                "text_feature_cos_random_words": 0.757, "word_embedding_cos": 0.78, "bag_of_words_cos": 0.46,
                 "tokens_per_caption": 25.0, "top_words": ["the", "in"], "targets": targets}
     return {"seed": 0, "image_size": 112, "health": health, "dense": dense, "captions": captions,
             "plan": {"steps": 20, "stage3_steps_scale": 12, "probe_seeds": 3, "attentive_attributes": ["digit"]},
@@ -297,6 +298,7 @@ def test_write_report_leads_with_the_summary_and_writes_every_figure_it_links(tm
     assert "| stage2a | 20.0 | 0.05 | 0.980 |" in text and "(240 in Stage III)" in text
     assert "| CoMP-VFM | native 2x | 960 | 0.140 ± 0.020 | 0.004 | 0.960 |" in text
     assert "peak on 3 distinct words (commonest: the 20, in 3, , 1)" in text
+    assert "F_t 0.800 (random texts of the captions' own words, as long: 0.757," in text
     # the attentive head is shown where it ran and "-" where it did not
     assert "| digit | CoMP-VFM | native | 220 | 0.400 ± 0.020 | 0.400 ± 0.020 | 0.100 |" in text
     if "colour" in attributes:

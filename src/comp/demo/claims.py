@@ -5,7 +5,10 @@
   last hidden states, masked mean, as comp.eval.wordspace forms them); when every caption
   has nearly the same ``F_t`` every image gets the same target word distribution. Reported
   with two views of the same texts that need no LLM context: the mean input word embedding
-  and a bag-of-words term-frequency vector (words and single digits).
+  and a bag-of-words term-frequency vector (words and single digits); and with its floor: the
+  same measure on texts of random words from the captions' own words (one per caption, as
+  long), which share nothing but that vocabulary. A small LLM's features are anisotropic:
+  its F_t cannot fall far below that floor whatever the captions say.
 - ``alignment_targets``: the alignment loss's own targets ``p_t`` for texts (the prior and
   the reference's constants): how many distinct words they peak on, how peaked they are, and
   how many peak on a content word. The loss can only make image features differ by image if
@@ -21,6 +24,7 @@ Shape legend: N texts or images, D width, V vocabulary (bag of words).
 """
 from __future__ import annotations
 
+import random
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -47,7 +51,8 @@ def bag_of_words(texts: Sequence[str]) -> torch.Tensor:
 @torch.no_grad()
 def caption_diversity(llm_dir: str | Path, captions: Sequence[str]) -> dict:
     """Mean pairwise cosine of the captions' LLM text features, mean input word embeddings
-    and bag-of-words vectors (1: every caption the same), and the most common words."""
+    and bag-of-words vectors (1: every caption the same), the text features' floor (module
+    docstring) and the most common words."""
     from transformers import AutoModelForCausalLM
 
     from comp.data.collator import pad_rows
@@ -58,8 +63,14 @@ def caption_diversity(llm_dir: str | Path, captions: Sequence[str]) -> dict:
         raise ValueError(f"caption_diversity needs at least two captions, got {len(captions)}")
     tokenizer = load_tokenizer(str(llm_dir))
     model = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
-    f_t_ND = torch.cat([text_features(model, tokenizer, list(captions[i:i + 64]))
-                        for i in range(0, len(captions), 64)])
+
+    def features_ND(texts: Sequence[str]) -> torch.Tensor:
+        return torch.cat([text_features(model, tokenizer, list(texts[i:i + 64])) for i in range(0, len(texts), 64)])
+
+    f_t_ND = features_ND(captions)
+    rng = random.Random(0)
+    pool = [w for t in captions for w in t.split()]
+    random_texts = [" ".join(rng.choices(pool, k=len(t.split()))) for t in captions]
     rows = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
     padded = pad_rows([torch.tensor(r) for r in rows], tokenizer.pad_token_id, "ids", "mask")
     mask_NL = padded["mask"].unsqueeze(-1).float()
@@ -68,6 +79,7 @@ def caption_diversity(llm_dir: str | Path, captions: Sequence[str]) -> dict:
     words = Counter(w for t in captions for w in WORD_PATTERN.findall(t.lower()))
     return {"captions": len(captions),
             "text_feature_cos": mean_pairwise_cos(f_t_ND),
+            "text_feature_cos_random_words": mean_pairwise_cos(features_ND(random_texts)),
             "word_embedding_cos": mean_pairwise_cos(embed_ND),
             "bag_of_words_cos": mean_pairwise_cos(bag_of_words(captions)),
             "tokens_per_caption": sum(map(len, rows)) / len(rows),

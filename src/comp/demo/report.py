@@ -494,13 +494,20 @@ def dense_section(results: dict, figures: Path) -> list[str]:
             "![dense probe](figures/dense.png)", ""]
 
 
+def random_words_floor(captions: dict) -> str:
+    """The F_t floor (comp.demo.claims.caption_diversity) where the run measured it."""
+    floor = captions.get("text_feature_cos_random_words")
+    return "" if floor is None else (f" (random texts of the captions' own words, as long: {floor:.3f}, the "
+                                     f"floor this LLM's features allow)")
+
+
 def captions_section(results: dict) -> list[str]:
     c = results["captions"]
     t = c["targets"]
     return ["### How much the captions differ", "",
             f"The alignment loss's targets come from the captions' text features F_t: captions that all "
             f"read alike give every image the same target. Mean pairwise cosine over {c['captions']} "
-            f"retrieval captions: F_t {c['text_feature_cos']:.3f}, mean word embedding "
+            f"retrieval captions: F_t {c['text_feature_cos']:.3f}{random_words_floor(c)}, mean word embedding "
             f"{c['word_embedding_cos']:.3f}, bag of words {c['bag_of_words_cos']:.3f} (1: all the same); "
             f"{c['tokens_per_caption']:.1f} tokens per caption; most common words: "
             f"{', '.join(c['top_words'])}.", "",
