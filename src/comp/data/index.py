@@ -108,11 +108,15 @@ def _scan_json_array(path: Path, bar=None) -> tuple[np.ndarray, np.ndarray]:
         raise JSONSyntaxError(path, line, col, msg)
 
     with open(path, "rb") as f:
+        def read_chunk() -> tuple[str, bool]:
+            """(the next chunk, whether it is the file's last)."""
+            chunk = f.read(CHUNK_BYTES).decode("latin-1")
+            if bar is not None:
+                bar.update(len(chunk))
+            return chunk, len(chunk) < CHUNK_BYTES
+
         buf_start = 0  # file offset of buf[0]
-        buf = f.read(CHUNK_BYTES).decode("latin-1")
-        eof = len(buf) < CHUNK_BYTES
-        if bar is not None:
-            bar.update(len(buf))
+        buf, eof = read_chunk()
         pos = len(_BOM) if buf.startswith(_BOM.decode("latin-1")) else 0
         pos = _WS.match(buf, pos).end()
         if not buf.startswith("[", pos):
@@ -122,10 +126,7 @@ def _scan_json_array(path: Path, bar=None) -> tuple[np.ndarray, np.ndarray]:
         while True:
             pos = _WS.match(buf, pos).end()
             if pos >= len(buf) - 64 and not eof:  # keep a margin so a token is never split
-                more = f.read(CHUNK_BYTES).decode("latin-1")
-                eof = len(more) < CHUNK_BYTES
-                if bar is not None:
-                    bar.update(len(more))
+                more, eof = read_chunk()
                 buf, buf_start, pos = buf[pos:] + more, buf_start + pos, 0
                 continue
             if pos >= len(buf):
@@ -143,10 +144,7 @@ def _scan_json_array(path: Path, bar=None) -> tuple[np.ndarray, np.ndarray]:
             except json.JSONDecodeError as e:
                 truncated = e.msg.startswith("Unterminated string") or e.pos >= len(buf) - 16
                 if truncated and not eof:
-                    more = f.read(CHUNK_BYTES).decode("latin-1")
-                    eof = len(more) < CHUNK_BYTES
-                    if bar is not None:
-                        bar.update(len(more))
+                    more, eof = read_chunk()
                     buf, buf_start, pos = buf[pos:] + more, buf_start + pos, 0
                     continue
                 fail(buf_start + e.pos, e.msg)

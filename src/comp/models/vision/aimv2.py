@@ -16,7 +16,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 
-from .attention import PackedContext, self_attention
+from .attention import PackedContext, ProjectedSelfAttention
 from .encoder import Family
 from .packing import patch_linear
 from .rope2d import packed_abs_positions
@@ -67,19 +67,6 @@ class Embeddings(nn.Module):
         return self.rms_norm(patch_linear(patches_TK, self.patch_embed)) + pos_TD
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        d = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
-            nn.Linear(d, d, bias=cfg.qkv_bias) for _ in range(4))
-
-    def forward(self, x_TD: torch.Tensor, ctx: PackedContext) -> torch.Tensor:
-        o = self_attention(self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD), self.num_heads, ctx)
-        return self.out_proj(o)
-
-
 class FFN(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -96,7 +83,7 @@ class FFN(nn.Module):
 class Aimv2Layer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.attention = Attention(cfg)
+        self.attention = ProjectedSelfAttention(cfg.hidden_size, cfg.num_attention_heads, bias=cfg.qkv_bias)
         self.ffn = FFN(cfg)
         self.rms_norm1 = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.rms_norm2 = RMSNorm(cfg.hidden_size, cfg.norm_eps)

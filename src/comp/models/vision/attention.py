@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .configuration import ATTN_BACKENDS as BACKENDS
 from .rope2d import apply_rope
@@ -102,3 +103,18 @@ def self_attention(q_TD: torch.Tensor, k_TD: torch.Tensor, v_TD: torch.Tensor, n
     if ctx.rope is not None:
         q, k = apply_rope(q, *ctx.rope), apply_rope(k, *ctx.rope)
     return packed_attention(q, k, v, ctx.lengths, ctx.cu_seqlens, ctx.backend).reshape(t, d)
+
+
+class ProjectedSelfAttention(nn.Module):
+    """Self-attention with q/k/v/out projections under the names SigLIP and AIMv2 checkpoints
+    give them (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            nn.Linear(hidden_size, hidden_size, bias=bias) for _ in range(4))
+
+    def forward(self, x_TD: torch.Tensor, ctx: PackedContext) -> torch.Tensor:
+        o = self_attention(self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD), self.num_heads, ctx)
+        return self.out_proj(o)

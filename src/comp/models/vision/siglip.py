@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from .attention import PackedContext, self_attention
+from .attention import PackedContext, ProjectedSelfAttention
 from .encoder import Family
 from .mlp import MLP
 from .packing import patch_linear
@@ -46,23 +46,11 @@ class Embeddings(nn.Module):
         return patch_linear(patches_TK, self.patch_embedding) + pos_TD
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        d = cfg.hidden_size
-        self.num_heads = cfg.num_attention_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
-
-    def forward(self, x_TD: torch.Tensor, ctx: PackedContext) -> torch.Tensor:
-        o = self_attention(self.q_proj(x_TD), self.k_proj(x_TD), self.v_proj(x_TD), self.num_heads, ctx)
-        return self.out_proj(o)
-
-
 class SiglipLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = ProjectedSelfAttention(cfg.hidden_size, cfg.num_attention_heads)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
