@@ -88,7 +88,7 @@ def test_miou_fold_se_is_zero_for_identical_folds_and_grows_with_disagreement():
 
 
 def test_run_parallel_matches_serial_and_names_a_failing_child():
-    """Two children side by side (each a fresh Python: seconds to import torch), one failing."""
+    """Two children side by side (fresh Pythons: seconds to import torch), one failing."""
     calls = [(["red star", "red ring"],), (["x", "y"],)]
     serial = run_parallel("comp.demo.claims:mean_pairwise_bow_cos", calls, jobs=1)
     assert run_parallel("comp.demo.claims:mean_pairwise_bow_cos", calls, jobs=2) == serial
@@ -116,6 +116,21 @@ def test_child_pool_runs_calls_while_the_caller_works_and_reports_each():
         with pytest.raises(Exception, match="pickle"):
             unpicklable.result(timeout=60)
         assert pool.submit("comp.demo.claims:mean_pairwise_bow_cos", (["a", "a"],)).result() == pytest.approx(1.0)
+
+
+def test_child_pool_reuses_its_workers_from_a_fresh_state_and_replaces_one_that_dies():
+    """One worker for calls in turn (one import of torch, not one per call); each call finds
+    torch's generator as the worker started; a worker that exits fails its call, naming the
+    exit status, and the next call gets a new one."""
+    with ChildPool(1) as pool:
+        pids = [pool.submit("os:getpid").result(timeout=120) for _ in range(2)]
+        draws = [pool.submit("torch:rand", (3,)).result(timeout=60).tolist() for _ in range(2)]
+        died = pool.submit("os:_exit", (3,))
+        with pytest.raises(RuntimeError, match="exited with 3"):
+            died.result(timeout=60)
+        after = pool.submit("os:getpid").result(timeout=120)
+    assert pids[0] == pids[1] != after
+    assert draws[0] == draws[1]
 
 
 def test_cached_call_computes_once_per_function_and_arguments(tmp_path, monkeypatch):

@@ -219,9 +219,10 @@ def step_argvs(assets: Assets, run_dir: Path, plan: Plan, seed: int,
 
 
 def train_steps(argvs: dict[str, list[str]], plan: Plan, logs: Path, verbose: bool, say,
-                callbacks_for=None) -> dict[str, list[dict]]:
+                callbacks_for=None, step_done=None) -> dict[str, list[dict]]:
     """The steps, chained; -> per step, the logged training steps (trainer.state.log_history).
-    A step whose output is complete already is kept (resumable)."""
+    A step whose output is complete already is kept (resumable). ``step_done(name)`` runs as
+    each step's checkpoint is there."""
     from comp.train.args import parse_args
     from comp.train.run import train
 
@@ -232,6 +233,8 @@ def train_steps(argvs: dict[str, list[str]], plan: Plan, logs: Path, verbose: bo
         start = time.perf_counter()
         if done.exists():
             histories[name] = json.loads(done.read_text())
+            if step_done is not None:
+                step_done(name)
             continue
         with captured(logs / f"{name}.log", verbose):
             trainer = train(*parse_args(argv), callbacks=callbacks_for(name) if callbacks_for else None)
@@ -242,6 +245,8 @@ def train_steps(argvs: dict[str, list[str]], plan: Plan, logs: Path, verbose: bo
         align = f", align_loss {last['align_loss']:.3f}" if "align_loss" in last else ""
         say(f"{name}: {trainer.state.global_step} steps, last lm_loss {last['lm_loss']:.3f}{align} "
             f"({plan.timings[name]:.0f} s)")
+        if step_done is not None:
+            step_done(name)
     return histories
 
 
@@ -422,11 +427,13 @@ def export_once(run_dir: Path, vfm: Path, plan: Plan, logs: Path, verbose: bool,
     say(f"export: CoMP-VFM in {vfm}")
 
 
-def train_and_evaluate_beside(before: list, after: list, jobs: int, argvs: dict[str, list[str]], vfm: Path,
-                              plan: Plan, logs: Path, verbose: bool, say, callbacks_for):
+def train_and_evaluate_beside(before: list, during: dict[str, list], after: list, jobs: int,
+                              argvs: dict[str, list[str]], vfm: Path, plan: Plan, logs: Path, verbose: bool, say,
+                              callbacks_for):
     """The recipe's steps with the ``before`` calls in child processes beside them (the
-    training runs one thread: ``jobs`` - 1 children), then the ``after`` calls on ``jobs``;
-    -> (histories, results by label, seconds by label)."""
+    training runs one thread: ``jobs`` - 1 children), each of ``during[step]`` queued as that
+    step ends, then the ``after`` calls on ``jobs``; -> (histories, results by label, seconds
+    by label)."""
     from comp.demo.parallel import ChildPool
 
     seconds: dict[str, float] = {}
@@ -438,7 +445,12 @@ def train_and_evaluate_beside(before: list, after: list, jobs: int, argvs: dict[
 
     with ChildPool(max(1, jobs - 1), on_done=done) as pool:
         futures = [pool.submit(function, args, kwargs, label) for label, function, args, kwargs in before]
-        histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for)
+
+        def step_done(name: str) -> None:
+            futures.extend(pool.submit(function, args, kwargs, label)
+                           for label, function, args, kwargs in during.get(name, ()))
+
+        histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for, step_done)
         export_once(vfm.parent, vfm, plan, logs, verbose, say)
         with timed(plan, "evaluation"):
             pool.jobs = jobs
@@ -454,8 +466,8 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
 
     With ``plan.jobs`` > 1 (None: the cores, at most 2) the evaluation runs in child processes
     (``train_and_evaluate_beside``): what needs only the originals on the core the training
-    leaves free (it runs one thread), the rest on every core once the CoMP-VFM is exported;
-    with 1, here after the training."""
+    leaves free (it runs one thread), then what needs only Stage II-b's checkpoint, the rest on
+    every core once the CoMP-VFM is exported; with 1, here after the training."""
     from comp.demo.parallel import default_jobs, resolve
     from comp.eval.qa import resolution_names
 
@@ -478,27 +490,31 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
                    ("word space: how much the captions differ", f"{__name__}:caption_results", (assets, plan), {})]
     vfm = run_dir / "comp-vfm"
     qa_variants = resolution_names(assets.image_size)[:None if plan.qa_native_2x else 2]
+    # what needs only Stage II-b's checkpoint runs during Stage III, on the core the training leaves
+    *stages_1_2, final = argvs
+    during = {"stage2b": [("word space: after Stage II-b", f"{__name__}:word_space_results", ("stage2b", *context), {}),
+                          ("health: after Stages I-II", f"{__name__}:health_results", (stages_1_2, *context), {})]}
     after = [*[(f"qa: exact match and image use after Stage III, {variant}", f"{__name__}:qa_results",
                 (run_dir, assets, plan, seed, variant), {}) for variant in qa_variants],
              *encoder_calls("CoMP-VFM", vfm, assets, plan),
-             ("health: after every step", f"{__name__}:health_results", (list(argvs), *context), {}),
-             ("word space: after Stage II-b", f"{__name__}:word_space_results", ("stage2b", *context), {})]
+             ("health: after Stage III", f"{__name__}:health_results", ([final], *context), {})]
     jobs = default_jobs() if plan.jobs is None else plan.jobs
     if jobs > 1:
-        histories, results, seconds = train_and_evaluate_beside(before, after, jobs, argvs, vfm, plan, logs, verbose,
-                                                               say, callbacks_for)
+        histories, results, seconds = train_and_evaluate_beside(before, during, after, jobs, argvs, vfm, plan, logs,
+                                                               verbose, say, callbacks_for)
     else:  # one process (a comp study worker): children would only add their start-up
         histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for)
         export_once(run_dir, vfm, plan, logs, verbose, say)
         results, seconds = {}, {}
         with timed(plan, "evaluation"), captured(logs / "eval.log", verbose):
-            for label, function, args, kwargs in before + after:
+            for label, function, args, kwargs in before + [c for calls in during.values() for c in calls] + after:
                 start = time.perf_counter()
                 results[label] = resolve(function)(*args, **kwargs)
                 seconds[label] = round(time.perf_counter() - start, 1)
     say(f"evaluation: {len(results)} parts done {plan.timings['evaluation']:.0f} s after the training")
     probes, dense = probe_rows({k: v for k, v in results.items() if k.startswith("probe: ")}, plan)
-    health = results.get("health: before Stage I", {}) | results["health: after every step"]
+    health = (results.get("health: before Stage I", {}) | results["health: after Stages I-II"]
+              | results["health: after Stage III"])
     say("merged visual tokens (norm / word-embedding norm, image-specific share, image cos): " + ", ".join(
         f"{k} {h['norm_ratio']:.0f}x {h['image_specific']:.2f} {h['image_cos']:.2f}" for k, h in health.items()))
     return {"seed": seed, "plan": plan.settings(), "image_size": assets.image_size,
