@@ -10,6 +10,9 @@ Parts (``--settings quick`` for seconds, ``full`` for the demo's own sizes):
   builds' weights are compared byte for byte: the parallel build must not change them.
 - probes: the probe cells (comp.demo.claims.probe_cell) of the toy SigLIP, digit and
   word, in turn against two child processes (comp.demo.parallel.run_parallel).
+- child calls: short calls two at a time, each in a fresh child (``ChildCall``, what the
+  demo's pool did before) against a ``ChildPool`` whose two workers run them in turn (one
+  import of torch and transformers per worker).
 ``--demo`` also times whole ``comp demo --quick`` runs (``--full``: and the default demo),
 each a fresh process, against a process that only imports the demo command.
 
@@ -26,6 +29,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+BASELINES = ("serial", "a child per call")  # a part's row that its other rows are compared with
 
 
 def load() -> str:
@@ -97,6 +103,27 @@ def bench_probes(siglip: Path, toyworld: Path, per_class: int | None) -> list:
     return rows
 
 
+def bench_child_calls(calls: int = 8) -> list:
+    from comp.demo.parallel import ChildCall, run_parallel
+
+    function, args = "comp.demo.claims:mean_pairwise_bow_cos", (["red star", "red ring"],)
+
+    def fresh_children(work: Path) -> list:
+        results = []
+        for first in range(0, calls, 2):
+            children = [ChildCall(work / f"call-{i}", function, *args, threads=1) for i in (first, first + 1)]
+            results += [child.result() for child in children]
+        return results
+
+    with tempfile.TemporaryDirectory(prefix="bench_children_") as work:
+        seconds, fresh, loads = timed(lambda: fresh_children(Path(work)))
+    rows = [(f"{calls} short child calls, 2 at a time, a child per call", seconds, loads, None)]
+    seconds, pooled, loads = timed(lambda: run_parallel(function, [args] * calls, jobs=2))
+    rows.append((f"{calls} short child calls, 2 at a time, pool workers", seconds, loads, None))
+    print(f"child call results fresh vs pooled: {'identical' if fresh == pooled else 'DIFFERENT'}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", choices=("quick", "full"), default="quick")
@@ -113,16 +140,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        rows, siglip, toyworld = bench_assets(root, args.settings)
+        rows = bench_child_calls()
+        more, siglip, toyworld = bench_assets(root, args.settings)
+        rows += more
         rows += bench_probes(siglip, toyworld, args.per_class)
         if args.demo:
             rows += bench_demo(root, args.full)
     print(f"{os.cpu_count()} cores; torch threads 1 per process; load average (1/5/15 min) before -> after")
-    print(f"{'part':58s} {'seconds':>8s} {'vs serial':>9s}  load")
+    print(f"{'part':58s} {'seconds':>8s} {'vs base':>9s}  load")
     serial = {}
     for name, seconds, loads, detail in rows:
         part, _, mode = name.rpartition(", ")
-        if mode == "serial":
+        if mode in BASELINES:
             serial[part] = seconds
         ratio = f"{seconds / serial[part]:.2f}x" if part in serial else "-"
         print(f"{name:58s} {seconds:8.1f} {ratio:>9s}  {loads}" + (f"  {detail}" if detail else ""))

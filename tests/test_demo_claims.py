@@ -129,6 +129,11 @@ def test_child_pool_reuses_its_workers_from_a_fresh_state_and_replaces_one_that_
         with pytest.raises(RuntimeError, match="exited with 3"):
             died.result(timeout=60)
         after = pool.submit("os:getpid").result(timeout=120)
+        pool.warm(2)  # a second worker, started before any call needs it
+        assert len(pool._idle) == 2
+        pool.jobs = 2
+        pair = [pool.submit("os:getpid") for _ in range(2)]
+        assert len({f.result(timeout=120) for f in pair} | {after}) == 2
     assert pids[0] == pids[1] != after
     assert draws[0] == draws[1]
 

@@ -283,6 +283,13 @@ class ChildPool:
             self._pending, self._running, self._idle = [], {}, []
         self._work.cleanup()
 
+    def warm(self, workers: int) -> None:
+        """Start workers until there are ``workers``, so the calls that come later find them
+        imported (a worker takes seconds to import torch)."""
+        with self._lock:
+            while len(self._idle) + len(self._running) < workers:
+                self._idle.append(self._new_worker())
+
     def _new_worker(self) -> Worker:
         work = Path(self._work.name) / f"worker-{self._count:02d}"
         self._count += 1

@@ -449,6 +449,8 @@ def train_and_evaluate_beside(before: list, during: dict[str, list], after: list
         def step_done(name: str) -> None:
             futures.extend(pool.submit(function, args, kwargs, label)
                            for label, function, args, kwargs in during.get(name, ()))
+            if name == list(argvs)[-2]:  # the evaluation's workers import while the last step trains
+                pool.warm(jobs)
 
         histories = train_steps(argvs, plan, logs, verbose, say, callbacks_for, step_done)
         export_once(vfm.parent, vfm, plan, logs, verbose, say)
@@ -494,9 +496,10 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
     *stages_1_2, final = argvs
     during = {"stage2b": [("word space: after Stage II-b", f"{__name__}:word_space_results", ("stage2b", *context), {}),
                           ("health: after Stages I-II", f"{__name__}:health_results", (stages_1_2, *context), {})]}
-    after = [*[(f"qa: exact match and image use after Stage III, {variant}", f"{__name__}:qa_results",
-                (run_dir, assets, plan, seed, variant), {}) for variant in qa_variants],
-             *encoder_calls("CoMP-VFM", vfm, assets, plan),
+    qa_calls = [(f"qa: exact match and image use after Stage III, {variant}", f"{__name__}:qa_results",
+                 (run_dir, assets, plan, seed, variant), {}) for variant in reversed(qa_variants)]
+    # the longest first (QA on the largest images, then the probes), so the cores finish together
+    after = [qa_calls[0], *encoder_calls("CoMP-VFM", vfm, assets, plan), *qa_calls[1:],
              ("health: after Stage III", f"{__name__}:health_results", ([final], *context), {})]
     jobs = default_jobs() if plan.jobs is None else plan.jobs
     if jobs > 1:
