@@ -16,7 +16,8 @@ Parts (``--settings quick`` for seconds, ``full`` for the demo's own sizes):
 ``--demo`` also times whole ``comp demo --quick`` runs (``--full``: and the default demo),
 each a fresh process, against a process that only imports the demo command.
 
-    python benchmarks/bench_demo.py [--settings quick|full] [--demo [--full]] [--keep DIR]
+    python benchmarks/bench_demo.py [--settings quick|full] [--parts children,assets,probes]
+                                    [--demo [--full]] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--settings", choices=("quick", "full"), default="quick")
     parser.add_argument("--per_class", type=int, default=None,
                         help="probe images per class and split (default: all of the toyworld size)")
+    parser.add_argument("--parts", default="children,assets,probes",
+                        help="comma-separated parts to time: children, assets, probes (probes need assets)")
     parser.add_argument("--demo", action="store_true", help="also time whole `comp demo --quick` processes")
     parser.add_argument("--full", action="store_true", help="with --demo: also the default demo (~10 min)")
     parser.add_argument("--keep", type=Path, default=None, help="write outputs here instead of a temp dir")
@@ -140,10 +143,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_demo_") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        rows = bench_child_calls()
-        more, siglip, toyworld = bench_assets(root, args.settings)
-        rows += more
-        rows += bench_probes(siglip, toyworld, args.per_class)
+        parts = set(args.parts.split(","))
+        rows = bench_child_calls() if "children" in parts else []
+        if parts & {"assets", "probes"}:
+            more, siglip, toyworld = bench_assets(root, args.settings)
+            rows += more
+            if "probes" in parts:
+                rows += bench_probes(siglip, toyworld, args.per_class)
         if args.demo:
             rows += bench_demo(root, args.full)
     print(f"{os.cpu_count()} cores; torch threads 1 per process; load average (1/5/15 min) before -> after")
