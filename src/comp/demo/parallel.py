@@ -205,11 +205,11 @@ def run_calls(calls: Sequence[tuple[str, tuple, dict]], jobs: int | None = None)
 class ChildPool:
     """Calls submitted at any time, each in a child Python (a ``Worker``, reused from call to
     call) with one torch thread, at most ``jobs`` at once (changeable: lower while this
-    process computes too), started in the order submitted. A scheduler thread starts and collects the children, so this process
-    keeps working meanwhile. ``submit`` returns a ``concurrent.futures.Future`` carrying
-    ``label`` and, once done, ``seconds`` (the call's wall time); ``on_done(future)`` runs
-    in the scheduler thread as each finishes. Leaving the ``with`` block ends running
-    children and cancels the calls not started."""
+    process computes too), started in the order submitted. A scheduler thread starts and
+    collects the children, so this process keeps working meanwhile. ``submit`` returns a
+    ``concurrent.futures.Future`` carrying ``label`` and, once done, ``seconds`` (the call's
+    wall time); ``on_done(future)`` runs in the scheduler thread as each finishes. Leaving
+    the ``with`` block ends running children and cancels the calls not started."""
 
     def __init__(self, jobs: int | None = None, on_done: Callable[[Future], object] | None = None):
         self.jobs = default_jobs() if jobs is None else jobs
