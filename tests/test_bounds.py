@@ -143,7 +143,7 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 
 # `python INTERRUPT.py FLAGS` = comp train that gets SIGINT (Ctrl-C) at the end of step 2.
 INTERRUPTER = textwrap.dedent("""
-    import os, signal, sys
+    import os, signal, sys, time
     from transformers import TrainerCallback
     from comp.cli import run_command
     from comp.train import run
@@ -152,6 +152,9 @@ INTERRUPTER = textwrap.dedent("""
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2:
                 os.kill(os.getpid(), signal.SIGINT)
+                # Python runs the handler at its next check in the main thread; waiting here
+                # makes that check happen in this step, not after step 3 (under load it did not)
+                time.sleep(5)
 
     original = run.CompTrainer.__init__
     def init(self, *a, **kw):
