@@ -26,7 +26,7 @@ each step, shows when the merger has stopped carrying its images):
 The measurements behind these choices: docs/results/measurements.md.
 
 Evaluation (``run_pipeline``):
-- encoder probes (comp.demo.claims, one child process per encoder and attribute, both cores):
+- encoder probes (comp.demo.claims, one call per encoder and attribute in the child workers, both cores):
   linear (mean-pooled) and attentive (all tokens) heads on frozen encoder tokens of the
   original toy SigLIP and the CoMP-VFM, at the VFM's fixed size ("fixed": every image S x S),
   at native size and at 2x native (val_hires), over ``probe_seeds`` probe seeds; for digits
