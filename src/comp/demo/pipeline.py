@@ -494,8 +494,9 @@ def run_pipeline(assets: Assets, out: Path, plan: Plan, seed: int, *, variant: d
     qa_variants = resolution_names(assets.image_size)[:None if plan.qa_native_2x else 2]
     # what needs only Stage II-b's checkpoint runs during Stage III, on the core the training leaves
     *stages_1_2, final = argvs
-    during = {"stage2b": [("word space: after Stage II-b", f"{__name__}:word_space_results", ("stage2b", *context), {}),
-                          ("health: after Stages I-II", f"{__name__}:health_results", (stages_1_2, *context), {})]}
+    aligned = stages_1_2[-1]  # Stage II-b: the last step trained with the alignment loss
+    during = {aligned: [("word space: after Stage II-b", f"{__name__}:word_space_results", (aligned, *context), {}),
+                        ("health: after Stages I-II", f"{__name__}:health_results", (stages_1_2, *context), {})]}
     qa_calls = [(f"qa: exact match and image use after Stage III, {variant}", f"{__name__}:qa_results",
                  (run_dir, assets, plan, seed, variant), {}) for variant in reversed(qa_variants)]
     # the longest first (QA on the largest images, then the probes), so the cores finish together
