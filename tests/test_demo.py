@@ -74,6 +74,7 @@ def test_demo_runs_the_recipes_stages_with_only_its_stated_changes(tmp_path):
         # I-II's x sqrt(demo batch / the recipe's 256 on 8 GPUs), Stage III's x10, every one
         # capped at 1e-3, Stage III's merger at 1e-3), Stage III's steps
         assert mine["--max_num_vistoken"] == "256"
+        assert mine["--gradient_checkpointing"] == "False"  # the same weights, 1.6x faster at toy size
         if "--force_resize" in theirs:
             assert int(mine["--force_resize"]) == round(int(theirs["--force_resize"]) * 112 / 48 / 28) * 28
         for flag in recipe.LR_FLAGS:
@@ -84,7 +85,7 @@ def test_demo_runs_the_recipes_stages_with_only_its_stated_changes(tmp_path):
             assert float(mine["--mm_projector_lr"]) == pytest.approx(1e-3)
         changed = {"--seed", "--max_steps", "--data_path", "--output_dir", "--word_dist_path",
                    "--model_name_or_path", "--custom_visual_model", "--max_num_vistoken", "--force_resize",
-                   *recipe.LR_FLAGS}
+                   "--gradient_checkpointing", *recipe.LR_FLAGS}
         assert {k: v for k, v in mine.items() if k not in changed} == \
                {k: v for k, v in theirs.items() if k not in changed}, name
         previous = name
@@ -262,6 +263,8 @@ def test_prepare_out_replaces_an_earlier_demo_and_refuses_other_directories(tmp_
 def test_bad_arguments_exit_2(tmp_path, capsys):
     assert demo.main(["--steps", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--steps" in capsys.readouterr().err
+    assert demo.main(["--quick", "--toy", "reading", "--out", str(tmp_path / "y")]) == 2
+    assert "--toy reading" in capsys.readouterr().err
 
 
 def test_reading_note_only_where_the_original_cannot_read_large_glyphs():

@@ -60,6 +60,38 @@ def test_siglip_groups_are_hard_negatives_with_one_phrasing():
     assert "the number 7." in prompts and all("7" in p for p in prompts)
 
 
+def test_distinguishing_words_are_what_tells_a_group_apart(toys):
+    """The reading toy's image-tower labels: a reading sibling's own digits or word, a shape
+    twin's shape words; never a word its whole group shares."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toys.siglip)
+    scenes, captions = pretrain.siglip_groups(0, 8, "reading", 8)
+    pool, pool_captions = pretrain.siglip_groups(0, 2, "pool", 2)
+    ids, _ = pretrain._caption_ids(tokenizer, captions + pool_captions, 64)
+    targets = pretrain.distinguishing_words(ids, [8, 2], len(tokenizer))
+    assert torch.allclose(targets.sum(-1), torch.ones(10))
+    for scene, row in zip(scenes + pool, targets):
+        named = {t.lstrip("Ġ") for t in tokenizer.convert_ids_to_tokens(row.nonzero().flatten().tolist())}
+        assert named
+        if scene in scenes:
+            assert named <= set(scene.texts[0].text) | {scene.texts[0].text}, named
+        else:
+            assert named <= {o.shape for o in scene.objects}, named
+    assert not pretrain.distinguishing_words(ids[:1], [1], len(tokenizer)).any()  # alone: nothing to tell apart
+
+
+def test_reading_toy_sets_its_reading_material_in_large_type():
+    """READING is FULL but for the typeset, the reading share and the label; its reading
+    groups (and the zero-shot probes it is judged on) are set in that large type."""
+    changed = {k for k, v in vars(pretrain.READING).items() if getattr(pretrain.FULL, k) != v}
+    assert changed == {"typeset", "reading_share", "caption_classification"}
+    scenes, _ = pretrain.siglip_groups(0, 8, "reading", 8, pretrain.READING.typeset)
+    assert {s.texts[0].font_size for s in scenes} <= set(tw.TYPESETS["large"].reading)
+    default, _ = pretrain.siglip_groups(0, 8, "reading", 8)
+    assert {s.texts[0].font_size for s in default} <= set(tw.TYPESETS["small"].reading)
+
+
 def test_saved_tokenizers_reload_unchanged(toys):
     """The recipe's loader (AutoTokenizer -> Qwen2Tokenizer for model_type qwen2) and SigLIP's
     directory give back the tokenizer the toys were trained with: same vocabulary, same ids on

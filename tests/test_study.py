@@ -84,3 +84,5 @@ def test_cli_lists_study(capsys):
     assert "unknown variants" in capsys.readouterr().err
     assert main(["study", "--jobs", "0"]) == 2
     assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["study", "--quick", "--toy", "reading"]) == 2
+    assert "--toy reading" in capsys.readouterr().err

@@ -276,11 +276,11 @@ def test_probe_splits_have_classes_and_labels_match_pixels(world, attribute):
         assert (hi["meta"]["width"], hi["meta"]["height"]) == (2 * lo["meta"]["width"],
                                                                2 * lo["meta"]["height"])
     if attribute in ("digit", "word"):  # small in large scenes, so that resolution matters
-        assert max(t["font_size"] for e in entries["train"] for t in e["meta"]["texts"]) <= max(tw.DIGIT_SIZES)
+        assert max(t["font_size"] for e in entries["train"] for t in e["meta"]["texts"]) <= max(tw.TYPESETS["small"].probe)
         assert min(max(e["meta"]["width"], e["meta"]["height"]) for e in entries["train"]) >= tw.WIDE_SIDE[0]
         for e in entries["train_large"] + entries["val_large"]:  # one text, large, in a small scene
-            assert e["meta"]["texts"][0]["font_size"] in tw.READ_SIZES
-            assert max(e["meta"]["width"], e["meta"]["height"]) <= tw.READ_SIDE[1]
+            assert e["meta"]["texts"][0]["font_size"] in tw.TYPESETS["small"].reading
+            assert max(e["meta"]["width"], e["meta"]["height"]) <= tw.TYPESETS["small"].reading_side[1]
 
 
 def ink_at(meta: dict, side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -313,6 +313,32 @@ def test_reading_probes_are_legible_natively_and_not_at_112_px(world, attribute)
     for split in ("train_large", "val_large"):
         h112, w112 = ink_at(metas(split), 112)
         assert h112.min() >= 4.5 and w112.min() >= glyph, split
+
+
+@pytest.mark.parametrize("attribute", ["digit", "word"])
+def test_large_type_is_as_large_natively_as_reading_scenes_at_112_px(attribute):
+    """The reading toy's typeset: a reading scene's glyphs stay about a patch tall in the toy
+    SigLIP's 112 x 112 input (what it learns to read) and barely distorted; a probe's glyphs
+    in a long scene are at least that tall natively, but squeezed nearly all are smaller
+    along the scene's long axis than any large one and distorted at least 2x in aspect."""
+    glyphs = 1 if attribute == "digit" else 5
+    label = tw.PROBES[attribute][3]
+    large = [tw.probe_scene(tw.rng_for(0, "test-large", i), attribute, label, True, "large").meta()
+             for i in range(60)]
+    long = [tw.probe_scene(tw.rng_for(0, "test-long", i), attribute, label, False, "large").meta()
+            for i in range(60)]
+    assert {t["font_size"] for m in large + long for t in m["texts"]} <= set(tw.TYPESETS["large"].reading)
+    large_h112, large_w112 = ink_at(large, 112)
+    assert large_h112.min() >= 13, large_h112.min()
+    large_h, large_w = ink_at(large)
+    assert np.abs(np.log((large_w / large_h) / (large_w112 / large_h112))).max() <= np.log(176 / 112) + 0.05
+    h, w = ink_at(long)
+    assert h.min() >= large_h112.min()
+    h112, w112 = ink_at(long, 112)
+    wide = np.array([m["width"] >= m["height"] for m in long])
+    squeezed = np.where(wide, w112 / glyphs < (large_w112 / glyphs).min(), h112 < large_h112.min())
+    assert squeezed.mean() > 0.95, squeezed.mean()
+    assert np.abs(np.log((w / h) / (w112 / h112))).min() >= np.log(1.95)
 
 
 def test_captions_name_their_scene_in_varied_words():

@@ -40,7 +40,9 @@ probes' single text is 9-12 px (ink 6-9 px tall) in a long scene (320-448 px by 
 quarter of that), legible at native size; squeezed into a VFM's fixed square of 112 px nearly every glyph
 shrinks below 4 px tall or 2.5 px wide. Their ``train_large`` / ``val_large`` splits show the
 same classes as reading scenes (11-18 px text in a ~96-136 px scene), legible at that fixed
-size: whether an encoder reads at all. ``qa_eval/questions.json`` holds [{id, image, image_hires, type, question, answer,
+size: whether an encoder reads at all. With ``typeset="large"`` (TYPESETS) both are set in
+36-44 px type, the size the toy SigLIP can learn to read: reading scenes 112-176 px, the
+probes' long scenes as before. ``qa_eval/questions.json`` holds [{id, image, image_hires, type, question, answer,
 meta}], types QA_TYPES, asked exactly as the Stage III records ask them; each draws from its
 own stream ("qa-eval-<type>"), so it shares no scene with training and adding it changed no
 other output.
@@ -98,12 +100,29 @@ SEG_CLASSES = ("background", *SHAPES, "word", "number")
 QA_TYPES = ("colour", "shape", "position", "count", "number", "word")
 SIDE_MIN, SIDE_MAX = 56, 448
 TEXT_SIZES = (8, 9, 10, 11, 12, 13)  # pool text, px: small enough that downsampling hurts
-DIGIT_SIZES = (9, 10, 11, 12)  # the digit and word probes' single text
-READ_SIZES = (11, 12, 13, 14, 16, 18)  # reading scenes' text: legible squeezed to ~112 px
-READ_SIDE = (96, 136)  # reading scenes' sides, px: a squeeze to ~112 px barely distorts them
 WIDE_SIDE = (320, 448)  # the reading probes' long side, px: a fixed-size squeeze shrinks >= 2.8x
 MARGIN = 2  # px kept free around every item
 HIRES_SCALE = 2
+
+
+@dataclass(frozen=True)
+class Typeset:
+    """The type of the reading material, px: the digit and word probes' single text (in a long
+    scene, WIDE_SIDE), the reading scenes' text and those scenes' sides."""
+    probe: tuple[int, ...]
+    reading: tuple[int, ...]
+    reading_side: tuple[int, int]
+
+
+TYPESETS = {
+    # legible squeezed to ~112 px in a reading scene (which barely distorts it); small in the
+    # probes' long scenes. The toy SigLIP does not learn to read it (docs/results/demo-claims.md).
+    "small": Typeset(probe=(9, 10, 11, 12), reading=(11, 12, 13, 14, 16, 18), reading_side=(96, 136)),
+    # a few 14 px patches tall, which the toy SigLIP does learn to read; in a probe's long scene
+    # natively as large as in a reading scene at 112 px, squeezed narrower than any of those and
+    # distorted 2-4x in aspect (a reading scene's squeeze: < 1.6x)
+    "large": Typeset(probe=(36, 40, 44), reading=(36, 40, 44), reading_side=(112, 176)),
+}
 SIZES: dict[str, dict[str, int]] = {
     # pool images, probe images per class (train / val), retrieval pairs, Stage III extras
     # and held-out QA questions per type
@@ -357,38 +376,43 @@ def reading_text(rng: np.random.Generator, kind: str) -> str:
     return str(int(rng.integers(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits)))
 
 
-def reading_scene(rng: np.random.Generator, kind: str, text: str | None = None) -> Scene:
-    """A small scene (READ_SIDE px a side) with 0-2 shapes and one text of ``kind`` (``text``,
-    else drawn) in large type (READ_SIZES): still legible squeezed into a VFM's fixed square
-    of ~112 px, which small text in a large scene is not. What a fixed-size encoder can learn
-    to read from."""
+def reading_scene(rng: np.random.Generator, kind: str, text: str | None = None,
+                  typeset: str = "small") -> Scene:
+    """A small scene (the typeset's reading_side px a side) with 0-2 shapes and one text of
+    ``kind`` (``text``, else drawn) in its reading type: still legible squeezed into a VFM's
+    fixed square of ~112 px, which the probes' text in a long scene is not. What a fixed-size
+    encoder can learn to read from."""
+    ts = TYPESETS[typeset]
+
     def draw() -> Scene | None:
-        w, h = (int(v) for v in rng.integers(READ_SIDE[0], READ_SIDE[1] + 1, size=2))
+        w, h = (int(v) for v in rng.integers(ts.reading_side[0], ts.reading_side[1] + 1, size=2))
         n = int(rng.integers(0, 3))
         shapes = list(zip(_distinct(rng, SHAPES, n), _distinct(rng, list(COLOURS), n)))
         label = text if text is not None else reading_text(rng, kind)
-        return compose(rng, w, h, shapes, [(label, kind, int(rng.choice(READ_SIZES)))])
+        return compose(rng, w, h, shapes, [(label, kind, int(rng.choice(ts.reading)))])
     return _until_placed(rng, draw)
 
 
-def probe_scene(rng: np.random.Generator, attribute: str, label: str, large: bool = False) -> Scene:
+def probe_scene(rng: np.random.Generator, attribute: str, label: str, large: bool = False,
+                typeset: str = "small") -> Scene:
     """A scene whose ``attribute`` is ``label``: one main shape (shape/colour probes, with an
     optional word as distractor) or one digit or word (with 0-2 distractor shapes): small
-    (DIGIT_SIZES) in a large scene (``wide_size``), or with ``large`` a reading scene."""
+    (the typeset's probe type) in a long scene (``wide_size``), or with ``large`` a reading
+    scene."""
     if attribute not in PROBES:
         raise ValueError(f"unknown probe attribute {attribute!r}; expected one of {list(PROBES)}")
     kind = "number" if attribute == "digit" else "word"
     if large:
         if attribute not in READING_PROBES:
             raise ValueError(f"large glyphs exist for {READING_PROBES}, not {attribute!r}")
-        return reading_scene(rng, kind, label)
+        return reading_scene(rng, kind, label, typeset)
 
     def draw() -> Scene | None:
         if attribute in READING_PROBES:
             w, h = wide_size(rng)
             n = int(rng.integers(0, 3))
             shapes = list(zip(_distinct(rng, SHAPES, n), _distinct(rng, list(COLOURS), n)))
-            return compose(rng, w, h, shapes, [(label, kind, int(rng.choice(DIGIT_SIZES)))])
+            return compose(rng, w, h, shapes, [(label, kind, int(rng.choice(TYPESETS[typeset].probe)))])
         w, h = sample_size(rng)
         shape = label if attribute == "shape" else str(rng.choice(SHAPES))
         colour = label if attribute == "colour" else str(rng.choice(list(COLOURS)))
@@ -715,7 +739,7 @@ def _write_stages(out: Path, seed: int, spec: dict, paths: list[str], scenes: li
         (out / name).write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def _write_probes(out: Path, seed: int, spec: dict, counts: dict) -> None:
+def _write_probes(out: Path, seed: int, spec: dict, counts: dict, typeset: str = "small") -> None:
     """Every probe's train / val (+ val_hires) splits, and the reading probes' large-glyph
     train_large / val_large (own streams: the other splits are drawn as without them)."""
     for attribute, classes in PROBES.items():
@@ -726,7 +750,7 @@ def _write_probes(out: Path, seed: int, spec: dict, counts: dict) -> None:
             n = per_class * len(classes)
             stream = f"probe-{attribute}-{split}"
             scenes = [(classes[i % len(classes)],
-                       probe_scene(rng_for(seed, stream, i), attribute, classes[i % len(classes)], large))
+                       probe_scene(rng_for(seed, stream, i), attribute, classes[i % len(classes)], large, typeset))
                       for i in range(n)]
             variants = [(split, 1)] + ([("val_hires", HIRES_SCALE)] if split == "val" else [])
             for name, k in variants:
@@ -810,21 +834,24 @@ def write_seg(out: str | Path, seed: int, n_train: int, n_val: int) -> dict[str,
     return counts
 
 
-def write_toyworld(out: str | Path, *, seed: int = 0, size: str = "small") -> Path:
-    """Write the toyworld dataset to ``out`` (layout in the module docstring); returns ``out``."""
+def write_toyworld(out: str | Path, *, seed: int = 0, size: str = "small", typeset: str = "small") -> Path:
+    """Write the toyworld dataset to ``out`` (layout in the module docstring); returns ``out``.
+    ``typeset`` (TYPESETS) sets the reading probes' type; nothing else depends on it."""
     if size not in SIZES:
         raise ValueError(f"size {size!r} is not one of {list(SIZES)}")
+    if typeset not in TYPESETS:
+        raise ValueError(f"typeset {typeset!r} is not one of {list(TYPESETS)}")
     out = Path(out)
     _prepare(out)
     spec = SIZES[size]
     counts: dict[str, int] = {}
     paths, scenes = _write_pool(out, seed, spec["pool"], counts)
     _write_stages(out, seed, spec, paths, scenes, counts)
-    _write_probes(out, seed, spec, counts)
+    _write_probes(out, seed, spec, counts, typeset)
     _write_retrieval(out, seed, spec["retrieval"], counts)
     _write_qa_eval(out, seed, spec["qa_eval"], counts)
     write_seg(out / "seg", seed, spec["seg_train"], spec["seg_val"])  # counts kept out: manifest as before
-    manifest = {"name": "toyworld", "version": 1, "seed": seed, "size": size,
+    manifest = {"name": "toyworld", "version": 1, "seed": seed, "size": size, "typeset": typeset,
                 "pillow": PIL.__version__, "image_folder": "images",
                 "probes": {a: list(c) for a, c in PROBES.items()},
                 "qa_eval": {"types": list(QA_TYPES), "per_type": spec["qa_eval"],
@@ -844,6 +871,9 @@ def build_parser():
     parser.add_out("output folder (new, empty, or a toyworld output)", type=Path)
     parser.add_argument("--seed", type=int, default=0, help="seeds every drawn scene and caption")
     parser.add_argument("--size", choices=list(SIZES), default="small", help="how many images")
+    parser.add_argument("--typeset", choices=list(TYPESETS), default="small",
+                        help="type of the digit / word probes and reading scenes (large: what the "
+                             "reading toy SigLIP learns to read)")
     return parser
 
 
@@ -851,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        write_toyworld(args.out, seed=args.seed, size=args.size)
+        write_toyworld(args.out, seed=args.seed, size=args.size, typeset=args.typeset)
     except ValueError as e:
         print(f"comp data toyworld: {e}", file=sys.stderr)
         return 2

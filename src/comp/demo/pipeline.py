@@ -8,7 +8,9 @@ the word prior over the word-level vocabulary (cached per seed beside them).
 Demo settings on top of the recipe's smoke-mode flags, the same for every variant and seed (the
 "before" models are not trained): ``--force_resize`` rescaled from the smoke scaling (Stage I
 = the VFM's pre-training size, 384 -> S) to the toy SigLIP's size S; a merged-token budget
-that keeps every toyworld image native; and these learning rates and steps, chosen on seed 0
+that keeps every toyworld image native; no gradient checkpointing (a memory saving the toy
+does not need: it recomputes every forward and made the steps 1.6x slower, with bitwise the
+same weights after 100 Stage III steps); and these learning rates and steps, chosen on seed 0
 (single runs; ``health`` in the results, the merged visual tokens' image-specific share after
 each step, shows when the merger has stopped carrying its images):
 - Stages I-II at the recipe's rates scaled to the demo's batch by Adam's square-root rule
@@ -71,7 +73,7 @@ RECIPE_GPUS = 8  # the reference trains every stage on 8 GPUs (per-device batch 
 class Plan:
     """What one run trains and measures: the full default, or ``quick`` (for tests)."""
     steps: int = 150  # optimizer steps per recipe step
-    toys: str = "full"  # comp.demo.pretrain settings: full | quick
+    toys: str = "full"  # comp.demo.pretrain settings: full | reading | quick
     toyworld: str = "medium"  # 3000 pool scenes: Stage III's 1800 steps x 2 records stay < 1.3 epochs
     train_tokens: int = 256  # merged tokens per training image: 448 px toyworld images stay native
     lr_cap: float = 1e-3  # learning rates and Stage III's length: see the module docstring
@@ -123,7 +125,7 @@ class Assets:
 def toy_settings(name: str):
     from comp.demo import pretrain
 
-    return {"full": pretrain.FULL, "quick": pretrain.QUICK}[name]
+    return {"full": pretrain.FULL, "reading": pretrain.READING, "quick": pretrain.QUICK}[name]
 
 
 def build_assets(seed: int, plan: Plan, log=print) -> Assets:
@@ -133,15 +135,18 @@ def build_assets(seed: int, plan: Plan, log=print) -> Assets:
     from comp.demo.pretrain import pretrained_toys
 
     data = f"demo-data-{plan.toyworld}"
-    toys = pretrained_toys(seed, toy_settings(plan.toys), log=log, jobs=plan.jobs,
-                           alongside=lambda toys: write_data(toys / data, seed, plan.toyworld, toys / "qwen2"))
+    settings = toy_settings(plan.toys)
+    toys = pretrained_toys(seed, settings, log=log, jobs=plan.jobs,
+                           alongside=lambda toys: write_data(toys / data, seed, plan.toyworld, toys / "qwen2",
+                                                             settings.typeset))
     root = toys.siglip.parent / data
     size = json.loads((toys.siglip / "config.json").read_text())["vision_config"]["image_size"]
     return Assets(toys.qwen2, toys.siglip, root / "toyworld", root / "word_dist.pt", int(size), toys.quality)
 
 
-def write_data(root: Path, seed: int, size: str, tokenizer: Path) -> None:
-    """toyworld and its word prior (counted with ``tokenizer``) into ``root``, unless there already."""
+def write_data(root: Path, seed: int, size: str, tokenizer: Path, typeset: str = "small") -> None:
+    """toyworld (its reading probes in ``typeset``) and its word prior (counted with ``tokenizer``)
+    into ``root``, unless there already."""
     from comp.data.prior import word_prior
     from comp.data.toyworld import write_toyworld
     from comp.files import atomic_output
@@ -149,7 +154,7 @@ def write_data(root: Path, seed: int, size: str, tokenizer: Path) -> None:
     if (root / "ready").exists():
         return
     with atomic_output(root, directory=True) as tmp:
-        write_toyworld(tmp / "toyworld", seed=seed, size=size)
+        write_toyworld(tmp / "toyworld", seed=seed, size=size, typeset=typeset)
         counts, skipped = word_prior(str(tmp / "toyworld" / "stage2.yaml"), str(tokenizer))
         if skipped:
             raise ValueError(f"{tmp / 'toyworld' / 'stage2.yaml'}: {skipped} malformed records in "
@@ -186,7 +191,7 @@ def batch_lr_factor(step: recipe.RecipeStep) -> float:
 def step_overrides(step: recipe.RecipeStep, assets: Assets, plan: Plan, factor: float,
                    variant: dict[str, str | None]) -> dict[str, str | None]:
     """The demo's settings (and a study variant's flags, which win) for one step."""
-    out: dict[str, str | None] = {"--max_num_vistoken": str(plan.train_tokens)}
+    out: dict[str, str | None] = {"--max_num_vistoken": str(plan.train_tokens), "--gradient_checkpointing": "False"}
     resize = recipe.flag_value(step.flags, "--force_resize")
     if resize is not None:
         unit = 28  # patch 14 x merge 2

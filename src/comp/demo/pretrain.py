@@ -14,7 +14,13 @@ are made as the real ones were, at toy scale, with transformers' own classes and
   at that resolution) with their text siblings (the same scene with other texts), so that
   the toy can learn to read where its input shows the text large; small text in a large
   scene becomes illegible in the squeeze, which native-resolution training should recover.
-  A group's captions share one phrasing and differ only where its images do;
+  A group's captions share one phrasing and differ only where its images do. The default
+  toy (FULL) does not learn to read from the sigmoid loss alone; READING does: its reading
+  material is set in large type (toyworld's "large" typeset, a few patches tall), half of
+  each batch is reading scenes, and beside the sigmoid loss its image tower classifies the
+  words that tell its caption from the rest of its group (``distinguishing_words``, a linear
+  head that is discarded), as supervision on caption words (SuperClass) teaches a VFM. It
+  reads, at a cost in colour and in Stage III (docs/results/demo-claims.md);
 - ``Qwen2ForCausalLM`` (tied embeddings, padded table) trained with its causal LM loss on
   toyworld text in the chat format: captions, dense captions, and questions answered from a
   scene's description (the LM never sees images, as a text LM).
@@ -75,6 +81,9 @@ class ToySettings:
     reading_images: int = 4000  # reading scenes (large text), in groups of text siblings
     reading_group: int = 8
     reading_share: float = 0.25  # of every batch: one group of 8
+    typeset: str = "small"  # toyworld.TYPESETS: the reading scenes' type and the probes' (zero-shot)
+    # weight of the image tower's label (distinguishing_words) beside the sigmoid loss; 0: none
+    caption_classification: float = 0.0
     siglip_steps: int = 2000
     siglip_batch: int = 32
     siglip_lr: float = 1e-3
@@ -92,6 +101,8 @@ class ToySettings:
 
 
 FULL = ToySettings()
+# The toy that reads (comp demo --toy reading): large type, half of each batch reading, labels.
+READING = replace(FULL, typeset="large", reading_share=0.5, caption_classification=1.0)
 # For tests: seconds, not minutes.
 QUICK = replace(FULL, text_scenes=400, heldout_scenes=40, image_size=84, siglip_images=800,
                 reading_images=400, siglip_steps=500, lm_steps=300, lm_batch=8, probe_per_class=12)
@@ -353,7 +364,7 @@ def train_siglip(tokenizer, seed: int, settings: ToySettings):
 
     s = settings
     scenes, texts = siglip_groups(seed, s.siglip_images, "pool", 2)
-    read_scenes, read_texts = siglip_groups(seed, s.reading_images, "reading", s.reading_group)
+    read_scenes, read_texts = siglip_groups(seed, s.reading_images, "reading", s.reading_group, s.typeset)
     pixels = torch.from_numpy(np.stack([_square_pixels(sc, s.image_size) for sc in scenes + read_scenes]))
     captions, truncated = _caption_ids(tokenizer, texts + read_texts, s.text_len)
     torch.manual_seed(seed)
@@ -362,7 +373,13 @@ def train_siglip(tokenizer, seed: int, settings: ToySettings):
         model.logit_scale.fill_(math.log(10.0))  # 32k batch, scaled to ours
         model.logit_bias.fill_(-math.log(s.siglip_batch))
     # beta2 0.95 as SigLIP trained; small batches break the initial symmetry fastest here
-    opt = torch.optim.AdamW(model.parameters(), lr=s.siglip_lr, betas=(0.9, 0.95), weight_decay=1e-4)
+    params = list(model.parameters())
+    if s.caption_classification:
+        word_head = torch.nn.Linear(s.vision_width, len(tokenizer))  # discarded after training
+        params += list(word_head.parameters())
+        words_NV = distinguishing_words(captions, [2] * (len(scenes) // 2)
+                                        + [s.reading_group] * (len(read_scenes) // s.reading_group), len(tokenizer))
+    opt = torch.optim.AdamW(params, lr=s.siglip_lr, betas=(0.9, 0.95), weight_decay=1e-4)
     schedule = _warmup_cosine(opt, s.siglip_steps)
     read_batch = s.reading_group * round(s.siglip_batch * s.reading_share / s.reading_group)
     pool_order = _group_batches(len(scenes) // 2, 2, s.siglip_batch - read_batch, s.siglip_steps, seed)
@@ -372,8 +389,12 @@ def train_siglip(tokenizer, seed: int, settings: ToySettings):
     for pool_idx, read_idx in zip(pool_order, read_order):
         idx = torch.cat([pool_idx, read_idx + len(scenes)])
         out = model(input_ids=captions[idx], pixel_values=_normalise(pixels[idx]), return_loss=True)
+        loss = out.loss
+        if s.caption_classification:
+            logp_BV = word_head(out.vision_model_output.pooler_output).log_softmax(-1)
+            loss = loss - s.caption_classification * (words_NV[idx] * logp_BV).sum(-1).mean()
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         opt.step()
         schedule.step()
         losses.append(out.loss.item())
@@ -382,6 +403,22 @@ def train_siglip(tokenizer, seed: int, settings: ToySettings):
     quality.update(first_loss=round(losses[0], 4), last_loss=round(float(np.mean(losses[-20:])), 4),
                    truncated_captions=truncated, image_size=s.image_size)
     return model, quality
+
+
+def distinguishing_words(ids_NL: torch.Tensor, group_sizes: list[int], vocab: int) -> torch.Tensor:
+    """Per caption, the words it names that not every caption of its group (consecutive rows,
+    ``group_sizes`` of them) names, as a uniform distribution over the vocabulary (rows with
+    none: zeros): a reading sibling's digits or word, a shape twin's shape words. What the
+    sigmoid loss asks the image tower to tell apart within a group, given to it as a label:
+    at toy scale the two towers never start to tell a group apart on their own (4000 steps:
+    sibling captions' text features at cosine 0.9997, large digits at chance)."""
+    present_NV = torch.zeros(len(ids_NL), vocab).scatter_(1, ids_NL, 1.0)
+    start = 0
+    for size in group_sizes:
+        group = present_NV[start:start + size]
+        group -= group.min(0).values  # drop the words every caption of the group names
+        start += size
+    return present_NV / present_NV.sum(-1, keepdim=True).clamp(min=1)
 
 
 def shape_twin(rng: np.random.Generator, scene: tw.Scene) -> tw.Scene:
@@ -415,7 +452,8 @@ def text_siblings(rng: np.random.Generator, scene: tw.Scene, k: int, tries: int 
     return None
 
 
-def siglip_groups(seed: int, n: int, kind: str, group: int) -> tuple[list[tw.Scene], list[str]]:
+def siglip_groups(seed: int, n: int, kind: str, group: int, typeset: str = "small"
+                  ) -> tuple[list[tw.Scene], list[str]]:
     """``n`` training scenes (rounded down to whole groups) and their captions, in groups of
     hard negatives: a "pool" scene and its shape twin (``group`` 2), or a "reading" scene (one
     large word or number, legible at the fixed size: what the toy learns to read from) and
@@ -428,7 +466,7 @@ def siglip_groups(seed: int, n: int, kind: str, group: int) -> tuple[list[tw.Sce
             others = [shape_twin(tw.rng_for(seed, "toy-siglip-twin", i), scene)]
         else:
             rng = tw.rng_for(seed, "toy-siglip-read", i)
-            scene = tw.reading_scene(rng, "number" if rng.random() < 0.5 else "word")
+            scene = tw.reading_scene(rng, "number" if rng.random() < 0.5 else "word", typeset=typeset)
             others = text_siblings(tw.rng_for(seed, "toy-siglip-read-twin", i), scene, group - 1)
         if others is not None:
             scenes += [scene, *others]
@@ -510,7 +548,8 @@ def siglip_zero_shot(model, tokenizer, seed: int, settings: ToySettings) -> dict
         name = _zero_shot_name(attribute, large)
         stream = f"toy-zeroshot-{name}"
         pixels = np.stack([_square_pixels(tw.probe_scene(tw.rng_for(seed, stream, i), attribute,
-                                                         classes[c], large), settings.image_size)
+                                                         classes[c], large, settings.typeset),
+                                          settings.image_size)
                            for i, c in enumerate(labels)])
         image_ND = F.normalize(_features(model.get_image_features(
             pixel_values=_normalise(torch.from_numpy(pixels)))), dim=-1)

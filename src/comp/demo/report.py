@@ -560,6 +560,9 @@ def write_report(out: str | Path, results: dict, *, rule: str) -> Path:
     figures = out / "figures"
     q = results["toy_quality"]
     timings = results["timings"]
+    reading = (f" The reading toy (`--toy reading`): zero-shot digits in large type "
+               f"{q['siglip']['digit_large_accuracy']:.3f} (chance {q['siglip']['digit_large_chance']:.3f})."
+               if results["plan"].get("toys") == "reading" else "")
     lines = ["# comp demo: the SigLIP recipe on toy-pretrained originals", "",
              "## Summary", "", summary_markdown(results["summary"], rule=rule), "",
              "## Setup", "",
@@ -568,7 +571,7 @@ def write_report(out: str | Path, results: dict, *, rule: str) -> Path:
              f"SigLIP at {results['image_size']} px. Toy originals: SigLIP zero-shot colour "
              f"{q['siglip']['colour_accuracy']:.3f} (chance {q['siglip']['colour_chance']:.3f}), shape "
              f"{q['siglip']['shape_accuracy']:.3f} (chance {q['siglip']['shape_chance']:.3f}); LM held-out "
-             f"perplexity {q['lm']['perplexity']:.2f} (unigram {q['lm']['unigram_perplexity']:.2f}).", "",
+             f"perplexity {q['lm']['perplexity']:.2f} (unigram {q['lm']['unigram_perplexity']:.2f}).{reading}", "",
              *loss_section(results, figures), *health_section(results), *probe_section(results, figures),
              *dense_section(results, figures), *word_space_section(results, figures), *captions_section(results),
              *qa_section(results, figures),

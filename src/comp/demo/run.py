@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {Plan.steps}; {QUICK['steps']} with --quick)")
     p.add_switch("--quick", default=False,
                  help="smoke-sized run: quick toys, few steps, two probe attributes, few images")
+    p.add_argument("--toy", choices=("default", "reading"), default="default",
+                   help="the toy originals: default, or reading (a toy SigLIP that reads digits and words "
+                        "in large type, and probes set in it; its colour and Stage III are weaker, see "
+                        "docs/results/demo-claims.md; not with --quick)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the tiny models' ops are too small to "
                         "share, and on a busy machine a second thread costs up to 10x)")
@@ -89,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     from comp.demo.pipeline import QUICK, Plan
 
     args = build_parser().parse_args(argv)
-    plan = Plan(**QUICK) if args.quick else Plan()
+    if args.quick and args.toy != "default":
+        print("comp demo: --toy reading has no quick size; drop --quick or --toy", file=sys.stderr)
+        return 2
+    plan = Plan(**QUICK) if args.quick else Plan(toys="full" if args.toy == "default" else args.toy)
     if args.steps is not None:
         plan.steps = args.steps
     if plan.steps < 1 or args.threads < 1:

@@ -140,6 +140,8 @@ def build_parser():
                    help="cells (and seeds' toy originals) computed at once, one process and one thread "
                         "each (default 1; the default study took 54 min with 2 on 2 cores)")
     p.add_switch("--quick", default=False, help="smoke-sized cells (tests)")
+    p.add_argument("--toy", choices=("default", "reading"), default="default",
+                   help="the toy originals, as comp demo's --toy (not with --quick)")
     return p
 
 
@@ -205,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"comp study: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
-    plan_args = {**(QUICK if args.quick else {}), **CELL_PLAN}
+    if args.quick and args.toy != "default":
+        print("comp study: --toy reading has no quick size; drop --quick or --toy", file=sys.stderr)
+        return 2
+    plan_args = {**(QUICK if args.quick else {"toys": "full" if args.toy == "default" else args.toy}), **CELL_PLAN}
     if args.steps is not None:
         plan_args["steps"] = args.steps
     if args.jobs > 1:

@@ -225,7 +225,8 @@ def evaluate(head: nn.Module, tokens: list[torch.Tensor], grid_N3: torch.Tensor,
     conf_KK = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
     for x_TD, grid_3, y_HW in zip(tokens, grid_N3, labels):
         logits_KHW = upsample_logits(head(x_TD.to(device)), grid_3, y_HW.shape)
-        conf_KK += confusion(logits_KHW.argmax(0), y_HW.to(device), num_classes)
+        # max(0).indices: the same first-maximum index as argmax(0), ~9x faster over dim 0 on the CPU
+        conf_KK += confusion(logits_KHW.max(0).indices, y_HW.to(device), num_classes)
     return conf_KK.cpu()
 
 
@@ -323,7 +324,8 @@ def evaluate_sliding(encoder: Encoder, head: nn.Module, paths: list[Path], nativ
             windowed, windows = windowed + 1, windows + n
         else:
             logits_KHW = upsample_logits(head(x_TD.to(device)), grid_3, y_HW.shape)
-        conf_KK += confusion(logits_KHW.argmax(0), y_HW.to(device), num_classes)
+        # max(0).indices: the same first-maximum index as argmax(0), ~9x faster over dim 0 on the CPU
+        conf_KK += confusion(logits_KHW.max(0).indices, y_HW.to(device), num_classes)
     return conf_KK.cpu(), windowed, windows
 
 
