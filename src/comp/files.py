@@ -147,7 +147,7 @@ class DirectoryLock:
         self.command, self.flag = command, flag
         self.held = False
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> "DirectoryLock":
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
         for _ in range(2):
             try:
