@@ -13,11 +13,14 @@ Parts (``--settings quick`` for seconds, ``full`` for the demo's own sizes):
 - child calls: short calls two at a time, each in a fresh child (``ChildCall``, what the
   demo's pool did before) against a ``ChildPool`` whose two workers run them in turn (one
   import of torch and transformers per worker).
+- checkpointing: ``--steps`` steps of the recipe's Stage III (the demo's flags, started from
+  the toy originals, one thread) with the recipe's gradient checkpointing against without it
+  (what the demo runs); the two runs' weights are compared byte for byte.
 ``--demo`` also times whole ``comp demo --quick`` runs (``--full``: and the default demo),
 each a fresh process, against a process that only imports the demo command.
 
-    python benchmarks/bench_demo.py [--settings quick|full] [--parts children,assets,probes]
-                                    [--demo [--full]] [--keep DIR]
+    python benchmarks/bench_demo.py [--settings quick|full] [--parts children,assets,probes,checkpointing]
+                                    [--steps N] [--demo [--full]] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import time
 from pathlib import Path
 
 
-BASELINES = ("serial", "a child per call")  # a part's row that its other rows are compared with
+BASELINES = ("serial", "a child per call", "gradient checkpointing")  # a part's row that its other rows are compared with
 
 
 def load() -> str:
@@ -125,13 +128,41 @@ def bench_child_calls(calls: int = 8) -> list:
     return rows
 
 
+def bench_checkpointing(root: Path, settings_name: str, steps: int, seed: int = 0) -> list:
+    from comp.demo.pipeline import QUICK, Plan, build_assets, step_argvs
+    from comp.train.args import parse_args
+    from comp.train.run import train
+
+    os.environ.setdefault("COMP_CACHE", str(root / "checkpointing-cache"))  # toys already built: reused
+    plan = Plan(**QUICK) if settings_name == "quick" else Plan()
+    assets = build_assets(seed, plan, log=lambda *_: None)
+    argv = step_argvs(assets, root / "checkpointing", plan, seed)["stage3"]
+    start = argv.index("--model_name_or_path")
+    argv[start:start + 2] = ["--model_name_or_path", str(assets.llm), "--custom_visual_model", str(assets.vision)]
+    argv[argv.index("--max_steps") + 1] = str(steps)
+    rows, digests = [], {}
+    for mode, flag in (("gradient checkpointing", "True"), ("no checkpointing", "False")):
+        run = list(argv)
+        run[run.index("--gradient_checkpointing") + 1] = flag
+        out = root / "checkpointing" / flag
+        run[run.index("--output_dir") + 1] = str(out)
+        seconds, _, loads = timed(lambda run=run: train(*parse_args(run)))
+        digests[mode] = weights_digest(out)
+        rows.append((f"Stage III from the originals, {steps} steps, {mode}", seconds, loads, None))
+    same = len(set(digests.values())) == 1
+    print(f"weights with vs without checkpointing: {'identical' if same else 'DIFFERENT'} ({digests})")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", choices=("quick", "full"), default="quick")
     parser.add_argument("--per_class", type=int, default=None,
                         help="probe images per class and split (default: all of the toyworld size)")
     parser.add_argument("--parts", default="children,assets,probes",
-                        help="comma-separated parts to time: children, assets, probes (probes need assets)")
+                        help="comma-separated parts to time: children, assets, probes (probes need assets), "
+                             "checkpointing")
+    parser.add_argument("--steps", type=int, default=100, help="Stage III steps of the checkpointing part")
     parser.add_argument("--demo", action="store_true", help="also time whole `comp demo --quick` processes")
     parser.add_argument("--full", action="store_true", help="with --demo: also the default demo (~10 min)")
     parser.add_argument("--keep", type=Path, default=None, help="write outputs here instead of a temp dir")
@@ -150,6 +181,8 @@ def main() -> None:
             rows += more
             if "probes" in parts:
                 rows += bench_probes(siglip, toyworld, args.per_class)
+        if "checkpointing" in parts:
+            rows += bench_checkpointing(root, args.settings, args.steps)
         if args.demo:
             rows += bench_demo(root, args.full)
     print(f"{os.cpu_count()} cores; torch threads 1 per process; load average (1/5/15 min) before -> after")
