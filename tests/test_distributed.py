@@ -105,10 +105,14 @@ def test_sharded_runs_equal_one_process(runs, engine):
         for step in one:
             allowed = tol * max(1.0, abs(one[step])) if key == "align_loss" else tol
             assert abs(one[step] - sharded[step]) <= allowed, (engine, key, step, one[step], sharded[step])
+    # Adam divides each gradient by its running RMS, so a rounding difference in a near-zero
+    # gradient component becomes an update difference of up to the learning rate (1e-3 for the
+    # vision tower): 1.3e-5 after 4 steps on one CPU. A sharding fault (a micro-batch lost,
+    # gradients not reduced) moves weights by about a learning rate per step: 1e-3 .. 5e-3.
     expected, saved = load_file(runs["one"] / "model.safetensors"), load_file(runs[engine] / "model.safetensors")
     assert expected.keys() == saved.keys()
     for name, tensor in expected.items():
-        assert torch.allclose(saved[name], tensor, rtol=0, atol=1e-5), \
+        assert torch.allclose(saved[name], tensor, rtol=0, atol=1e-4), \
             (engine, name, float((saved[name] - tensor).abs().max()))
 
 
