@@ -112,6 +112,21 @@ QUICK = dict(steps=2, toys="quick", toyworld="small", train_tokens=64, attribute
              zero_shot_per_class=3, retrieval_images=12, qa_limit=12)
 
 
+TOY_CHOICES = ("default", "reading")  # the commands' --toy: FULL or READING toy originals
+
+
+def toy_plan(toy: str, quick: bool) -> dict:
+    """The Plan fields for a command's ``--toy`` and ``--quick``; ValueError where they do not
+    combine (the reading toy has no smoke size)."""
+    if toy not in TOY_CHOICES:
+        raise ValueError(f"--toy {toy}: choose from {', '.join(TOY_CHOICES)}")
+    if quick:
+        if toy != "default":
+            raise ValueError(f"--toy {toy} has no quick size; drop --quick or --toy")
+        return dict(QUICK)
+    return {"toys": "full" if toy == "default" else toy}
+
+
 @dataclass(frozen=True)
 class Assets:
     llm: Path

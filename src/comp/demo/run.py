@@ -63,7 +63,7 @@ def prepare_out(out: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from comp.cliargs import ArgumentParser
-    from comp.demo.pipeline import QUICK, Plan
+    from comp.demo.pipeline import QUICK, TOY_CHOICES, Plan
 
     p = ArgumentParser(
         prog="comp demo",
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {Plan.steps}; {QUICK['steps']} with --quick)")
     p.add_switch("--quick", default=False,
                  help="smoke-sized run: quick toys, few steps, two probe attributes, few images")
-    p.add_argument("--toy", choices=("default", "reading"), default="default",
+    p.add_argument("--toy", choices=TOY_CHOICES, default="default",
                    help="the toy originals: default, or reading (a toy SigLIP that reads digits and words "
                         "in large type, and probes set in it; its colour and Stage III are weaker, see "
                         "docs/results/demo-claims.md; not with --quick)")
@@ -90,13 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from comp.demo.pipeline import QUICK, Plan
+    from comp.demo.pipeline import Plan, toy_plan
 
     args = build_parser().parse_args(argv)
-    if args.quick and args.toy != "default":
-        print("comp demo: --toy reading has no quick size; drop --quick or --toy", file=sys.stderr)
+    try:
+        plan = Plan(**toy_plan(args.toy, args.quick))
+    except ValueError as err:
+        print(f"comp demo: {err}", file=sys.stderr)
         return 2
-    plan = Plan(**QUICK) if args.quick else Plan(toys="full" if args.toy == "default" else args.toy)
     if args.steps is not None:
         plan.steps = args.steps
     if plan.steps < 1 or args.threads < 1:

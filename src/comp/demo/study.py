@@ -126,6 +126,7 @@ def write_study(out: Path, cells: list[dict], seeds: list[int]) -> Path:
 
 def build_parser():
     from comp.cliargs import ArgumentParser
+    from comp.demo.pipeline import TOY_CHOICES
 
     p = ArgumentParser(prog="comp study",
                        description="The paper's ablations (C-RoPE, alignment loss, word prior, native "
@@ -140,7 +141,7 @@ def build_parser():
                    help="cells (and seeds' toy originals) computed at once, one process and one thread "
                         "each (default 1; the default study took 50 min with 2 on 2 cores)")
     p.add_switch("--quick", default=False, help="smoke-sized cells (tests)")
-    p.add_argument("--toy", choices=("default", "reading"), default="default",
+    p.add_argument("--toy", choices=TOY_CHOICES, default="default",
                    help="the toy originals, as comp demo's --toy (not with --quick)")
     return p
 
@@ -196,7 +197,7 @@ def run_cells(root: Path, variants: list[str], seeds: list[int], plan_args: dict
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from comp.demo.pipeline import QUICK
+    from comp.demo.pipeline import toy_plan
 
     args = build_parser().parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -207,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         print(f"comp study: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
-    if args.quick and args.toy != "default":
-        print("comp study: --toy reading has no quick size; drop --quick or --toy", file=sys.stderr)
+    try:
+        plan_args = {**toy_plan(args.toy, args.quick), **CELL_PLAN}
+    except ValueError as err:
+        print(f"comp study: {err}", file=sys.stderr)
         return 2
-    plan_args = {**(QUICK if args.quick else {"toys": "full" if args.toy == "default" else args.toy}), **CELL_PLAN}
     if args.steps is not None:
         plan_args["steps"] = args.steps
     if args.jobs > 1:
