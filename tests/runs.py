@@ -42,6 +42,15 @@ def run(args: list[str], *, launcher=(sys.executable, "-m"), timeout=300, check=
     return proc
 
 
+def run_script(source: str, path: Path, args, *, launcher=(sys.executable,), timeout=300,
+               **env: str) -> subprocess.CompletedProcess:
+    """``source`` written to ``path`` and run as ``LAUNCHER PATH ARGS``, unchecked: comp.train
+    with a fault injected (KILLER and the scripts beside the tests that use them)."""
+    path.write_text(source)
+    return subprocess.run([*launcher, str(path), *map(str, args)], cwd=REPO, env=run_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def losses(output_dir: Path, key="loss") -> dict[int, float]:
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     return {h["step"]: float(h[key]) for h in history if key in h}

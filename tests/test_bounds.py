@@ -6,7 +6,6 @@ stdin closed or a NaN temperature, and Ctrl-C (exit 130 with how to resume).
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import torch
 from comp.cli import run_command
 from comp.data.mixture import MAX_YAML_NODES, MixtureError, load_mixture
 from comp.errors import UserError
+from runs import run_script
 from test_faults import _cli, _one_line_error
 from test_run_ownership import _flags, assets  # noqa: F401 (the module's toyworld fixture)
 
@@ -169,10 +169,7 @@ INTERRUPTER = textwrap.dedent("""
 
 def test_ctrl_c_in_training_says_how_to_resume(assets, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    script = tmp_path / "interrupt.py"
-    script.write_text(INTERRUPTER)
-    proc = subprocess.run([sys.executable, str(script), *map(str, _flags(assets, out, steps=3))], cwd=REPO,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    proc = run_script(INTERRUPTER, tmp_path / "interrupt.py", _flags(assets, out, steps=3))
     assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         "comp train: interrupted; resume with the same flags and --resume_from_checkpoint auto "

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from comp.data.sampler import ModalityLengthGroupedSampler
 from comp.data.toyworld import write_toyworld
 from comp.train.trainer import last_complete_checkpoint
-from runs import KILLER, REPO, free_port, losses, run, run_env, torchrun
+from runs import KILLER, REPO, free_port, losses, run, run_env, run_script, torchrun
 
 pytest.importorskip("deepspeed")
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -118,12 +118,8 @@ def test_sharded_runs_equal_one_process(runs, engine):
 
 def test_zero3_sigkill_and_resume_reproduce_the_run(assets, runs, tmp_path):
     broken = tmp_path / "broken"
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
-    launcher = [*torchrun(2)[:-1]]  # torchrun runs the script itself, not a module
-    proc = subprocess.run([*launcher, str(script), *flags(assets, broken, "--deepspeed", str(ZERO3))[1:]],
-                          cwd=REPO, env=run_env(KILL_AT_STEP="3"), capture_output=True, text=True,
-                          timeout=300)
+    proc = run_script(KILLER, tmp_path / "killer.py", flags(assets, broken, "--deepspeed", str(ZERO3))[1:],
+                      launcher=torchrun(2)[:-1], KILL_AT_STEP="3")  # torchrun runs the script, not -m
     assert proc.returncode != 0 and "(SIGKILL)" in proc.stdout + proc.stderr, proc.stderr[-2000:]
     assert last_complete_checkpoint(broken) == broken / "checkpoint-2"
     run(flags(assets, broken, "--deepspeed", str(ZERO3)), launcher=torchrun(2))

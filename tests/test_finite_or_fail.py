@@ -8,18 +8,15 @@ untrained model written as the step's output. Faults are injected into tiny real
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
 from comp.train.trainer import checkpoint_problem, last_complete_checkpoint
+from runs import run_script
 from test_faults import _cli, _one_line_error
 from test_run_ownership import _flags, assets  # noqa: F401 (the module's toyworld fixture)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # `python POISONER.py FLAGS` = comp train whose weight $POISON turns NaN at step $POISON_AT_STEP
 # (after that step's update, before its checkpoint is written).
@@ -84,11 +81,8 @@ def test_probe_counts_must_be_positive(argv, message, tmp_path):
 
 def test_a_weight_that_turns_nan_stops_the_run_before_it_is_saved(assets, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    script = tmp_path / "poisoner.py"
-    script.write_text(POISONER)
-    env = dict(os.environ, POISON_AT_STEP="2", POISON="visual.merger.ln_q.weight", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), *map(str, _flags(assets, out, steps=3))], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = run_script(POISONER, tmp_path / "poisoner.py", _flags(assets, out, steps=3),
+                      POISON_AT_STEP="2", POISON="visual.merger.ln_q.weight")
     line = _one_line_error(proc, "comp train")
     assert "step 2: the weight visual.merger.ln_q.weight holds NaN or inf; checkpoint-2 was not written" in line
     assert f"--resume_from_checkpoint {out / 'checkpoint-1'}" in line

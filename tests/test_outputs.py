@@ -7,10 +7,7 @@ a 64 KiB tmpfs, after writing part of the file), so the test needs no mount.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,10 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from comp.cli import run_command
 from comp.train.trainer import checkpoint_problem, last_complete_checkpoint
+from runs import run_script
 from test_faults import _cli, _one_line_error
 from test_run_ownership import _flags, _snapshot, assets  # noqa: F401 (the module's toyworld fixture)
 
-REPO = Path(__file__).resolve().parents[1]
 # What the libraries raised on a full 64 KiB tmpfs (see comp.files).
 SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
 TORCH_SAVE_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
@@ -141,10 +138,7 @@ FILLER = textwrap.dedent(f"""
 
 def test_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_stays(assets, tmp_path):  # noqa: F811
     out = tmp_path / "out"
-    script = tmp_path / "filler.py"
-    script.write_text(FILLER)
-    proc = subprocess.run([sys.executable, str(script), *map(str, _flags(assets, out, steps=3))], cwd=REPO,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    proc = run_script(FILLER, tmp_path / "filler.py", _flags(assets, out, steps=3))
     line = _one_line_error(proc, "comp train")
     assert line.startswith("comp train: the disk is full (no space left while writing) "
                            f"({out / 'checkpoint-2'}): free space, then resume with --resume_from_checkpoint "

@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from safetensors.torch import load_file
 
 from comp.data.toyworld import write_toyworld
 from comp.train.trainer import COMPLETE_MARKER, last_complete_checkpoint
-from runs import KILLER, REPO, losses as _losses, run as _run, torchrun
+from runs import KILLER, losses as _losses, run as _run, run_script, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +80,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(assets, tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     _run(["comp.train", *_flags(assets, whole, *save, steps=6)])
 
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
-    env_kill = dict(os.environ, KILL_AT_STEP="3", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), *_flags(assets, broken, *save, steps=6)],
-                          cwd=REPO, env=env_kill, capture_output=True, text=True, timeout=300)
+    proc = run_script(KILLER, tmp_path / "killer.py", _flags(assets, broken, *save, steps=6), KILL_AT_STEP="3")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert last_complete_checkpoint(broken) == broken / "checkpoint-2"
     # a checkpoint whose writing never finished (no marker) must not be resumed from
