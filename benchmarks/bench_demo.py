@@ -57,12 +57,19 @@ def weights_digest(directory: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def demo_plan(settings_name: str):
+    """The demo's plan for ``--settings`` quick (its --quick) or full (its default)."""
+    from comp.demo.pipeline import Plan, toy_plan
+
+    return Plan(**toy_plan("default", quick=settings_name == "quick"))
+
+
 def bench_assets(root: Path, settings_name: str, seed: int = 0) -> tuple[list, Path, Path]:
     from comp.demo import pretrain
-    from comp.demo.pipeline import write_data
+    from comp.demo.pipeline import toy_settings, write_data
 
-    settings = {"quick": pretrain.QUICK, "full": pretrain.FULL}[settings_name]
-    size = "small" if settings_name == "quick" else "medium"
+    plan = demo_plan(settings_name)
+    settings, size = toy_settings(plan.toys), plan.toyworld
     def quiet(*_):
         pass
 
@@ -129,12 +136,12 @@ def bench_child_calls(calls: int = 8) -> list:
 
 
 def bench_checkpointing(root: Path, settings_name: str, steps: int, seed: int = 0) -> list:
-    from comp.demo.pipeline import QUICK, Plan, build_assets, step_argvs
+    from comp.demo.pipeline import build_assets, step_argvs
     from comp.train.args import parse_args
     from comp.train.run import train
 
     os.environ.setdefault("COMP_CACHE", str(root / "checkpointing-cache"))  # toys already built: reused
-    plan = Plan(**QUICK) if settings_name == "quick" else Plan()
+    plan = demo_plan(settings_name)
     assets = build_assets(seed, plan, log=lambda *_: None)
     argv = step_argvs(assets, root / "checkpointing", plan, seed)["stage3"]
     start = argv.index("--model_name_or_path")
