@@ -78,7 +78,7 @@ def runs(assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist_runs")
     out = {"one": root / "one", "zero3": root / "zero3", "zero2": root / "zero2"}
     run(flags(assets, out["one"], per_device=2))
-    run(flags(assets, out["zero3"], "--deepspeed", str(ZERO3)), launcher=torchrun(2))
+    run(flags(assets, out["zero3"], "--deepspeed", str(ZERO3), "--save_total_limit", "2"), launcher=torchrun(2))
     run(flags(assets, out["zero2"], "--deepspeed", str(ZERO2)), launcher=torchrun(2))
     return out
 
@@ -114,6 +114,14 @@ def test_sharded_runs_equal_one_process(runs, engine):
     for name, tensor in expected.items():
         assert torch.allclose(saved[name], tensor, rtol=0, atol=1e-4), \
             (engine, name, float((saved[name] - tensor).abs().max()))
+
+
+def test_zero3_checkpoints_record_the_runs_arguments(runs):
+    """training_args.bin of the ZeRO-3 run holds its own --save_total_limit (the Trainer runs
+    on a copy without one, so that only CoMP's rotation deletes checkpoints)."""
+    for path in (runs["zero3"] / "checkpoint-4", runs["zero3"]):
+        recorded = torch.load(path / "training_args.bin", weights_only=False)
+        assert recorded.save_total_limit == 2 and recorded.deepspeed == str(ZERO3), path
 
 
 def test_zero3_sigkill_and_resume_reproduce_the_run(assets, runs, tmp_path):

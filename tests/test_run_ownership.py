@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from comp.train.ownership import LOCK_FILE, RUN_FILE, OutputLock, marker_run
 from comp.train.trainer import COMPLETE_MARKER, _rotate, checkpoint_problem, last_complete_checkpoint
@@ -69,6 +70,14 @@ def test_the_run_is_recorded_and_its_checkpoints_name_it(first_run):
     for step in (1, 2):
         assert marker_run(first_run / f"checkpoint-{step}") == record["run"]
     assert not (first_run / LOCK_FILE).exists()  # released at the end
+
+
+def test_the_checkpoints_record_the_runs_own_arguments(first_run):
+    """training_args.bin holds the limit the run was given (the Trainer itself runs without one,
+    so that only CoMP's rotation deletes checkpoints)."""
+    for path in (first_run / "checkpoint-2", first_run):
+        recorded = torch.load(path / "training_args.bin", weights_only=False)
+        assert recorded.save_total_limit == 2 and recorded.seed == 3, path
 
 
 def test_a_second_run_into_a_used_directory_is_refused_and_leaves_it_untouched(first_run, assets, tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from comp.data.collator import Batch
 from comp.data.dataset import SkipStats, TooManySkips
@@ -270,8 +271,9 @@ TRAINER_HOOKS: dict[str, tuple[tuple[str, ...] | None, str]] = {
     "create_optimizer": (("self", "model"), "CoMP's parameter groups; the empty-step guard's hooks"),
     "log": (("self", "logs", "start_time"), "loss parts, tokens, skipped samples and each group's lr"),
     "save_model": (("self", "output_dir", "_internal_call"),
-                   "a checkpoint's weights are checked finite before it is written, and the "
-                   "checkpoint being written is remembered"),
+                   "a checkpoint's weights are checked finite before it is written, the "
+                   "checkpoint being written is remembered, and training_args.bin records the "
+                   "run's save_total_limit"),
     "train": (None, "a checkpoint whose writing failed is removed; a full disk is one line"),
 }
 # Public Trainer attributes CompTrainer sets (read by training_step).
@@ -626,6 +628,10 @@ class CompTrainer(Trainer):
                 (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)
             self._writing = checkpoint
         super().save_model(output_dir, _internal_call)
+        if self.args.should_save:  # the run's save_total_limit, not the Trainer's copy's (__init__)
+            recorded = copy.copy(self.args)
+            recorded.save_total_limit = self.save_total_limit
+            torch.save(recorded, Path(output_dir or self.args.output_dir) / TRAINING_ARGS_NAME)
 
     def mark_checkpoint_complete(self) -> None:
         """After transformers wrote the step's checkpoint (every process): the marker, then
