@@ -12,8 +12,8 @@ Each (variant, seed) cell runs the pipeline (comp.demo.pipeline) into OUT/<varia
 and writes cell.json; a cell whose cell.json exists is read back, not recomputed (resumable).
 ``--jobs N`` computes N cells at once in spawned worker processes, each evaluating in its own
 process; every cell measures only what the study's table reads (CELL_PLAN). 3 seeds x 5 variants with
-2 jobs on 2 cores: the toys of two seeds ~4 min, then ~340 s a cell two at a time (the third
-seed's toys beside the first cells), 50 min in all (measured, docs/results/study/study.md).
+2 jobs on 2 cores: the toys of two seeds ~3-4 min, then 200-390 s a cell two at a time (the third
+seed's toys beside the first cells), 39-50 min in all by machine (docs/results/study/study.md).
 OUT/study.json holds every cell's metrics, OUT/study.md one table (variant x metric, mean ±
 std over seeds, difference to the full recipe) and bar plots (OUT/figures).
 """
@@ -139,7 +139,7 @@ def build_parser():
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe step")
     p.add_argument("--jobs", type=int, default=1,
                    help="cells (and seeds' toy originals) computed at once, one process and one thread "
-                        "each (default 1; the default study took 50 min with 2 on 2 cores)")
+                        "each (default 1; the default study took 39-50 min with 2 on 2 cores)")
     p.add_switch("--quick", default=False, help="smoke-sized cells (tests)")
     p.add_argument("--toy", choices=TOY_CHOICES, default="default",
                    help="the toy originals, as comp demo's --toy (not with --quick)")
