@@ -72,6 +72,17 @@ def tiny_mm_dir(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def assets(tiny_dir, tmp_path_factory):
+    """What a CLI training run reads: the tiny Qwen2 and SigLIP and a small toyworld, written
+    once per test module (tests copy what they corrupt; a module may define its own)."""
+    from comp.data.toyworld import write_toyworld
+
+    root = tmp_path_factory.mktemp("assets")
+    return {"llm": tiny_dir("qwen2"), "vision": tiny_dir("siglip"),
+            "data": write_toyworld(root / "toyworld", seed=0, size="small")}
+
+
+@pytest.fixture(scope="module")
 def mm(tiny_mm_dir):
     """(model, processor) of ``tiny_mm_dir``, loaded once per test module (tests may edit the
     model's weights: each module gets its own copy)."""

@@ -19,7 +19,7 @@ from comp.data.mixture import MAX_YAML_NODES, MixtureError, load_mixture
 from comp.errors import UserError
 from runs import run_script
 from test_faults import _cli, _one_line_error
-from test_run_ownership import _flags, assets  # noqa: F401 (the module's toyworld fixture)
+from test_run_ownership import _flags
 
 REPO = Path(__file__).resolve().parents[1]
 

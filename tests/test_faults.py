@@ -353,15 +353,6 @@ def test_corrupt_weights_and_escaping_shard_index_are_named(tiny_mm_dir, tmp_pat
 
 # ------------------------------------------------------------------ resume
 
-@pytest.fixture(scope="module")
-def assets(tiny_dir, tmp_path_factory):
-    from comp.data.toyworld import write_toyworld
-
-    root = tmp_path_factory.mktemp("fault_assets")
-    return {"llm": tiny_dir("qwen2"), "vision": tiny_dir("siglip"),
-            "data": write_toyworld(root / "toyworld", seed=0, size="small")}
-
-
 def _flags(assets, out, *extra, steps=2, vision=None, data=None):
     return ["--model_name_or_path", assets["llm"], "--custom_visual_model", vision or assets["vision"],
             "--data_path", data or assets["data"] / "stage2.yaml", "--output_dir", out,

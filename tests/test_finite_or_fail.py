@@ -15,7 +15,7 @@ import pytest
 from comp.train.trainer import checkpoint_problem, last_complete_checkpoint
 from runs import run_script
 from test_faults import _cli, _one_line_error
-from test_run_ownership import _flags, assets  # noqa: F401 (the module's toyworld fixture)
+from test_run_ownership import _flags
 
 
 # `python POISONER.py FLAGS` = comp train whose weight $POISON turns NaN at step $POISON_AT_STEP

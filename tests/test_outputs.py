@@ -21,7 +21,7 @@ from comp.cli import run_command
 from comp.train.trainer import checkpoint_problem, last_complete_checkpoint
 from runs import run_script
 from test_faults import _cli, _one_line_error
-from test_run_ownership import _flags, _snapshot, assets  # noqa: F401 (the module's toyworld fixture)
+from test_run_ownership import _flags, _snapshot
 
 # What the libraries raised on a full 64 KiB tmpfs (see comp.files).
 SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"

@@ -22,15 +22,6 @@ from comp.train.trainer import COMPLETE_MARKER, _rotate, checkpoint_problem, las
 from test_faults import _cli, _one_line_error
 
 
-@pytest.fixture(scope="module")
-def assets(tiny_dir, tmp_path_factory):
-    from comp.data.toyworld import write_toyworld
-
-    root = tmp_path_factory.mktemp("ownership_assets")
-    return {"llm": tiny_dir("qwen2"), "vision": tiny_dir("siglip"),
-            "data": write_toyworld(root / "toyworld", seed=0, size="small")}
-
-
 def _flags(assets, out, *extra, steps=2):
     """A Stage-I smoke step that saves every step and keeps two checkpoints."""
     return ["--model_name_or_path", assets["llm"], "--custom_visual_model", assets["vision"],

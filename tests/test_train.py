@@ -9,16 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from comp.data.toyworld import write_toyworld
 from comp.train.trainer import COMPLETE_MARKER, last_complete_checkpoint
 from runs import KILLER, losses as _losses, run as _run, run_script, torchrun
-
-
-@pytest.fixture(scope="module")
-def assets(tiny_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_assets")
-    return {"llm": tiny_dir("qwen2"), "vision": tiny_dir("siglip"),
-            "data": write_toyworld(root / "toyworld", seed=0, size="small")}
 
 
 def _flags(assets, out, *extra, steps=4, batch=4, tunable="mm_vision_tower,mm_mlp_adapter,mm_language_model"):
