@@ -16,10 +16,14 @@ Parts (``--settings quick`` for seconds, ``full`` for the demo's own sizes):
 - checkpointing: ``--steps`` steps of the recipe's Stage III (the demo's flags, started from
   the toy originals, one thread) with the recipe's gradient checkpointing against without it
   (what the demo runs); the two runs' weights are compared byte for byte.
+- attentive: the attentive probe (comp.eval.heads.attentive_probe, the demo's epochs and
+  batch) on token sets of the demo's sizes (64-704 tokens of width 64, 16 classes), its
+  query pooled by ``nn.MultiheadAttention`` (every token projected: what it did before)
+  against ``AttentiveProbe.pool``; the share of equal predictions is printed.
 ``--demo`` also times whole ``comp demo --quick`` runs (``--full``: and the default demo),
 each a fresh process, against a process that only imports the demo command.
 
-    python benchmarks/bench_demo.py [--settings quick|full] [--parts children,assets,probes,checkpointing]
+    python benchmarks/bench_demo.py [--settings quick|full] [--parts children,assets,probes,checkpointing,attentive]
                                     [--steps N] [--demo [--full]] [--keep DIR]
 """
 from __future__ import annotations
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 
 
-BASELINES = ("serial", "a child per call", "gradient checkpointing")  # a part's row that its other rows are compared with
+BASELINES = ("serial", "a child per call", "gradient checkpointing", "multihead attention")  # a part's row that its other rows are compared with
 
 
 def load() -> str:
@@ -161,6 +165,37 @@ def bench_checkpointing(root: Path, settings_name: str, steps: int, seed: int = 
     return rows
 
 
+def bench_attentive(images: int = 256, classes: int = 16, epochs: int = 20, seed: int = 0) -> list:
+    from unittest import mock
+
+    import torch
+    from comp.eval import heads
+
+    class ModulePool(heads.AttentiveProbe):
+        def pool(self, x_BLD, valid_BL):
+            q_B1D = self.query_1D.expand(len(x_BLD), 1, -1)
+            return self.attn(q_B1D, x_BLD, x_BLD, key_padding_mask=~valid_BL, need_weights=False)[0][:, 0]
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = (64 * torch.randint(1, 12, (2 * images,), generator=gen)).tolist()
+    tokens = [torch.randn(n, 64, generator=gen) for n in lengths]
+    labels = torch.randint(classes, (images,), generator=gen)
+    settings = heads.TrainSettings(epochs=epochs, lr=1e-3, wd=0.0, batch_size=32, seed=seed)
+
+    def run():
+        return heads.attentive_probe(tokens[:images], labels, tokens[images:], classes, settings)
+
+    rows, preds = [], {}
+    for mode in ("multihead attention", "one-query pooling"):
+        with mock.patch.object(heads, "AttentiveProbe", ModulePool if mode == "multihead attention"
+                               else heads.AttentiveProbe):
+            seconds, preds[mode], loads = timed(run)
+        rows.append((f"attentive probe, {images} images, {epochs} epochs, {mode}", seconds, loads, None))
+    same = float((preds["multihead attention"] == preds["one-query pooling"]).float().mean())
+    print(f"attentive probe predictions equal in {same:.1%} of {images} images")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", choices=("quick", "full"), default="quick")
@@ -168,7 +203,7 @@ def main() -> None:
                         help="probe images per class and split (default: all of the toyworld size)")
     parser.add_argument("--parts", default="children,assets,probes",
                         help="comma-separated parts to time: children, assets, probes (probes need assets), "
-                             "checkpointing")
+                             "checkpointing, attentive")
     parser.add_argument("--steps", type=int, default=100, help="Stage III steps of the checkpointing part")
     parser.add_argument("--demo", action="store_true", help="also time whole `comp demo --quick` processes")
     parser.add_argument("--full", action="store_true", help="with --demo: also the default demo (~10 min)")
@@ -190,6 +225,8 @@ def main() -> None:
                 rows += bench_probes(siglip, toyworld, args.per_class)
         if "checkpointing" in parts:
             rows += bench_checkpointing(root, args.settings, args.steps)
+        if "attentive" in parts:
+            rows += bench_attentive()
         if args.demo:
             rows += bench_demo(root, args.full)
     print(f"{os.cpu_count()} cores; torch threads 1 per process; load average (1/5/15 min) before -> after")

@@ -70,6 +70,24 @@ def test_attentive_probe_ignores_padding():
     torch.testing.assert_close(model(x_BLD, valid_BL)[1:], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_attentive_pool_is_the_multihead_attention_of_one_query():
+    """The probe's pooling skips projecting every token; it must stay nn.MultiheadAttention's
+    function of the same parameters, forward and gradients, padding masked."""
+    torch.manual_seed(0)
+    model = heads.AttentiveProbe(dim=32, num_classes=3)
+    for p in model.attn.parameters():  # nonzero biases, so the bias terms are checked too
+        torch.nn.init.normal_(p, std=0.3)
+    x_BLD, valid_BL = heads.pad_tokens([torch.randn(n, 32) for n in (7, 3, 5)])
+    q_B1D = model.query_1D.expand(3, 1, -1)
+    reference, _ = model.attn(q_B1D, x_BLD, x_BLD, key_padding_mask=~valid_BL, need_weights=False)
+    ours = model.pool(x_BLD, valid_BL)
+    torch.testing.assert_close(ours, reference[:, 0], rtol=1e-5, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), list(model.attn.parameters()) + [model.query_1D])
+             for out in (ours, reference[:, 0])]
+    for mine, theirs in zip(*grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
 def _one_token_carries_the_label(n: int, seed: int, classes: int = 4, dim: int = 16):
     """Images of 16-48 tokens; every token points along one of the class directions (dims
     0..C-1) at random, and one flagged token (dim C) along its image's class. The mean of an

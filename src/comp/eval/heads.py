@@ -2,7 +2,8 @@
 dense probe (``segmentation``): a linear and an attentive head, k-NN voting, one AdamW loop,
 and the (lr, wd) sweep on a held-out part of the training split.
 
-Shape legend: N images, B a batch, L tokens (padded), D encoder width, C classes, K neighbours.
+Shape legend: N images, B a batch, L tokens (padded), D encoder width, H attention heads of
+width d, C classes, K neighbours.
 """
 from __future__ import annotations
 
@@ -44,10 +45,26 @@ class AttentiveProbe(nn.Module):
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
-        x_BLD = self.norm_in(x_BLD)
-        q_B1D = self.query_1D.expand(len(x_BLD), 1, -1)
-        pooled_B1D, _ = self.attn(q_B1D, x_BLD, x_BLD, key_padding_mask=~valid_BL, need_weights=False)
-        return self.head(self.norm_out(pooled_B1D[:, 0]))
+        return self.head(self.norm_out(self.pool(self.norm_in(x_BLD), valid_BL)))
+
+    def pool(self, x_BLD: torch.Tensor, valid_BL: torch.Tensor) -> torch.Tensor:
+        """``self.attn`` of the one query over the tokens, without projecting every token:
+        with a single query, each head's logits are x . (W_k,h^T q_h) (the key bias is the same
+        for every token and cancels in the softmax) and its output is W_v,h (sum_L a_L x_L) + b_v,h
+        (the weights sum to 1). The same function of the same parameters as
+        ``self.attn(q, x, x, key_padding_mask=~valid_BL)`` at O(L D H) per image instead of
+        O(L D^2) (tests/test_eval_probe.py holds it to the module); the tokens are the probe's
+        whole cost."""
+        attn, (B, _, D) = self.attn, x_BLD.shape
+        H = attn.num_heads
+        W_q, W_k, W_v = attn.in_proj_weight.chunk(3)
+        b_q, _, b_v = attn.in_proj_bias.chunk(3)
+        q_Hd = (self.query_1D[0] @ W_q.T + b_q).view(H, D // H)
+        keys_DH = torch.einsum("hdD,hd->Dh", W_k.view(H, D // H, D), q_Hd) / math.sqrt(D // H)
+        logits_BHL = (x_BLD @ keys_DH).transpose(1, 2).masked_fill(~valid_BL[:, None, :], float("-inf"))
+        mixed_BHD = logits_BHL.softmax(-1) @ x_BLD
+        values_BD = torch.einsum("bhD,hdD->bhd", mixed_BHD, W_v.view(H, D // H, D)).reshape(B, D) + b_v
+        return attn.out_proj(values_BD)
 
 
 class LinearProbe(nn.Module):
